@@ -1,0 +1,21 @@
+"""layerwise: train networks too large for one device by splitting them across devices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_RUNTIME = {"Pipeline", "LayeredModel", "launch", "LaunchError", "PipelineError", "ConfigError", "StageError", "PeerLostError"}
+
+__all__ = sorted(_RUNTIME)
+
+
+def __getattr__(name: str) -> Any:
+    # The runtime needs torch; the schedule and partition solvers do not. Import it on first use
+    # so that `layerwise simulate` and the pure packages start fast and without torch.
+    if name in _RUNTIME:
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'layerwise' has no attribute {name!r}")

@@ -1,0 +1,264 @@
+"""Measure or estimate :class:`LayerCost` for a sequence of torch modules.
+
+Convention: the layers run in order, each called as ``layer(x)`` with one argument, the previous
+layer's output (a tensor, or a tuple/list/dict of tensors passed as one object); the first
+layer gets ``sample``. Floating-point inputs are made to require grad, as they do inside a
+pipeline where every stage but the first receives an activation; integer inputs (token ids) do
+not.
+
+Memory is counted the same way by both functions:
+
+* ``param_bytes``: parameters and buffers. A tensor shared by several layers (tied embeddings:
+  the same ``Parameter`` object in two modules) is counted once in total, in the first layer that
+  holds it, like the stage that owns it in a pipeline.
+* ``grad_bytes``: trainable parameters; ``optimizer_bytes = optimizer_state_factor * grad_bytes``
+  (2.0 for Adam's two moments).
+* ``activation_bytes``: storage of the tensors autograd saves for backward in one chained forward
+  pass, found with ``torch.autograd.graph.saved_tensors_hooks``. A storage is counted once, in the
+  first layer that saves it (ReLU's saved output is the next Linear's saved input), and parameter
+  or buffer storages are not activations. At a stage boundary the receiving stage also holds its
+  own copy of the input, which this per-layer count leaves out.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ._tree import describe, map_tensors, synchronize, tensors
+from .costs import LayerCost
+
+__all__ = ["ProfileError", "estimate_layers", "profile_layers"]
+
+
+class ProfileError(RuntimeError):
+    """A layer failed while being profiled; the message names its index, class and input."""
+
+
+def profile_layers(
+    layers: Sequence[torch.nn.Module],
+    sample: Any,
+    *,
+    repeats: int = 5,
+    warmup: int = 2,
+    optimizer_state_factor: float = 2.0,
+) -> list[LayerCost]:
+    """Time each layer's forward and backward on its real input; measure its memory.
+
+    Each layer is timed alone on a detached copy of its input: ``warmup`` untimed runs, then the
+    median of ``repeats`` timed runs (``time.perf_counter``, synchronising CUDA around each run).
+    Backward is ``torch.autograd.backward`` on the outputs with random gradients of their shape.
+    Gradients already in ``.grad`` and buffers (e.g. BatchNorm running statistics) are restored
+    afterwards. Memory is counted as in the module docstring.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    mods = list(layers)
+    trace = _trace(mods, sample, count_flops=False)
+    statics = _static_bytes(mods, optimizer_state_factor)
+    costs = []
+    with _restored(mods), torch.enable_grad():
+        for k, layer in enumerate(mods):
+            fwd, bwd = _time_layer(k, layer, trace.inputs[k], repeats, warmup)
+            costs.append(_cost(fwd, bwd, statics[k], trace.activations[k]))
+    return costs
+
+
+def estimate_layers(
+    layers: Sequence[torch.nn.Module],
+    sample: Any,
+    *,
+    flops_per_second: float = 1e11,
+    backward_factor: float = 2.0,
+    optimizer_state_factor: float = 2.0,
+) -> list[LayerCost]:
+    """A cost model that needs no timing: forward FLOPs / ``flops_per_second``.
+
+    FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix products and
+    convolutions; element-wise layers (activations, norms) cost 0 here. Backward takes
+    ``backward_factor`` times the forward (2: one product for the input gradient, one for the
+    weight gradient). Runs one forward pass, so it also works with layers and ``sample`` on the
+    ``meta`` device, for models too large to materialise.
+    """
+    if not flops_per_second > 0 or backward_factor < 0:
+        raise ValueError(
+            f"need flops_per_second > 0 and backward_factor >= 0, got {flops_per_second}, {backward_factor}"
+        )
+    mods = list(layers)
+    trace = _trace(mods, sample, count_flops=True)
+    statics = _static_bytes(mods, optimizer_state_factor)
+    out = []
+    for k in range(len(mods)):
+        fwd = trace.flops[k] / flops_per_second
+        out.append(_cost(fwd, backward_factor * fwd, statics[k], trace.activations[k]))
+    return out
+
+
+def _cost(fwd: float, bwd: float, static: tuple[int, int, float], saved: int) -> LayerCost:
+    params, grads, optimizer = static
+    return LayerCost(
+        forward_s=fwd,
+        backward_s=bwd,
+        param_bytes=params,
+        grad_bytes=grads,
+        optimizer_bytes=optimizer,
+        activation_bytes=saved,
+    )
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _static_bytes(layers: list[torch.nn.Module], factor: float) -> list[tuple[int, int, float]]:
+    """Per layer ``(param_bytes, grad_bytes, optimizer_bytes)``, each shared tensor counted once."""
+    if factor < 0:
+        raise ValueError(f"optimizer_state_factor must be >= 0, got {factor}")
+    seen: set[int] = set()  # id() of tensors already owned by an earlier layer
+    out = []
+    for layer in layers:
+        params = grads = 0
+        for tensor in [*layer.parameters(), *layer.buffers()]:
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            params += _nbytes(tensor)
+            if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad:
+                grads += _nbytes(tensor)
+        out.append((params, grads, factor * grads))
+    return out
+
+
+class _Trace:
+    """What one chained forward pass learned: each layer's input, saved bytes and FLOPs."""
+
+    def __init__(self) -> None:
+        self.inputs: list[Any] = []  # detached, for timing layers one by one
+        self.activations: list[int] = []
+        self.flops: list[int] = []
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """Identify the memory behind ``t`` so views and aliases of one buffer count once."""
+    if t.is_meta:
+        base = t._base if t._base is not None else t  # meta tensors have no addresses
+        return ("meta", id(base))
+    try:
+        return (str(t.device), t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return ("object", id(t))
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    try:
+        return int(t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError):
+        return _nbytes(t)
+
+
+def _trace(layers: list[torch.nn.Module], sample: Any, *, count_flops: bool) -> _Trace:
+    owned = [t for layer in layers for t in [*layer.parameters(), *layer.buffers()]]
+    seen = {_storage_key(t) for t in owned}
+    trace = _Trace()
+    held = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal held
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            held += _storage_bytes(t)
+        return t
+
+    x = map_tensors(_fresh, sample)
+    # The graph of the whole chain stays alive until the loop ends, so storages are not freed and
+    # reused under a new tensor, and a storage saved by two layers is recognised as the same.
+    with torch.enable_grad(), _restored(layers):
+        for k, layer in enumerate(layers):
+            trace.inputs.append(map_tensors(lambda t: t.detach().clone(), x))
+            held = 0
+            counter = FlopCounterMode(display=False) if count_flops else None
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                if counter is not None:
+                    with counter:
+                        y = _call(k, layer, x)
+                else:
+                    y = _call(k, layer, x)
+            trace.activations.append(held)
+            trace.flops.append(counter.get_total_flops() if counter is not None else 0)
+            x = y
+    return trace
+
+
+def _call(k: int, layer: torch.nn.Module, x: Any, what: str = "forward") -> Any:
+    try:
+        return layer(x)
+    except Exception as exc:
+        raise ProfileError(
+            f"{what} of layer {k} ({type(layer).__name__}) failed on input {describe(x)}: {exc}"
+        ) from exc
+
+
+def _time_layer(k: int, layer: torch.nn.Module, x: Any, repeats: int, warmup: int) -> tuple[float, float]:
+    forward: list[float] = []
+    backward: list[float] = []
+    for run in range(warmup + repeats):
+        inp = map_tensors(_fresh, x)
+        synchronize(inp)
+        start = time.perf_counter()
+        out = _call(k, layer, inp)
+        synchronize(out)
+        middle = time.perf_counter()
+        roots = [t for t in tensors(out) if t.requires_grad]
+        grads = [torch.randn_like(t) for t in roots]  # drawn before the clock starts
+        back = time.perf_counter()
+        if roots:
+            try:
+                torch.autograd.backward(roots, grads)
+            except Exception as exc:
+                raise ProfileError(
+                    f"backward of layer {k} ({type(layer).__name__}) failed on input "
+                    f"{describe(x)}: {exc}"
+                ) from exc
+            synchronize((inp, out))
+        end = time.perf_counter()
+        if run >= warmup:
+            forward.append(middle - start)
+            backward.append(end - back)
+    return statistics.median(forward), statistics.median(backward)
+
+
+class _restored:
+    """Context manager: put back ``.grad`` and buffer values changed by profiling runs."""
+
+    def __init__(self, layers: list[torch.nn.Module]) -> None:
+        self._params = [p for layer in layers for p in layer.parameters()]
+        self._buffers = [b for layer in layers for b in layer.buffers()]
+
+    def __enter__(self) -> None:
+        self._grads = [p.grad for p in self._params]
+        self._values = [b.detach().clone() for b in self._buffers]
+
+    def __exit__(self, *exc: object) -> None:
+        for p, g in zip(self._params, self._grads):
+            p.grad = g
+        with torch.no_grad():
+            for b, v in zip(self._buffers, self._values):
+                b.copy_(v)
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A private copy of an input; floating point ones require grad like a received activation.
+
+    The copy is a clone of a leaf rather than the leaf itself, so a layer that works in place
+    (``ReLU(inplace=True)``) neither fails on a leaf nor overwrites the stored input.
+    """
+    leaf = t.detach()
+    if leaf.is_floating_point() or leaf.is_complex():
+        leaf.requires_grad_(True)
+    return leaf.clone()

@@ -1,0 +1,51 @@
+"""Process-group setup: from torchrun's or our launcher's environment variables."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+
+def ensure_initialized(timeout_s: float, backend: str | None = None) -> None:
+    """Initialize the default process group if the caller has not, with a bounded timeout.
+
+    The timeout bounds every wait: a rank whose peer hangs fails after it instead of hanging.
+    """
+    if dist.is_initialized():
+        return
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"no process group and no {', '.join(missing)} in the environment: start the script with "
+            "`torchrun --nproc-per-node N script.py`, or call layerwise.launch(fn, nprocs=N), "
+            "or initialize torch.distributed yourself"
+        )
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def group_rank(group: Any) -> int:
+    return dist.get_rank(group)
+
+
+def group_size(group: Any) -> int:
+    return dist.get_world_size(group)
+
+
+def to_global(group: Any, rank: int) -> int:
+    return dist.get_global_rank(group, rank) if group is not None else rank

@@ -1,0 +1,275 @@
+"""The user-facing pipeline: split a model into stages, run a schedule, step the optimizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..schedule.actions import TimedAction
+from ..schedule.core import Schedule
+from ..schedule.generators import ScheduleConfigError, build
+from ..schedule.validate import validate
+from .distributed import default_device, ensure_initialized, to_global
+from .errors import ConfigError
+from .executor import KINDS, StepData, run_step
+from .microbatch import split_batch
+from .split import ModelLike, Partition, as_layers, resolve_partition, shared_param_objects, stage_bounds
+from .stage import Stage
+from .transport import DistTransport
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+class Pipeline:
+    """A model split into contiguous stages, one pipeline rank per process.
+
+    Every process builds the same model (same seed) and keeps only its own stages.
+
+    Example (run under ``torchrun --nproc-per-node 4`` or ``layerwise.launch(fn, nprocs=4)``)::
+
+        pipe = layerwise.Pipeline(model, microbatches=8, loss_fn=F.cross_entropy,
+                                  optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+        loss = pipe.step(inputs, targets)
+    """
+
+    def __init__(
+        self,
+        model: ModelLike,
+        *,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        schedule: str = "1f1b",
+        microbatches: int = 4,
+        chunks: int = 2,
+        partition: Partition = "uniform",
+        group: Any = None,
+        timeout: float = 60.0,
+        device: torch.device | None = None,
+        loss_reduction: str = "mean",
+        record: bool = False,
+    ) -> None:
+        if loss_reduction not in ("mean", "sum"):
+            raise ConfigError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        ensure_initialized(timeout)
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.schedule_name = schedule
+        self.chunks = chunks if schedule.startswith("interleaved") else 1
+        self.microbatches = microbatches
+        self.loss_reduction = loss_reduction
+        self.record = record
+        self.device = device or default_device()
+        self._schedules: dict[int, Schedule] = {}
+        base = self._schedule(microbatches)  # validates schedule arguments early, on every rank
+        num_stages = base.num_stages
+        layers = as_layers(model)
+        try:
+            counts = resolve_partition(partition, len(layers), num_stages)
+        except ConfigError as e:
+            if self.chunks > 1:
+                raise ConfigError(f"{e} (interleaved: {self.world_size} ranks x {self.chunks} chunks = {num_stages} stages)") from None
+            raise
+        self.partition = counts
+        self.stage_to_rank = base.stage_to_rank
+        bounds = stage_bounds(counts)
+        self.stages: dict[int, Stage] = {}
+        for s, (a, b) in enumerate(bounds):
+            if self.stage_to_rank[s] != self.rank:
+                continue
+            for layer in layers[a:b]:
+                layer.to(self.device)
+            self.stages[s] = Stage(
+                index=s,
+                layers=layers[a:b],
+                first_layer=a,
+                is_first=s == 0,
+                is_last=s == num_stages - 1,
+                loss_fn=loss_fn,
+                split_backward=base.split_backward,
+                where=self.describe(self.rank),
+            )
+        self._layer_ranges = {s: bounds[s] for s in self.stages}
+        self._layers = layers
+        self._ties = self._tie_groups(layers, bounds)
+        self.transport = DistTransport(group, self.describe, self.device)
+        params = self.parameters()
+        self.optimizer = optimizer(params) if optimizer is not None and params else None
+        self.last_events: list[tuple[int, int, int, float, float]] = []
+        self._announce()
+
+    # -- setup helpers ---------------------------------------------------------------------
+    def _schedule(self, m: int) -> Schedule:
+        if m not in self._schedules:
+            try:
+                sch = build(self.schedule_name, stages=self.world_size, microbatches=m, chunks=self.chunks)
+            except ScheduleConfigError as e:
+                raise ConfigError(str(e)) from None
+            self._schedules[m] = validate(sch)
+        return self._schedules[m]
+
+    def describe(self, rank: int) -> str:
+        stages = [s for s, r in enumerate(self._schedule(self.microbatches).stage_to_rank) if r == rank]
+        word = "stage" if len(stages) == 1 else "stages"
+        return f"rank {rank} ({word} {', '.join(map(str, stages))})"
+
+    def _tie_groups(self, layers: list[nn.Module], bounds: list[tuple[int, int]]) -> list[tuple[nn.Parameter | None, Any]]:
+        """Process groups over the ranks sharing each tied parameter (e.g. embedding and head).
+
+        Every rank calls new_group for every tie in the same order, as torch.distributed requires.
+        """
+        ties = []
+        for p, stages in shared_param_objects(layers, bounds):
+            ranks = sorted({self.stage_to_rank[s] for s in stages})
+            if len(ranks) < 2:
+                continue
+            global_ranks = [to_global(self.group, r) for r in ranks]
+            pg = dist.new_group(global_ranks)
+            ties.append((p if self.rank in ranks else None, pg))
+        return ties
+
+    def _announce(self) -> None:
+        """Tell layerwise's launcher which stages this rank holds, for its failure report."""
+        folder = os.environ.get("LAYERWISE_STATE_DIR")
+        if folder:
+            with open(os.path.join(folder, f"rank{dist.get_rank()}.json"), "w") as f:
+                json.dump({"stages": sorted(self.stages), "where": self.describe(self.rank)}, f)
+
+    # -- public API ------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for stage in self.stages.values():
+            for p in stage.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """This rank's parameters named ``<global layer index>.<name>`` (e.g. ``3.weight``)."""
+        out: dict[str, nn.Parameter] = {}
+        for s, (a, _) in self._layer_ranges.items():
+            for j, layer in enumerate(self.stages[s].layers):
+                for name, p in layer.named_parameters():
+                    out[f"{a + j}.{name}"] = p
+        return out
+
+    @property
+    def is_last(self) -> bool:
+        return len(self.stage_to_rank) - 1 in self.stages
+
+    def step(self, inputs: Any = None, targets: Any = None) -> float:
+        """One training step on a full batch: forward, backward, tied-gradient sync, optimizer.
+
+        ``inputs`` is only read on the first stage's rank, ``targets`` on the last stage's.
+        Returns the full-batch loss on every rank.
+        """
+        loss = self.forward_backward(inputs, targets)
+        if self.optimizer is not None:
+            self.optimizer.step()
+        return loss
+
+    def forward_backward(self, inputs: Any = None, targets: Any = None) -> float:
+        """Compute the full-batch loss and gradients (no optimizer step)."""
+        for p in self.parameters():
+            p.grad = None
+        batch = self._batch_size(inputs, targets)
+        m = self._effective_microbatches(batch)
+        sch = self._schedule(m)
+        mb_in = split_batch(inputs, m, "inputs") if 0 in self.stages else [None] * m
+        mb_tg = split_batch(targets, m, "targets") if self.is_last else [None] * m
+        sizes = [_rows(t) for t in mb_tg] if self.is_last else [1] * m
+        total = sum(sizes)
+        weights = [n / total for n in sizes] if self.loss_reduction == "mean" else [1.0] * m
+        mb_in = [_to(x, self.device) for x in mb_in]
+        mb_tg = [_to(x, self.device) for x in mb_tg]
+        rec = run_step(sch.ranks[self.rank], self.stages, sch.stage_to_rank, self.transport,
+                       StepData(mb_in, mb_tg, weights), record=self.record)
+        self.last_events = rec.events
+        for p, pg in self._ties:
+            if p is not None and p.grad is not None:
+                dist.all_reduce(p.grad, group=pg)  # the tie's gradient is the sum of its uses
+            elif p is not None:
+                g = torch.zeros_like(p)
+                dist.all_reduce(g, group=pg)
+                p.grad = g
+        value = torch.zeros(1, dtype=torch.float64)
+        if rec.loss is not None:
+            value[0] = float(rec.loss)
+        last_rank = to_global(self.group, self.stage_to_rank[-1])
+        dist.broadcast(value, last_rank, group=self.group)
+        return float(value[0])
+
+    def _effective_microbatches(self, batch: int) -> int:
+        """``microbatches``, or fewer when the batch has fewer rows (each needs at least one)."""
+        return min(self.microbatches, batch)
+
+    def _batch_size(self, inputs: Any, targets: Any) -> int:
+        """The batch size, agreed by all ranks (only the ends of the pipeline see the data)."""
+        n = torch.zeros(1, dtype=torch.int64)
+        if 0 in self.stages:
+            if inputs is None:
+                raise ConfigError(f"{self.describe(self.rank)} holds the first stage: pass the inputs to step()")
+            n[0] = _rows(inputs)
+        elif self.is_last:
+            if targets is None:
+                raise ConfigError(f"{self.describe(self.rank)} holds the last stage: pass the targets to step()")
+            n[0] = _rows(targets)
+        first = to_global(self.group, self.stage_to_rank[0])
+        dist.broadcast(n, first, group=self.group)
+        if int(n[0]) < 1:
+            raise ConfigError("the batch is empty")
+        return int(n[0])
+
+    def timeline(self) -> list[TimedAction]:
+        """The last step's recorded actions of every rank (needs ``record=True``).
+
+        Gathered as plain float tensors (never pickled); times are relative to the earliest start.
+        """
+        rows = torch.tensor(self.last_events, dtype=torch.float64).reshape(-1, 5)
+        count = torch.tensor([rows.shape[0]], dtype=torch.int64)
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(counts, count, group=self.group)
+        width = max(int(c[0]) for c in counts)
+        padded = torch.zeros(width, 5, dtype=torch.float64)
+        padded[: rows.shape[0]] = rows
+        gathered = [torch.zeros(width, 5, dtype=torch.float64) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded, group=self.group)
+        from ..schedule.actions import Action
+
+        events = []
+        for r, (g, c) in enumerate(zip(gathered, counts)):
+            for s, k, mb, t0, t1 in g[: int(c[0])].tolist():
+                events.append(TimedAction(r, Action(int(s), KINDS[int(k)], int(mb)), t0, t1))
+        if not events:
+            return []
+        origin = min(e.start for e in events)
+        return [TimedAction(e.rank, e.action, e.start - origin, e.end - origin) for e in events]
+
+
+def _rows(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() else 1
+    if isinstance(x, (tuple, list)) and x:
+        return _rows(x[0])
+    if isinstance(x, dict) and x:
+        return _rows(next(iter(x.values())))
+    raise ConfigError(f"cannot tell the batch size of {type(x).__name__}: pass tensors (batch first)")
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(t, device) for t in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def parameters_of(stages: Sequence[Stage]) -> list[nn.Parameter]:
+    return [p for s in stages for p in s.parameters()]

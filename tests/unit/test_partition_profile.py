@@ -1,0 +1,111 @@
+"""Profiling and estimating layer costs on small CPU models (no timing values asserted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from layerwise.partition import LayerCost, ProfileError, balance, estimate_layers, profile_layers
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@pytest.fixture
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_profile_mlp(mlp: nn.Sequential) -> None:
+    x = torch.randn(3, 8)
+    costs = profile_layers(mlp, x, repeats=3, warmup=1)
+    assert len(costs) == 3
+    for cost, layer in zip(costs, mlp):
+        assert cost.forward_s > 0 and cost.backward_s > 0
+        assert cost.param_bytes == _bytes(layer)
+        assert cost.grad_bytes == _bytes(layer)
+        assert cost.optimizer_bytes == 2 * _bytes(layer)
+    # Linear saves its input (3 x 8 floats) for the weight gradient; its weight is not counted.
+    assert costs[0].activation_bytes == 3 * 8 * 4
+    # ReLU saves its output; the next Linear saves the same tensor, which counts once.
+    assert costs[1].activation_bytes == 3 * 16 * 4
+    assert costs[2].activation_bytes == 0
+    assert all(p.grad is None for p in mlp.parameters()), "profiling must not leave gradients"
+
+
+def test_optimizer_factor_and_frozen_params(mlp: nn.Sequential) -> None:
+    mlp[2].weight.requires_grad_(False)
+    costs = profile_layers(mlp, torch.randn(2, 8), repeats=1, warmup=0, optimizer_state_factor=1.0)
+    bias = mlp[2].bias.numel() * 4
+    assert costs[2].param_bytes == _bytes(mlp[2])
+    assert costs[2].grad_bytes == bias and costs[2].optimizer_bytes == bias
+
+
+def test_tied_weights_counted_once() -> None:
+    torch.manual_seed(0)
+    embed = nn.Embedding(10, 8)
+    head = nn.Linear(8, 10)
+    head.weight = embed.weight  # tied input/output embeddings, as in GPT-2
+    ids = torch.randint(0, 10, (2, 5))  # token ids: integers, never require grad
+    for costs in (profile_layers([embed, head], ids, repeats=1, warmup=0), estimate_layers([embed, head], ids)):
+        assert costs[0].param_bytes == 10 * 8 * 4
+        assert costs[1].param_bytes == 10 * 4  # only the bias; the weight belongs to layer 0
+        assert sum(c.param_bytes for c in costs) == _bytes(nn.ModuleList([embed, head]))
+
+
+def test_failing_layer_is_named() -> None:
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(5, 2))
+    with pytest.raises(ProfileError, match=r"layer 1 \(Linear\).*shape=\(3, 6\)"):
+        profile_layers(model, torch.randn(3, 8))
+
+
+def test_estimate_counts_flops(mlp: nn.Sequential) -> None:
+    costs = estimate_layers(mlp, torch.randn(3, 8), flops_per_second=1e9)
+    assert costs[0].forward_s == pytest.approx(2 * 3 * 8 * 16 / 1e9)
+    assert costs[0].backward_s == pytest.approx(2 * costs[0].forward_s)
+    assert costs[1].forward_s == 0.0  # element-wise: no FLOPs in the model
+    assert [c.activation_bytes for c in costs] == [96, 192, 0]
+
+
+def test_estimate_on_meta_device() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        x = torch.empty(4, 64)
+    costs = estimate_layers(model, x)
+    assert [c.param_bytes for c in costs] == [_bytes(model[0]), 0, _bytes(model[2])]
+    assert [c.activation_bytes for c in costs] == [4 * 64 * 4, 4 * 64 * 4, 0]
+    assert costs[0].forward_s > 0
+
+
+class _Split(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.sin(), x.cos()
+
+
+class _Join(nn.Module):
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"out": pair[0] * pair[1]}
+
+
+def test_tuple_and_dict_outputs_and_in_place_layers() -> None:
+    model = [nn.Linear(4, 4), nn.ReLU(inplace=True), _Split(), _Join()]
+    costs = profile_layers(model, torch.randn(2, 4), repeats=2, warmup=1)
+    assert all(isinstance(c, LayerCost) and c.time_s > 0 for c in costs)
+    assert costs[3].activation_bytes > 0  # mul saves both factors
+
+
+def test_buffers_are_counted_and_restored() -> None:
+    norm = nn.BatchNorm1d(4)
+    before = norm.running_mean.clone()
+    costs = profile_layers([norm], torch.randn(8, 4) + 3.0, repeats=2, warmup=1)
+    assert torch.equal(norm.running_mean, before)
+    buffers = sum(b.numel() * b.element_size() for b in norm.buffers())
+    assert costs[0].param_bytes == _bytes(norm) + buffers
+
+
+def test_profiled_costs_feed_the_balancer(mlp: nn.Sequential) -> None:
+    costs = estimate_layers(mlp, torch.randn(3, 8))
+    assert sum(balance(costs, 2)) == 3
