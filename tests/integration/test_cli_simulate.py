@@ -40,17 +40,16 @@ def _json(*args: str) -> dict[str, Any]:
         ("zb-h1", ["--costs", "1,1,1"], 1, (1, 1, 1)),
     ],
 )
-def test_json_matches_the_simulator(schedule: str, extra: list[str], chunks: int, costs: tuple) -> None:
+def test_json_matches_the_simulator(
+    schedule: str, extra: list[str], chunks: int, costs: tuple[Any, ...]
+) -> None:
     p, m = 4, 12
     out = _json("--schedule", schedule, "--stages", str(p), "--microbatches", str(m), *extra)
     built = build(schedule, stages=p, microbatches=m, chunks=chunks)
     latency = Fraction(1, 4) if "--comm" in extra else 0
-    f, b, w = (Fraction(c) if c is not None else None for c in costs)
+    f, b, w = (None if c is None else Fraction(c) / chunks for c in costs)
     # --costs are per rank; each of a rank's chunks costs 1/chunks of them
-    expected = simulate(
-        built,
-        Costs.uniform(built.num_stages, f / chunks, b / chunks, None if w is None else w / chunks, latency=latency),
-    )
+    expected = simulate(built, Costs.uniform(built.num_stages, f, b, w, latency=latency))
     assert out["schedule"] == schedule
     assert (out["stages"], out["microbatches"], out["chunks"]) == (p, m, chunks)
     assert out["makespan"] == float(expected.makespan)
@@ -96,7 +95,9 @@ def test_simulate_does_not_import_torch() -> None:
         "rc = main(['simulate', '--schedule', '1f1b', '--stages', '2', '--microbatches', '2', '--json']); "
         "print(rc, 'torch' in sys.modules, 'matplotlib' in sys.modules, file=sys.stderr)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.stderr.split() == ["0", "False", "False"], done.stderr
 
 
@@ -105,7 +106,7 @@ def test_simulate_does_not_import_torch() -> None:
     [
         (["--schedule", "pipedream", "--stages", "4", "--microbatches", "8"], "invalid choice: 'pipedream'"),
         (["--schedule", "1f1b", "--stages", "0", "--microbatches", "8"], "--stages"),
-        (["--schedule", "interleaved", "--stages", "4", "--microbatches", "6"], "--microbatches 4 or 8"),
+        (["--schedule", "interleaved", "--stages", "4", "--microbatches", "8", "--chunks", "0"], "--chunks"),
         (["--schedule", "1f1b", "--stages", "4", "--microbatches", "8", "--costs", "1;2"], "--costs"),
         (["--schedule", "1f1b", "--stages", "4", "--microbatches", "8", "--costs", "1,-2"], "--costs"),
         (["--schedule", "gpipe", "--stages", "4", "--microbatches", "8", "--chunks", "2"], "--chunks"),

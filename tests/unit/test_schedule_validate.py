@@ -109,7 +109,8 @@ def test_golden_schedule(name: str) -> None:
             )
         )
         pytest.fail(
-            f"schedule {name} differs from its golden file:\n{diff}{_first_differences(expected, generated)}\n"
+            f"schedule {name} differs from its golden file:\n{diff}"
+            f"{_first_differences(expected, generated)}\n"
             "If the change is intended, regenerate with\n"
             "  LAYERWISE_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_schedule_validate.py\n"
             "and review the diff of tests/unit/golden/.",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import socket
@@ -151,6 +152,12 @@ def _where(folder: str, rank: int) -> str:
     return state["where"] if isinstance(state, dict) and "where" in state else f"rank {rank}"
 
 
+def _first_line(message: str, folder: str, rank: int) -> str:
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", message.splitlines()[0] if message else "")
+    where = _where(folder, rank)
+    return text if text.startswith(where) else f"{where}: {text}"
+
+
 def _failure(folder: str, codes: list[int | None], hung: list[int], timed_out: bool, timeout: float | None) -> LaunchError:
     errors = [e for r in range(len(codes)) if (e := _read_json(os.path.join(folder, f"error{r}.json")))]
     killed = [r for r, c in enumerate(codes) if c is not None and c < 0 and r not in hung]
@@ -166,6 +173,12 @@ def _failure(folder: str, codes: list[int | None], hung: list[int], timed_out: b
     elif primary:
         root = primary[0]["rank"]
         lines.append(f"{_where(folder, root)} failed: {primary[0]['type']}: {primary[0]['message']}")
+    elif hung and errors:  # everyone else lost a peer: the rank that never answered is the cause
+        root = hung[0]
+        lines.append(
+            f"{_where(folder, root)} hung: it stopped answering and the others gave up after the "
+            "Pipeline(timeout=...) bound"
+        )
     elif errors:
         first = min(errors, key=lambda e: e["time"])
         root = first["rank"]
@@ -177,9 +190,10 @@ def _failure(folder: str, codes: list[int | None], hung: list[int], timed_out: b
         root = bad[0] if bad else None
         if root is not None:
             lines.append(f"{_where(folder, root)} exited with code {codes[root]}")
-    others = [e for e in errors if e["rank"] != root]
+    others = sorted((e for e in errors if e["rank"] != root), key=lambda e: e["rank"])
     if others:
-        lines.append("then: " + "; ".join(f"{_where(folder, e['rank'])}: {e['message'].splitlines()[0][:200]}" for e in others))
+        lines.append("then the other ranks stopped:")
+        lines += [f"  {_first_line(e['message'], folder, e['rank'])}" for e in others]
     if hung:
         lines.append("stopped by the launcher (still running): " + ", ".join(_where(folder, r) for r in hung))
     return LaunchError("\n".join(lines), root)

@@ -29,7 +29,9 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 class Pipeline:
     """A model split into contiguous stages, one pipeline rank per process.
 
-    Every process builds the same model (same seed) and keeps only its own stages.
+    Every process builds the same model (same seed) and keeps only its own stages. ``stages`` is
+    the number of pipeline ranks (the world size by default); with ``schedule="interleaved"``
+    each rank holds ``chunks`` stages.
 
     Example (run under ``torchrun --nproc-per-node 4`` or ``layerwise.launch(fn, nprocs=4)``)::
 
@@ -42,6 +44,7 @@ class Pipeline:
         self,
         model: ModelLike,
         *,
+        stages: int | None = None,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         optimizer: OptimizerFactory | None = None,
         schedule: str = "1f1b",
@@ -60,6 +63,12 @@ class Pipeline:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        if stages is not None and stages != self.world_size:
+            raise ConfigError(
+                f"Pipeline(stages={stages}) but the process group has {self.world_size} ranks (one "
+                f"per pipeline stage): start {stages} processes (torchrun --nproc-per-node {stages}, "
+                f"or layerwise.launch(fn, nprocs={stages})) or pass stages={self.world_size}"
+            )
         self.schedule_name = schedule
         self.chunks = chunks if schedule.startswith("interleaved") else 1
         self.microbatches = microbatches

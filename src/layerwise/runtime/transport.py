@@ -7,6 +7,7 @@ semantics the schedule validator checks for deadlock freedom.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -88,6 +89,7 @@ class DistTransport:
     def _lost(self, peer: int | None, doing: str, err: BaseException) -> PeerLostError:
         who = self._describe(peer) if peer is not None else "a peer"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first).split(". This is")[0]
         return PeerLostError(
             f"{self._describe(self.rank)}: lost {who} while {doing} it ({first}). "
             f"{who[0].upper() + who[1:]} probably failed or hung: look for its own error; "

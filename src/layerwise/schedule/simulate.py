@@ -14,6 +14,7 @@ from typing import Any
 
 from .actions import Action, Kind, TimedAction
 from .core import Schedule
+from .comm import matching
 from .deps import requirements, satisfied_by
 from .validate import validate
 
@@ -149,8 +150,10 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
                 elif a.kind in (Kind.SEND_F, Kind.SEND_B):
                     start = stop = ready
                     arrival[a] = stop + costs.transfer(a)
-                else:  # receive: the rank waits from when it posts it until the message is in
-                    start, stop = free[r], ready
+                else:  # receive: drawn only while the message is in flight; the rest of
+                    # the wait is idle time, shown as a gap, not as communication
+                    posted = end[matching(a)]
+                    start, stop = max(free[r], posted), ready
                 end[a] = stop
                 free[r] = stop
                 timeline.append(TimedAction(r, a, start, stop))

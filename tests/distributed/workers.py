@@ -1,0 +1,123 @@
+"""Functions run inside the launched ranks (module level, so spawn can import them)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import layerwise
+from layerwise.models import GPT, GPTConfig, lm_loss, mlp
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+MICROBATCHES = (1, 3, 8)
+BATCHES = (10, 7, 12)  # changes between steps; 7 and 10 do not divide into 3 or 8
+
+
+def _model(kind: str) -> tuple[torch.nn.Module, Any, Any]:
+    if kind == "mlp":
+        return mlp(width=16, depth=8), F.mse_loss, None
+    cfg = GPTConfig(vocab=48, context=16, width=32, heads=2, blocks=6)
+    return GPT(cfg), lm_loss, cfg
+
+
+def _batch(kind: str, n: int, g: torch.Generator, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "mlp":
+        return torch.randn(n, 16, generator=g), torch.randn(n, 16, generator=g)
+    seq = int(torch.randint(8, cfg.context + 1, (1,), generator=g))  # sequence length changes too
+    tokens = torch.randint(0, cfg.vocab, (n, seq + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
+    """For each (model, schedule, microbatches): train 3 steps with the pipeline and, in the same
+    process, the unsplit model; return the largest loss and parameter differences."""
+    out: dict[str, Any] = {}
+    for kind, schedule, m in cases:
+        torch.manual_seed(1234)
+        model, loss_fn, cfg = _model(kind)
+        ref = copy.deepcopy(model)
+        ref_layers = layerwise.runtime.split.as_layers(ref)
+        # SGD with momentum is linear in the gradients, so float rounding (sums in another order)
+        # stays at rounding size; Adam divides by sqrt(v) and can amplify it for tiny gradients.
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+        pipe = layerwise.Pipeline(
+            model, schedule=schedule, microbatches=m, chunks=2, loss_fn=loss_fn,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        )  # fmt: skip
+        g = torch.Generator().manual_seed(99)
+        ref_params = {
+            f"{i}.{name}": p for i, layer in enumerate(ref_layers) for name, p in layer.named_parameters()
+        }
+        loss_diff, grad_diff, losses = 0.0, 0.0, []
+        for n in BATCHES:
+            x, y = _batch(kind, n, g, cfg)
+            loss = pipe.forward_backward(x, y)
+            ref_opt.zero_grad()
+            h = x
+            for layer in ref_layers:
+                h = layer(h)
+            ref_loss = loss_fn(h, y)
+            ref_loss.backward()
+            for name, p in pipe.named_parameters().items():
+                grad_diff = max(grad_diff, (ref_params[name].grad - p.grad).abs().max().item())
+            pipe.optimizer.step()
+            ref_opt.step()
+            loss_diff = max(loss_diff, abs(loss - ref_loss.item()))
+            losses.append(loss)
+        param_diff, compared = 0.0, []
+        for name, p in pipe.named_parameters().items():
+            param_diff = max(param_diff, (ref_params[name] - p.detach()).abs().max().item())
+            compared.append(name)
+        out[f"{kind}/{schedule}/{m}"] = {
+            "loss_diff": loss_diff,
+            "param_diff": param_diff,
+            "grad_diff": grad_diff,
+            "compared": compared,
+            "all_params": sorted(ref_params),
+            "losses": losses,
+        }
+    return out
+
+
+def die_mid_step(victim: int, timeout: float, how: str = "kill") -> str:
+    """Train a 4-stage MLP; in its second step's forward ``victim`` kills itself (SIGKILL) or,
+    with ``how="hang"``, stops answering."""
+    torch.manual_seed(0)
+    model = mlp(width=16, depth=8)
+    rank = int(os.environ["RANK"])
+    pipe = layerwise.Pipeline(model, microbatches=4, loss_fn=F.mse_loss, timeout=timeout)
+    step = {"n": 0}
+    if rank == victim:
+        first = next(iter(pipe.stages.values())).layers[0]
+
+        def hook(*_: Any) -> None:
+            if step["n"] == 1 and how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step["n"] == 1 and how == "hang":
+                time.sleep(3600)
+
+        first.register_forward_hook(hook)
+    for i in range(3):
+        step["n"] = i
+        pipe.step(torch.randn(8, 16), torch.randn(8, 16))
+    return "finished"
+
+
+def bad_boundary() -> str:
+    """Stage 1's first layer expects 8 features but stage 0 produces 16."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(8, 4))
+    pipe = layerwise.Pipeline(model, microbatches=2, loss_fn=F.mse_loss, timeout=20)
+    pipe.step(torch.randn(4, 16), torch.randn(4, 4))
+    return "finished"
+
+
+def make_pipeline(kwargs: dict[str, Any]) -> str:
+    model = mlp(width=8, depth=kwargs.pop("depth", 4))
+    layerwise.Pipeline(model, loss_fn=F.mse_loss, timeout=20, **kwargs)
+    return "built"
