@@ -19,6 +19,8 @@ from layerwise.commands import UsageError
 # (name, module, one-line help). To add a command, write layerwise/commands/<name>.py with
 # add_arguments(parser) and run(args) -> int, and add its line here.
 COMMANDS: list[tuple[str, str, str]] = [
+    ("demo", "layerwise.commands.demo", "train a small GPT in a local 4-process pipeline, check it"),
+    ("partition", "layerwise.commands.partition", "balance a model's layers over pipeline stages and devices"),
     ("simulate", "layerwise.commands.simulate", "simulate a pipeline schedule: time, bubble, memory"),
 ]
 

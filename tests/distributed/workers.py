@@ -38,7 +38,7 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
     """For each (model, schedule, microbatches): train 3 steps with the pipeline and, in the same
     process, the unsplit model; return the largest loss and parameter differences."""
     out: dict[str, Any] = {}
-    for kind, schedule, m in cases:
+    for kind, schedule, m, clip in cases:
         torch.manual_seed(1234)
         model, loss_fn, cfg = _model(kind)
         ref = copy.deepcopy(model)
@@ -49,12 +49,13 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
         pipe = layerwise.Pipeline(
             model, schedule=schedule, microbatches=m, chunks=2, loss_fn=loss_fn,
             optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+            max_grad_norm=clip,
         )  # fmt: skip
         g = torch.Generator().manual_seed(99)
         ref_params = {
             f"{i}.{name}": p for i, layer in enumerate(ref_layers) for name, p in layer.named_parameters()
         }
-        loss_diff, grad_diff, losses = 0.0, 0.0, []
+        loss_diff, grad_diff, losses, norms = 0.0, 0.0, [], []
         for n in BATCHES:
             x, y = _batch(kind, n, g, cfg)
             loss = pipe.forward_backward(x, y)
@@ -66,6 +67,10 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
             ref_loss.backward()
             for name, p in pipe.named_parameters().items():
                 grad_diff = max(grad_diff, (ref_params[name].grad - p.grad).abs().max().item())
+            if clip is not None:  # the global norm over every stage, tied weights counted once
+                norms.append(pipe.clip_grad_norm_(clip))
+                ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip))
+                grad_diff = max(grad_diff, abs(norms[-1] - ref_norm))
             pipe.optimizer.step()
             ref_opt.step()
             loss_diff = max(loss_diff, abs(loss - ref_loss.item()))
@@ -74,10 +79,11 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
         for name, p in pipe.named_parameters().items():
             param_diff = max(param_diff, (ref_params[name] - p.detach()).abs().max().item())
             compared.append(name)
-        out[f"{kind}/{schedule}/{m}"] = {
+        out["/".join(map(str, (kind, schedule, m) + ((f"clip{clip}",) if clip else ())))] = {
             "loss_diff": loss_diff,
             "param_diff": param_diff,
             "grad_diff": grad_diff,
+            "norms": norms,
             "compared": compared,
             "all_params": sorted(ref_params),
             "losses": losses,

@@ -53,7 +53,10 @@ def run_step(
     transport: Transport,
     data: StepData,
     record: bool = False,
+    stretch: float = 1.0,
 ) -> StepRecord:
+    """Run ``actions``; with ``stretch > 1`` every compute action is followed by a sleep that makes
+    it last ``stretch`` times as long: an emulated slower device (see Pipeline(speed=...))."""
     rank = transport.rank
     last = len(stage_to_rank) - 1
     acts: dict[tuple[int, int], Any] = {}  # (stage, mb) -> input waiting for its forward
@@ -61,9 +64,10 @@ def run_step(
     outbox: dict[tuple[int, int], Any] = {}  # produced here, waiting for a send action
     out = StepRecord()
     clock = time.perf_counter
+    timed = record or stretch != 1.0
     for a in actions:
         s, mb = a.stage, a.microbatch
-        t0 = clock() if record else 0.0
+        t0 = clock() if timed else 0.0
         try:
             if a.kind is Kind.F:
                 stage = stages[s]
@@ -103,6 +107,8 @@ def run_step(
             raise
         except Exception as e:
             raise StageError(f"rank {rank} failed at action {a} (stage {s}, microbatch {mb}): {type(e).__name__}: {e}") from e
+        if stretch != 1.0 and a.kind.is_compute:
+            time.sleep((clock() - t0) * (stretch - 1.0))
         if record:
             out.events.append((s, _KIND_CODE[a.kind], mb, t0, clock()))
     transport.flush()

@@ -21,6 +21,8 @@ def split_batch(batch: Any, m: int, what: str) -> list[Any]:
         return list(torch.tensor_split(batch, m, dim=0))
     if isinstance(batch, (tuple, list)):
         parts = [split_batch(t, m, what) for t in batch]
+        if hasattr(batch, "_fields"):  # a namedtuple takes its fields as arguments
+            return [type(batch)(*(p[i] for p in parts)) for i in range(m)]
         return [type(batch)(p[i] for p in parts) for i in range(m)]
     if isinstance(batch, dict):
         parts = {k: split_batch(v, m, f"{what}[{k!r}]") for k, v in batch.items()}

@@ -56,6 +56,8 @@ class Pipeline:
         device: torch.device | None = None,
         loss_reduction: str = "mean",
         record: bool = False,
+        speed: float = 1.0,
+        max_grad_norm: float | None = None,
     ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ConfigError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -74,6 +76,12 @@ class Pipeline:
         self.microbatches = microbatches
         self.loss_reduction = loss_reduction
         self.record = record
+        if not 0 < speed <= 1:
+            raise ConfigError(f"speed must be in (0, 1], got {speed}: it emulates a slower device")
+        # Emulated device speed: each compute action of this rank is stretched by 1 / speed with a
+        # sleep, so a heterogeneous cluster can be measured on one machine, not only predicted.
+        self.speed = speed
+        self.max_grad_norm = max_grad_norm  # clip the global gradient norm (all stages) before the step
         self.device = device or default_device()
         self._schedules: dict[int, Schedule] = {}
         base = self._schedule(microbatches)  # validates schedule arguments early, on every rank
@@ -128,7 +136,9 @@ class Pipeline:
         word = "stage" if len(stages) == 1 else "stages"
         return f"rank {rank} ({word} {', '.join(map(str, stages))})"
 
-    def _tie_groups(self, layers: list[nn.Module], bounds: list[tuple[int, int]]) -> list[tuple[nn.Parameter | None, Any]]:
+    def _tie_groups(
+        self, layers: list[nn.Module], bounds: list[tuple[int, int]]
+    ) -> list[tuple[nn.Parameter | None, Any, list[int]]]:
         """Process groups over the ranks sharing each tied parameter (e.g. embedding and head).
 
         Every rank calls new_group for every tie in the same order, as torch.distributed requires.
@@ -140,7 +150,7 @@ class Pipeline:
                 continue
             global_ranks = [to_global(self.group, r) for r in ranks]
             pg = dist.new_group(global_ranks)
-            ties.append((p if self.rank in ranks else None, pg))
+            ties.append((p if self.rank in ranks else None, pg, ranks))
         return ties
 
     def _announce(self) -> None:
@@ -178,9 +188,29 @@ class Pipeline:
         Returns the full-batch loss on every rank.
         """
         loss = self.forward_backward(inputs, targets)
+        if self.max_grad_norm is not None:
+            self.clip_grad_norm_(self.max_grad_norm)
         if self.optimizer is not None:
             self.optimizer.step()
         return loss
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale every stage's gradients so their global L2 norm is at most ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` does on the whole model. A tied parameter counts once
+        (on the lowest rank holding it). Returns the norm before clipping, on every rank."""
+        skip = {id(p) for p, _, ranks in self._ties if p is not None and self.rank != ranks[0]}
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        local = torch.zeros(1, dtype=torch.float64)
+        for p in self.parameters():
+            if p.grad is not None and id(p) not in skip:
+                local += p.grad.detach().double().pow(2).sum().cpu()
+        dist.all_reduce(local, group=self.group)
+        total = float(local.sqrt())
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+        return total
 
     def forward_backward(self, inputs: Any = None, targets: Any = None) -> float:
         """Compute the full-batch loss and gradients (no optimizer step)."""
@@ -197,9 +227,10 @@ class Pipeline:
         mb_in = [_to(x, self.device) for x in mb_in]
         mb_tg = [_to(x, self.device) for x in mb_tg]
         rec = run_step(sch.ranks[self.rank], self.stages, sch.stage_to_rank, self.transport,
-                       StepData(mb_in, mb_tg, weights), record=self.record)
+                       StepData(mb_in, mb_tg, weights), record=self.record,
+                       stretch=1.0 / self.speed)
         self.last_events = rec.events
-        for p, pg in self._ties:
+        for p, pg, _ in self._ties:
             if p is not None and p.grad is not None:
                 dist.all_reduce(p.grad, group=pg)  # the tie's gradient is the sum of its uses
             elif p is not None:
@@ -233,6 +264,10 @@ class Pipeline:
         if int(n[0]) < 1:
             raise ConfigError("the batch is empty")
         return int(n[0])
+
+    def schedule_for(self, batch: int) -> Schedule:
+        """The (lowered) schedule a step on a batch of ``batch`` rows runs."""
+        return self._schedule(self._effective_microbatches(batch))
 
     def timeline(self) -> list[TimedAction]:
         """The last step's recorded actions of every rank (needs ``record=True``).

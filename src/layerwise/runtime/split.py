@@ -87,6 +87,11 @@ def resolve_partition(partition: Partition, num_layers: int, num_stages: int) ->
     items = list(partition)
     if items and all(isinstance(x, Sequence) and not isinstance(x, str) for x in items):
         return _counts_from_indices([list(x) for x in items], num_layers, num_stages)
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        raise ConfigError(
+            f"a partition is 'uniform', a list of layer counts per stage (ints) or a list of layer "
+            f"index lists, got {items!r}"
+        )
     counts = [int(x) for x in items]
     if len(counts) != num_stages:
         raise ConfigError(f"the partition {counts} has {len(counts)} stages, expected {num_stages}")

@@ -113,7 +113,7 @@ class Stage:
                     "fit; move the boundary or check that layer's expected input."
                 )
             raise StageError(
-                f"{self.where}: {where} failed in the forward of microbatch {mb} on input "
+                f"{self.where}: stage {self.index}, {where} failed in the forward of microbatch {mb} on input "
                 f"{sample_shapes(x)}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}.{hint}"
             ) from None
 

@@ -55,6 +55,8 @@ def flatten(obj: Any, what: str = "stage output") -> tuple[list[torch.Tensor], S
         return list(obj), Structure(_TUPLE)  # empty: a stage with no floating inputs has no grads
     if isinstance(obj, dict) and obj and all(isinstance(t, torch.Tensor) for t in obj.values()):
         keys = tuple(str(k) for k in obj)
+        if any(not k or "\0" in k for k in keys):
+            raise TypeError(f"{what}: dict keys crossing a stage boundary must be non-empty and contain no NUL")
         return list(obj.values()), Structure(_DICT, keys)
     raise TypeError(
         f"{what} must be a tensor, a tuple of tensors or a dict of tensors to cross a "
@@ -117,7 +119,9 @@ def decode_header(header: torch.Tensor, peer: str) -> Meta:
         return ProtocolError(f"{peer} sent an invalid message header ({why}); is it running the same "
                              f"layerwise version and schedule?")
 
-    if len(h) != HEADER_SLOTS or h[0] != MAGIC:
+    if len(h) != HEADER_SLOTS:
+        raise bad(f"truncated: {len(h)} of {HEADER_SLOTS} slots")
+    if h[0] != MAGIC:
         raise bad("wrong magic number")
     if h[1] != VERSION:
         raise bad(f"wire version {h[1]}, expected {VERSION}")
@@ -163,6 +167,10 @@ def decode_header(header: torch.Tensor, peer: str) -> Meta:
 
 def decode_payload(meta: Meta, payload: torch.Tensor) -> list[torch.Tensor]:
     """Views into ``payload`` with the header's dtypes and shapes (no copy)."""
+    if payload.dim() != 1 or payload.dtype != torch.uint8 or payload.numel() != meta.nbytes:
+        raise ProtocolError(
+            f"payload of {payload.numel()} bytes does not match its header ({meta.nbytes} bytes)"
+        )
     out, offset = [], 0
     for dtype, shape in zip(meta.dtypes, meta.shapes):
         numel = 1
@@ -170,6 +178,8 @@ def decode_payload(meta: Meta, payload: torch.Tensor) -> list[torch.Tensor]:
             numel *= d
         size = numel * dtype.itemsize
         chunk = payload[offset : offset + size]
+        if offset % dtype.itemsize:  # a view needs an aligned offset: copy the rare unaligned one
+            chunk = chunk.clone()
         out.append(chunk.view(dtype).reshape(shape) if size else torch.empty(shape, dtype=dtype))
         offset += size
     return out

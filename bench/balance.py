@@ -1,0 +1,254 @@
+"""Does ``layerwise.partition`` pay off when measured? Balanced vs uniform, capacity-aware vs blind.
+
+A GPT whose head costs about two blocks (plus its loss, which runs on the last stage) is profiled
+once in this process (one thread, ``profile_with_loss``), partitioned, and trained by two CPU
+processes (one stage and one thread each, gloo) under four partitions:
+
+(a) ``uniform`` (even layer counts) vs ``balanced`` (``balance="time"``) on equal devices:
+    throughput ratio ``balanced_vs_uniform``; the balanced plan's predicted step time against the
+    measured one gives ``prediction_error``.
+(b) rank 1 emulates a device of half the speed (``Pipeline(speed=0.5)`` sleeps after each of its
+    compute actions for as long as the action took): ``aware`` (``devices=[fast 1.0, slow 0.5]``)
+    vs ``blind`` (the balanced plan for equal devices): ``aware_vs_blind``.
+(c) 4 and 8 stages, which two cores cannot run honestly: the simulator's step time and bubble
+    for uniform and balanced plans of a deeper model of the same width, from its measured costs.
+
+All four partitions live in the same two processes; each repetition times ``steps`` steps of
+every partition, in alternating order, after untimed warm-up steps; the median over repetitions
+is reported. Writes ``bench/results/balance.json``.
+
+    python bench/balance.py            # about 2-3 minutes on 2 cores
+    python bench/balance.py --quick    # smoke test, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+# The head of a width-128 GPT costs about two blocks at a vocabulary of ~4.5k (its matrix is
+# vocab x width; a block's is ~24 width x width, plus attention). Measured and printed below.
+FULL = dict(vocab=4608, width=128, heads=4, blocks=4, context=64, rows=8, microbatches=8,
+            warmup=2, steps=5, reps=5, lr=1e-3, profile_repeats=15, deep_blocks=14)  # fmt: skip
+QUICK = dict(vocab=4608, width=128, heads=4, blocks=4, context=64, rows=4, microbatches=4,
+             warmup=1, steps=2, reps=1, lr=1e-3, profile_repeats=3, deep_blocks=6)  # fmt: skip
+TARGETS = {"balanced_vs_uniform": 1.2, "aware_vs_blind": 1.25, "prediction_error": 0.15}
+SLOW = 0.5  # emulated speed of rank 1 in part (b)
+TIMEOUT = 120.0
+
+
+def _model(cfg: dict[str, Any], blocks: int | None = None) -> Any:
+    import torch
+
+    from layerwise.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab=cfg["vocab"], context=cfg["context"], width=cfg["width"],
+                         heads=cfg["heads"], blocks=blocks or cfg["blocks"]))  # fmt: skip
+
+
+def _batch(cfg: dict[str, Any], rows: int) -> tuple[Any, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg["vocab"], (rows, cfg["context"] + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (rows, seq) each
+
+
+# -- the training processes ------------------------------------------------------------------------
+def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float]]) -> dict[str, Any]:
+    """In each rank: build one Pipeline per (name, partition, speed of rank 1); time them in turn."""
+    import torch
+    import torch.distributed as dist
+
+    from layerwise import Pipeline
+    from layerwise.models import lm_loss
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    pipes = {}
+    for name, counts, slow in runs:
+        pipes[name] = Pipeline(
+            _model(cfg), microbatches=cfg["microbatches"], partition=counts, loss_fn=lm_loss,
+            optimizer=lambda p: torch.optim.AdamW(p, lr=cfg["lr"]), speed=slow if rank == 1 else 1.0,
+            timeout=TIMEOUT,
+        )  # fmt: skip
+    x, y = _batch(cfg, cfg["rows"] * cfg["microbatches"])
+    losses: dict[str, list[float]] = {name: [] for name in pipes}
+    for name, pipe in pipes.items():
+        for _ in range(cfg["warmup"]):
+            losses[name].append(pipe.step(x, y))
+    step_s: dict[str, list[float]] = {name: [] for name in pipes}
+    optim_s: dict[str, list[float]] = {name: [] for name in pipes}
+    names = list(pipes)
+    for rep in range(cfg["reps"]):
+        for name in names if rep % 2 == 0 else names[::-1]:  # alternate, so drift hits all alike
+            pipe = pipes[name]
+            dist.barrier()
+            start = time.perf_counter()
+            opt = 0.0
+            for _ in range(cfg["steps"]):
+                losses[name].append(pipe.forward_backward(x, y))
+                t = time.perf_counter()
+                assert pipe.optimizer is not None
+                pipe.optimizer.step()
+                opt += time.perf_counter() - t
+            dist.barrier()
+            step_s[name].append((time.perf_counter() - start) / cfg["steps"])
+            optim_s[name].append(opt / cfg["steps"])
+    return {"rank": rank, "step_s": step_s, "optimizer_s": optim_s,
+            "first_loss": {k: v[0] for k, v in losses.items()},
+            "last_loss": {k: v[-1] for k, v in losses.items()}}  # fmt: skip
+
+
+# -- the parent process -------------------------------------------------------------------------
+def _profile(cfg: dict[str, Any], blocks: int) -> tuple[Any, list[Any]]:
+    from layerwise.models import lm_loss
+    from layerwise.partition import profile_with_loss
+
+    model = _model(cfg, blocks)
+    x, y = _batch(cfg, cfg["rows"])  # one microbatch
+    costs = profile_with_loss(model, x, lm_loss, y, repeats=cfg["profile_repeats"], warmup=3)
+    return model, costs
+
+
+def _ratios(costs: list[Any]) -> dict[str, float]:
+    """Per-layer cost in blocks: [embedding, block..., head, loss]."""
+    block = statistics.median(c.time_s for c in costs[1:-2])
+    return {
+        "block_ms": 1e3 * block,
+        "embedding_per_block": costs[0].time_s / block,
+        "head_per_block": costs[-2].time_s / block,
+        "loss_per_block": costs[-1].time_s / block,
+    }
+
+
+def _entry(plan: Any, samples: list[float] | None = None, optimizer: list[float] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "partition": list(plan),
+        "stage_time_ms": [1e3 * t for t in plan.stage_times],
+        "predicted_step_s": plan.predicted_step_time,
+        "predicted_bubble": plan.predicted_bubble,
+    }
+    if samples is not None:
+        measured = statistics.median(samples)
+        out.update(measured_step_s=measured, samples_s=samples,
+                   optimizer_step_s=statistics.median(optimizer or [0.0]),
+                   prediction_error=abs(plan.predicted_step_time - measured) / measured)  # fmt: skip
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run (numbers not meaningful)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "balance.json"))
+    args = parser.parse_args()
+    cfg = dict(QUICK if args.quick else FULL)
+    began = time.perf_counter()
+
+    import torch
+
+    import layerwise.partition
+    from layerwise import launch
+    from layerwise.partition import Device
+
+    torch.set_num_threads(1)  # profile on one core, as each training process runs
+    model, costs = _profile(cfg, cfg["blocks"])
+    ratios = _ratios(costs)
+    print(f"per-layer fwd+bwd (ms, one microbatch of {cfg['rows']}x{cfg['context']} tokens): "
+          + " ".join(f"{1e3 * c.time_s:.1f}" for c in costs))  # fmt: skip
+    print(f"cost in blocks: embedding {ratios['embedding_per_block']:.2f}, head "
+          f"{ratios['head_per_block']:.2f}, loss {ratios['loss_per_block']:.2f} (block = "
+          f"{ratios['block_ms']:.1f} ms)")  # fmt: skip
+
+    m = cfg["microbatches"]
+    devices = [Device(name="fast", speed=1.0), Device(name="slow", speed=SLOW)]
+    plans = {
+        "uniform": layerwise.partition(model, 2, balance="uniform", costs=costs, microbatches=m),
+        "balanced": layerwise.partition(model, 2, balance="time", costs=costs, microbatches=m),
+        "aware": layerwise.partition(model, 2, costs=costs, microbatches=m, devices=devices),
+    }
+    plans["blind"] = layerwise.partition(model, 2, balance=list(plans["balanced"]), costs=costs,
+                                         microbatches=m, devices=devices)  # fmt: skip
+    runs = [("uniform", list(plans["uniform"]), 1.0), ("balanced", list(plans["balanced"]), 1.0),
+            ("blind", list(plans["blind"]), SLOW), ("aware", list(plans["aware"]), SLOW)]  # fmt: skip
+    print("partitions: " + ", ".join(f"{n} {c}" for n, c, _ in runs))
+    results = launch(train, 2, cfg, runs, threads=1, timeout=600)
+    step = results[0]["step_s"]
+    optim = results[0]["optimizer_s"]
+    med = {name: statistics.median(v) for name, v in step.items()}
+
+    deeper: dict[str, Any] = {}
+    deep_model, deep_costs = _profile(cfg, cfg["deep_blocks"])
+    for stages in (4, 8):
+        mb = 2 * stages
+        deeper[str(stages)] = {"microbatches": mb, **{
+            mode: _entry(layerwise.partition(deep_model, stages, balance=mode, costs=deep_costs, microbatches=mb))
+            for mode in ("uniform", "time")}}  # fmt: skip
+
+    report = {
+        "balanced_vs_uniform": med["uniform"] / med["balanced"],
+        "aware_vs_blind": med["blind"] / med["aware"],
+        "prediction_error": abs(plans["balanced"].predicted_step_time - med["balanced"]) / med["balanced"],
+        "targets": {"balanced_vs_uniform": f">= {TARGETS['balanced_vs_uniform']}",
+                    "aware_vs_blind": f">= {TARGETS['aware_vs_blind']}",
+                    "prediction_error": f"<= {TARGETS['prediction_error']}"},  # fmt: skip
+        "details": {
+            "layer_costs_ms": [1e3 * c.time_s for c in costs],
+            "layer_names": ["embedding"] + [f"block{k}" for k in range(cfg["blocks"])] + ["head", "loss"],
+            "cost_in_blocks": ratios,
+            "two_stages": {n: _entry(plans[n], step[n], optim[n]) for n in ("uniform", "balanced")},
+            "two_speeds": {n: _entry(plans[n], step[n], optim[n]) for n in ("blind", "aware")},
+            "paired_ratios": {
+                "balanced_vs_uniform": [u / b for u, b in zip(step["uniform"], step["balanced"])],
+                "aware_vs_blind": [b / a for b, a in zip(step["blind"], step["aware"])],
+            },
+            "simulated_deeper": {"blocks": cfg["deep_blocks"], **deeper},
+            "loss_first_last": {n: [results[0]["first_loss"][n], results[0]["last_loss"][n]] for n in step},
+        },
+        "config": {**cfg, "stages": 2, "schedule": "1f1b", "slow_speed": SLOW, "quick": args.quick,
+                   "batch_rows": cfg["rows"] * m, "optimizer": "AdamW", "threads_per_process": 1,
+                   "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "load_average": os.getloadavg(), "wall_s": time.perf_counter() - began},  # fmt: skip
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    _print(report)
+    print(f"wrote {args.out} in {report['config']['wall_s']:.0f} s")
+    return 0
+
+
+def _print(report: dict[str, Any]) -> None:
+    d = report["details"]
+    print(f"\n{'run':<10} {'partition':<10} {'predicted ms':>12} {'measured ms':>12} {'error':>7} {'optimizer ms':>13}")
+    for group in ("two_stages", "two_speeds"):
+        for name, e in d[group].items():
+            print(f"{name:<10} {str(e['partition']):<10} {1e3 * e['predicted_step_s']:>12.1f} "
+                  f"{1e3 * e['measured_step_s']:>12.1f} {100 * e['prediction_error']:>6.1f}% "
+                  f"{1e3 * e['optimizer_step_s']:>13.1f}")  # fmt: skip
+    deep = d["simulated_deeper"]
+    print(f"\nsimulated only ({deep['blocks']} blocks, from measured per-layer costs):")
+    for stages in ("4", "8"):
+        for mode in ("uniform", "time"):
+            e = deep[stages][mode]
+            print(f"  {stages} stages, {deep[stages]['microbatches']} microbatches, {mode:<7} "
+                  f"{str(e['partition']):<26} step {1e3 * e['predicted_step_s']:7.1f} ms, "
+                  f"bubble {100 * e['predicted_bubble']:4.1f}%")  # fmt: skip
+    print()
+    for key, target in report["targets"].items():
+        value = report[key]
+        ok = value >= TARGETS[key] if key != "prediction_error" else value <= TARGETS[key]
+        print(f"{key:<20} {value:6.3f}  (target {target}: {'met' if ok else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

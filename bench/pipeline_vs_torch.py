@@ -1,0 +1,370 @@
+"""layerwise.Pipeline against torch.distributed.pipelining: same model, split, schedule, microbatches.
+
+Two CPU processes (one pipeline stage each, one thread each) on gloo train the same GPT with
+(a) ``layerwise.Pipeline`` and (b) PyTorch's ``PipelineStage`` + ``ScheduleGPipe`` / ``Schedule1F1B``,
+built by hand from the same stage modules (PyTorch's tracer path is fragile). Runs alternate
+(layerwise, torch, layerwise, torch, ...) so that machine noise hits both alike; each run is a fresh
+pair of processes, so the peak RSS it reports belongs to that system alone.
+
+For layerwise the timeline of every measured step is recorded and the measured bubble is compared
+with the simulator's prediction from the same step's measured costs.
+
+    python bench/pipeline_vs_torch.py            # ~3 minutes on 2 cores
+    python bench/pipeline_vs_torch.py --quick    # smoke test, ~30 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from typing import Any
+
+SCHEDULES = ("gpipe", "1f1b")
+SYSTEMS = ("layerwise", "torch")
+
+# Compute dominates (a microbatch's forward + backward is ~90 ms per stage) while each run stays
+# ~10 s: 6 blocks of width 256 on 128 tokens, 16 sequences in 8 microbatches of 2.
+FULL = dict(vocab=256, width=256, heads=4, blocks=6, context=128, batch=16, microbatches=8,
+            warmup=2, steps=8, reps=3, lr=1e-3)  # fmt: skip
+QUICK = dict(vocab=256, width=128, heads=4, blocks=4, context=64, batch=8, microbatches=4,
+             warmup=1, steps=2, reps=1, lr=1e-3)  # fmt: skip
+STAGES = 2
+TIMEOUT = 60.0  # process-group timeout per rank (s)
+
+
+# -- shared by both systems ----------------------------------------------------------------------
+def _setup(cfg: dict[str, Any]) -> tuple[list[Any], list[int]]:
+    """The model's layers (same seed on every rank and system) and the layer counts per stage."""
+    import torch
+
+    from layerwise.models import GPT, GPTConfig
+
+    torch.set_num_threads(1)  # one core per stage process (2 processes on 2 cores)
+    torch.manual_seed(0)
+    # Untied embeddings: a tie across the first and last stage needs a gradient all-reduce that
+    # layerwise does and torch's pipelining leaves to the user; keep both runtimes pure pipeline.
+    model = GPT(GPTConfig(vocab=cfg["vocab"], context=cfg["context"], width=cfg["width"],
+                          heads=cfg["heads"], blocks=cfg["blocks"], tie_embeddings=False))  # fmt: skip
+    layers = model.pipeline_layers()  # [embedding, block x blocks, head]
+    base, extra = divmod(len(layers), STAGES)
+    counts = [base + (1 if s < extra else 0) for s in range(STAGES)]
+    return layers, counts
+
+
+def _batch(cfg: dict[str, Any], step: int) -> tuple[Any, Any]:
+    """Step ``step``'s (inputs, targets): random bytes, identical for both systems."""
+    import torch
+
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["context"] + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (batch, seq) each
+
+
+def _rss_mib() -> float:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- the two systems (run inside launched ranks) --------------------------------------------------
+def run_layerwise(cfg: dict[str, Any], schedule: str) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    import layerwise
+    from layerwise.models import lm_loss
+    from layerwise.runtime import measure
+
+    rss_start = _rss_mib()
+    layers, counts = _setup(cfg)
+    pipe = layerwise.Pipeline(
+        layers, stages=STAGES, loss_fn=lm_loss, schedule=schedule, microbatches=cfg["microbatches"],
+        partition=counts, timeout=TIMEOUT, record=True,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=cfg["lr"]),
+    )  # fmt: skip
+    del layers
+    losses, steps_events = [], []
+    for i in range(cfg["warmup"]):
+        losses.append(pipe.step(*_batch(cfg, i)))
+    dist.barrier()
+    t0 = time.perf_counter()
+    ends = []
+    for i in range(cfg["warmup"], cfg["warmup"] + cfg["steps"]):
+        losses.append(pipe.step(*_batch(cfg, i)))
+        steps_events.append(pipe.last_events)  # a fresh list per step; gathered after the clock stops
+        ends.append(time.perf_counter())
+    dist.barrier()
+    elapsed = time.perf_counter() - t0
+    # The timelines of the timed steps, gathered now (timeline() is collective) so that the
+    # all_gather does not sit inside the timed loop.
+    sch = pipe.schedule_for(cfg["batch"])
+    bubbles, durations = [], defaultdict(list)
+    for ev in steps_events:
+        pipe.last_events = ev
+        events = pipe.timeline()
+        bubbles.append((measure.measured_bubble(events, STAGES), measure.predict(events, sch).bubble_fraction))
+        makespan = max(e.end for e in events) - min(e.start for e in events)
+        durations["makespan"].append(makespan)
+        for e in events:
+            durations[f"r{e.rank}.{e.action.kind.value}"].append(e.duration)
+        for r in range(STAGES):
+            busy = sum(e.duration for e in events if e.rank == r)  # compute + communication calls
+            durations[f"r{r}.outside_actions"].append(makespan - busy)
+    return {
+        "rank": int(dist.get_rank()), "elapsed_s": elapsed, "step_s": _diffs(t0, ends), "losses": losses,
+        "rss_start_mib": rss_start, "peak_rss_mib": _rss_mib(),
+        "bubbles": [[float(m), float(p)] for m, p in bubbles],
+        # per step and action kind, summed over microbatches (ms); "outside_actions": time of the
+        # step not spent in any action (the loss broadcast, microbatch splitting, the optimizer is
+        # outside the step)
+        "action_ms": {k: statistics.median(v) * 1e3 if k == "makespan" or "outside" in k
+                      else statistics.median(_per_step_sums(v, len(steps_events))) * 1e3
+                      for k, v in durations.items()},
+    }  # fmt: skip
+
+
+def _diffs(t0: float, ends: list[float]) -> list[float]:
+    return [b - a for a, b in zip([t0, *ends[:-1]], ends)]
+
+
+def _per_step_sums(values: list[float], steps: int) -> list[float]:
+    per = len(values) // steps
+    return [sum(values[i * per : (i + 1) * per]) for i in range(steps)]
+
+
+def run_torch(cfg: dict[str, Any], schedule: str) -> dict[str, Any]:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from layerwise.models import lm_loss
+
+    rss_start = _rss_mib()
+    dist.init_process_group("gloo", timeout=timedelta(seconds=TIMEOUT))
+    rank = dist.get_rank()
+    layers, counts = _setup(cfg)
+    a = sum(counts[:rank])
+    module = nn.Sequential(*layers[a : a + counts[rank]])
+    del layers
+    stage = PipelineStage(module, rank, STAGES, torch.device("cpu"))
+    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    # lm_loss is a mean per microbatch; scale_grads=True (default) divides the summed gradients
+    # by the microbatch count, the same full-batch mean layerwise computes.
+    sched = cls(stage, n_microbatches=cfg["microbatches"], loss_fn=lm_loss)
+    opt = torch.optim.AdamW(module.parameters(), lr=cfg["lr"])
+    is_first, is_last = rank == 0, rank == STAGES - 1
+    losses: list[float] = []
+
+    def step(i: int) -> None:
+        x, y = _batch(cfg, i)
+        opt.zero_grad(set_to_none=True)
+        mb_losses: list[Any] = []
+        if is_first:
+            sched.step(x, return_outputs=False)
+        elif is_last:
+            sched.step(target=y, losses=mb_losses, return_outputs=False)
+        else:
+            sched.step(return_outputs=False)
+        opt.step()
+        if is_last:
+            losses.append(float(torch.stack(mb_losses).detach().mean()))
+
+    for i in range(cfg["warmup"]):
+        step(i)
+    dist.barrier()
+    t0 = time.perf_counter()
+    ends = []
+    for i in range(cfg["warmup"], cfg["warmup"] + cfg["steps"]):
+        step(i)
+        ends.append(time.perf_counter())
+    dist.barrier()
+    elapsed = time.perf_counter() - t0
+    return {"rank": rank, "elapsed_s": elapsed, "step_s": _diffs(t0, ends), "losses": losses, "rss_start_mib": rss_start,
+            "peak_rss_mib": _rss_mib()}  # fmt: skip
+
+
+# -- driver --------------------------------------------------------------------------------------
+def _cpu_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all processes, all cores)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and its reaped children (the launched ranks)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _foreign_cores(seconds: float) -> float:
+    """Cores other processes on the machine kept busy over the next ``seconds``."""
+    b0, o0, t0 = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
+    time.sleep(seconds)
+    return max(0.0, (_cpu_busy_s() - b0 - (_own_cpu_s() - o0)) / (time.perf_counter() - t0))
+
+
+def _wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait (at most ``max_wait`` s) until other processes use < ``threshold`` cores; return the
+    last reading. Both systems get the same gate, and every run records its own reading."""
+    deadline = time.monotonic() + max_wait
+    load = _foreign_cores(0.3)
+    while load >= threshold and time.monotonic() < deadline:
+        load = _foreign_cores(0.5)
+    return load
+
+
+def _launch_run(system: str, cfg: dict[str, Any], schedule: str) -> tuple[list[dict[str, Any]], float]:
+    """One run in a fresh pair of processes; returns the ranks' results and the cores that other
+    processes used meanwhile (a run with much foreign load measured the machine, not the runtime)."""
+    import layerwise
+
+    fn = run_layerwise if system == "layerwise" else run_torch
+    b0, o0, t0 = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
+    ranks = layerwise.launch(fn, STAGES, cfg, schedule, threads=1, timeout=180.0)
+    foreign = max(0.0, (_cpu_busy_s() - b0 - (_own_cpu_s() - o0)) / (time.perf_counter() - t0))
+    return ranks, foreign
+
+
+def _run_tps(run: dict[str, Any], cfg: dict[str, Any]) -> float:
+    """A run's tokens/s from its median step time (slower rank): robust to a burst of foreign load."""
+    step = max(statistics.median(r["step_s"]) for r in run["ranks"])
+    return cfg["batch"] * cfg["context"] / step
+
+
+def _summary(runs: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
+    tokens = cfg["steps"] * cfg["batch"] * cfg["context"]
+    tps = [_run_tps(run, cfg) for run in runs]
+    # elapsed: the slower rank's wall time between the two barriers around the timed steps
+    mean_tps = [tokens / max(r["elapsed_s"] for r in run["ranks"]) for run in runs]
+    return {
+        "tokens_per_s": statistics.median(tps),
+        "step_ms": cfg["batch"] * cfg["context"] / statistics.median(tps) * 1e3,
+        "runs_tokens_per_s": tps,
+        "runs_tokens_per_s_from_total_time": mean_tps,
+        "runs_foreign_cores": [run["foreign_cores"] for run in runs],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model, fewer steps and one repetition")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pipeline_vs_torch.json"))
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per system and schedule")
+    ap.add_argument("--max-wait", type=float, default=None,
+                    help="seconds to wait before each run for other processes to go quiet (default 10, quick 0)")
+    args = ap.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.reps:
+        cfg["reps"] = args.reps
+    max_wait = args.max_wait if args.max_wait is not None else (0.0 if args.quick else 10.0)
+    import torch
+
+    start = time.time()
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {s: {sc: [] for sc in SCHEDULES} for s in SYSTEMS}
+    for schedule in SCHEDULES:
+        for rep in range(cfg["reps"]):
+            for system in SYSTEMS:  # alternate: layerwise, torch, layerwise, torch, ...
+                before = _wait_quiet(max_wait) if max_wait > 0 else None
+                t = time.time()
+                ranks, foreign = _launch_run(system, cfg, schedule)
+                run = {"ranks": ranks, "foreign_cores": foreign, "foreign_cores_before": before}
+                raw[system][schedule].append(run)
+                print(f"  {schedule:6s} rep {rep} {system:9s} {_run_tps(run, cfg):7.0f} tokens/s  "
+                      f"(run {time.time() - t:4.1f} s, other processes {foreign:.2f} cores)", file=sys.stderr)  # fmt: skip
+
+    result: dict[str, Any] = {
+        "benchmark": "pipeline_vs_torch",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                    "platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "config": {**cfg, "stages": STAGES, "threads_per_process": 1, "backend": "gloo",
+                   "model": "layerwise.models.GPT (untied embeddings)", "optimizer": "AdamW",
+                   "tokens_per_step": cfg["batch"] * cfg["context"],
+                   "partition": "layers [embedding, blocks..., head] split evenly into 2 stages",
+                   "throughput": "tokens/s of a run = tokens per step / its median step time (slower "
+                                 "rank), warm-up excluded; tokens_per_s = median over runs",
+                   "max_wait_quiet_s": max_wait},
+    }  # fmt: skip
+    for system in SYSTEMS:
+        result[system] = {sc: _summary(raw[system][sc], cfg) for sc in SCHEDULES}
+    result["throughput_ratio"] = {
+        sc: result["layerwise"][sc]["tokens_per_s"] / result["torch"][sc]["tokens_per_s"] for sc in SCHEDULES
+    }
+    # each layerwise run against the torch run right after it: cancels slow drifts in machine load
+    result["throughput_ratio_paired"] = {
+        sc: [a / b for a, b in zip(result["layerwise"][sc]["runs_tokens_per_s"], result["torch"][sc]["runs_tokens_per_s"])]
+        for sc in SCHEDULES
+    }  # fmt: skip
+    p, m = STAGES, cfg["microbatches"]
+    result["bubble"] = {}
+    for sc in SCHEDULES:
+        pairs = [b for run in raw["layerwise"][sc] for b in run["ranks"][0]["bubbles"]]  # rank 0's copy
+        meas = statistics.mean(b[0] for b in pairs)
+        pred = statistics.mean(b[1] for b in pairs)
+        result["bubble"][sc] = {"measured": meas, "predicted": pred, "relative_error": (meas - pred) / pred if pred else None,
+                                "theory_equal_costs": (p - 1) / (m + p - 1), "steps": len(pairs),
+                                "per_step": pairs}  # fmt: skip
+    result["layerwise_action_ms"] = {
+        sc: {k: statistics.median(run["ranks"][0]["action_ms"][k] for run in raw["layerwise"][sc])
+             for k in raw["layerwise"][sc][0]["ranks"][0]["action_ms"]}
+        for sc in SCHEDULES
+    }  # fmt: skip
+    result["layerwise_action_ms_note"] = ("per step, median over runs: rK.X = time rank K spent in actions of kind X "
+                                          "(F, B compute; SF/SB posting a send; RF/RB waiting for a receive); "
+                                          "rK.outside_actions = makespan minus all of rank K's actions")  # fmt: skip
+    result["peak_rss_mib"] = {
+        system: {sc: {f"rank{r}": max(run["ranks"][r]["peak_rss_mib"] for run in raw[system][sc]) for r in range(STAGES)}
+                 for sc in SCHEDULES}
+        for system in SYSTEMS
+    }  # fmt: skip
+    result["peak_rss_note"] = ("ru_maxrss of each stage process (the process peak: the interpreter, torch, the "
+                               "full model every rank builds before keeping its stage, optimizer state, "
+                               "activations); max over runs. rss_at_start_mib is the peak before the model.")
+    result["rss_at_start_mib"] = {system: statistics.median(r["rss_start_mib"] for sc in SCHEDULES
+                                                            for run in raw[system][sc] for r in run["ranks"])
+                                  for system in SYSTEMS}  # fmt: skip
+    # same seed, data and split: the first losses agree up to float rounding
+    result["first_losses"] = {system: {sc: raw[system][sc][0]["ranks"][-1]["losses"][:3] for sc in SCHEDULES}
+                              for system in SYSTEMS}  # fmt: skip
+    result["raw"] = {system: {sc: [{**run, "ranks": [{k: v for k, v in r.items() if k not in ("action_ms", "bubbles")}
+                                                     for r in run["ranks"]]}
+                                   for run in raw[system][sc]] for sc in SCHEDULES} for system in SYSTEMS}  # fmt: skip
+    result["wall_s"] = time.time() - start
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    _print_table(result)
+    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
+    return result
+
+
+def _print_table(r: dict[str, Any]) -> None:
+    c = r["config"]
+    print(f"GPT {c['blocks']} blocks x {c['width']}, context {c['context']}, batch {c['batch']}, "
+          f"{c['microbatches']} microbatches, 2 stages x 1 thread, gloo; median of {c['reps']} runs x {c['steps']} steps")  # fmt: skip
+    print(f"{'schedule':8s} {'layerwise tok/s':>15s} {'torch tok/s':>12s} {'ratio':>6s} "
+          f"{'bubble meas':>11s} {'pred':>6s} {'rel.err':>7s} {'rss r0/r1 lw (MiB)':>19s} {'torch':>10s}")  # fmt: skip
+    for sc in SCHEDULES:
+        b, rss = r["bubble"][sc], r["peak_rss_mib"]
+        print(f"{sc:8s} {r['layerwise'][sc]['tokens_per_s']:15.0f} {r['torch'][sc]['tokens_per_s']:12.0f} "
+              f"{r['throughput_ratio'][sc]:6.3f} {b['measured']:11.3f} {b['predicted']:6.3f} {b['relative_error']:+7.1%} "
+              f"{rss['layerwise'][sc]['rank0']:9.0f}/{rss['layerwise'][sc]['rank1']:<9.0f} "
+              f"{rss['torch'][sc]['rank0']:4.0f}/{rss['torch'][sc]['rank1']:<5.0f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

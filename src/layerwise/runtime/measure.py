@@ -1,0 +1,68 @@
+"""From a measured timeline: the bubble, and the per-stage costs to feed the simulator with.
+
+Comparing the measured bubble with the simulator's prediction from the same run's measured costs
+tells whether the runtime adds overhead the theory does not account for.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+
+from ..schedule.actions import Action, Kind, TimedAction
+from ..schedule.comm import matching
+from ..schedule.core import Schedule
+from ..schedule.simulate import Costs, SimResult, simulate
+
+
+def measured_bubble(events: Sequence[TimedAction], num_ranks: int) -> float:
+    """1 - (compute time summed over ranks) / (ranks x makespan), as the simulator defines it."""
+    if not events:
+        raise ValueError("no events: run the pipeline with record=True")
+    makespan = max(e.end for e in events) - min(e.start for e in events)
+    busy = sum(e.duration for e in events if e.action.kind.is_compute)
+    return 1.0 - busy / (num_ranks * makespan) if makespan > 0 else 0.0
+
+
+def costs_from_events(events: Sequence[TimedAction], schedule: Schedule) -> Costs:
+    """Per-stage median F / I / W (or B) durations, plus communication, from a measured step.
+
+    The time a rank spends posting a send is added to the action that produced the tensor (the
+    simulator's sends are free); a message's latency is the median time from its send being
+    posted to its receive completing, counted only while the receiver was already waiting.
+    """
+    n = schedule.num_stages
+    by: dict[tuple[int, Kind], list[float]] = defaultdict(list)
+    for e in events:
+        by[(e.action.stage, e.action.kind)].append(e.duration)
+
+    def med(stage: int, kind: Kind) -> float:
+        vals = by.get((stage, kind))
+        return statistics.median(vals) if vals else 0.0
+
+    fwd = [med(s, Kind.F) + med(s, Kind.SEND_F) for s in range(n)]
+    if schedule.split_backward:
+        inp = [med(s, Kind.I) + med(s, Kind.SEND_B) for s in range(n)]
+        wgt = [med(s, Kind.W) for s in range(n)]
+    else:
+        full = [med(s, Kind.B) + med(s, Kind.SEND_B) for s in range(n)]
+        inp, wgt = [b / 2 for b in full], [b / 2 for b in full]
+    ends = {e.action: e for e in events}
+    delays = []
+    for e in events:
+        if e.action.kind in (Kind.RECV_F, Kind.RECV_B):
+            send = ends.get(matching(e.action))
+            if send is not None and e.start <= send.end:  # the receiver was already waiting
+                delays.append(max(0.0, e.end - send.end))
+    latency = statistics.median(delays) if delays else 0.0
+    return Costs(forward=tuple(fwd), input_grad=tuple(inp), weight_grad=tuple(wgt), latency=latency)
+
+
+def predict(events: Sequence[TimedAction], schedule: Schedule) -> SimResult:
+    """Simulate ``schedule`` with the costs measured in ``events``."""
+    return simulate(schedule, costs_from_events(events, schedule))
+
+
+def step_events(events: Sequence[TimedAction]) -> list[Action]:
+    return [e.action for e in events]
