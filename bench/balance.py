@@ -36,9 +36,11 @@ from typing import Any
 # The head of a width-128 GPT costs about two blocks at a vocabulary of ~4.5k (its matrix is
 # vocab x width; a block's is ~24 width x width, plus attention). Measured and printed below.
 FULL = dict(vocab=4608, width=128, heads=4, blocks=4, context=64, rows=8, microbatches=8,
-            warmup=2, steps=5, reps=5, lr=1e-3, profile_repeats=15, deep_blocks=14)  # fmt: skip
+            warmup=2, steps=5, reps=5, lr=1e-3, profile_repeats=10, profile_rounds=3,
+            deep_blocks=14)  # fmt: skip
 QUICK = dict(vocab=4608, width=128, heads=4, blocks=4, context=64, rows=4, microbatches=4,
-             warmup=1, steps=2, reps=1, lr=1e-3, profile_repeats=3, deep_blocks=6)  # fmt: skip
+             warmup=1, steps=2, reps=1, lr=1e-3, profile_repeats=3, profile_rounds=1,
+            deep_blocks=6)  # fmt: skip
 TARGETS = {"balanced_vs_uniform": 1.2, "aware_vs_blind": 1.25, "prediction_error": 0.15}
 SLOW = 0.5  # emulated speed of rank 1 in part (b)
 TIMEOUT = 120.0
@@ -110,12 +112,26 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float]]) -> dict
 
 # -- the parent process -------------------------------------------------------------------------
 def _profile(cfg: dict[str, Any], blocks: int) -> tuple[Any, list[Any]]:
+    """Per-layer costs of one microbatch, the loss last: per layer, the median of a few rounds of
+    ``profile_with_loss`` (each itself a median), so that a burst of load on a shared machine
+    during one layer's timing does not move that layer."""
+    import dataclasses
+
     from layerwise.models import lm_loss
     from layerwise.partition import profile_with_loss
 
     model = _model(cfg, blocks)
     x, y = _batch(cfg, cfg["rows"])  # one microbatch
-    costs = profile_with_loss(model, x, lm_loss, y, repeats=cfg["profile_repeats"], warmup=3)
+    rounds = [profile_with_loss(model, x, lm_loss, y, repeats=cfg["profile_repeats"], warmup=3)
+              for _ in range(cfg["profile_rounds"])]  # fmt: skip
+    costs = [
+        dataclasses.replace(
+            layer[0],
+            forward_s=statistics.median(c.forward_s for c in layer),
+            backward_s=statistics.median(c.backward_s for c in layer),
+        )
+        for layer in zip(*rounds)
+    ]
     return model, costs
 
 
@@ -152,6 +168,10 @@ def main() -> int:
     args = parser.parse_args()
     cfg = dict(QUICK if args.quick else FULL)
     began = time.perf_counter()
+    load_before = os.getloadavg()
+    if load_before[0] > 1.0:
+        print(f"warning: load average {load_before[0]:.1f} before starting: other processes compete for "
+              f"the cores this benchmark needs, so timings will be noisy")  # fmt: skip
 
     import torch
 
@@ -197,6 +217,10 @@ def main() -> int:
         "balanced_vs_uniform": med["uniform"] / med["balanced"],
         "aware_vs_blind": med["blind"] / med["aware"],
         "prediction_error": abs(plans["balanced"].predicted_step_time - med["balanced"]) / med["balanced"],
+        "predicted": {  # the same ratios from the plans' simulated step times
+            "balanced_vs_uniform": plans["uniform"].predicted_step_time / plans["balanced"].predicted_step_time,
+            "aware_vs_blind": plans["blind"].predicted_step_time / plans["aware"].predicted_step_time,
+        },
         "targets": {"balanced_vs_uniform": f">= {TARGETS['balanced_vs_uniform']}",
                     "aware_vs_blind": f">= {TARGETS['aware_vs_blind']}",
                     "prediction_error": f"<= {TARGETS['prediction_error']}"},  # fmt: skip
@@ -217,7 +241,8 @@ def main() -> int:
                    "batch_rows": cfg["rows"] * m, "optimizer": "AdamW", "threads_per_process": 1,
                    "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "load_average": os.getloadavg(), "wall_s": time.perf_counter() - began},  # fmt: skip
+                   "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                   "wall_s": time.perf_counter() - began},  # fmt: skip
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -247,7 +272,9 @@ def _print(report: dict[str, Any]) -> None:
     for key, target in report["targets"].items():
         value = report[key]
         ok = value >= TARGETS[key] if key != "prediction_error" else value <= TARGETS[key]
-        print(f"{key:<20} {value:6.3f}  (target {target}: {'met' if ok else 'MISSED'})")
+        predicted = report["predicted"].get(key)
+        sim = "" if predicted is None else f", simulator predicts {predicted:.3f}"
+        print(f"{key:<20} {value:6.3f}  (target {target}: {'met' if ok else 'MISSED'}{sim})")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_RUNTIME = {"Pipeline", "LayeredModel", "launch", "LaunchError", "PipelineError", "ConfigError", "StageError", "PeerLostError"}
+_RUNTIME = {"Pipeline", "LayeredModel", "launch", "run", "LaunchError", "PipelineError", "ConfigError", "StageError", "PeerLostError"}
 
 __all__ = sorted(_RUNTIME)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from layerwise.runtime.measure import costs_from_events, measured_bubble, predict, step_events
+from layerwise.runtime.measure import costs_from_events, measured_bubble, predict
 from layerwise.schedule.actions import Action, TimedAction
 from layerwise.schedule.generators import build
 from layerwise.schedule.simulate import Costs, simulate
@@ -58,7 +58,7 @@ def test_costs_from_hand_made_events() -> None:
     # latency: only 1RF0 waited on a posted send (posted at 1, ended at 1.5); 0RB0 waited from 2
     # for the send posted at 5 and ended at 5; 0RB1 started after its message was posted (at 8)
     assert costs.latency == 0.0  # median of (0.5, 0, 0, 0)
-    assert step_events(events)[:3] == [Action.parse(t) for t in ("0F0", "0SF0", "0F1")]
+    assert [e.action for e in events][:3] == [Action.parse(t) for t in ("0F0", "0SF0", "0F1")]
 
 
 def _costs(n: int, latency: float = 0.0) -> Costs:

@@ -94,13 +94,13 @@ def _balanced(cfg: Any) -> tuple[Any, str]:
     """Profile each layer on one microbatch and split by measured time (layerwise.partition)."""
     from dataclasses import replace
 
-    import layerwise.partition as lp
     from layerwise.demo.data import batch, stdlib_corpus
+    from layerwise.partition.api import partition
 
     x, _ = batch(stdlib_corpus(), 0, max(1, cfg.batch_size // cfg.microbatches), cfg.seq, cfg.seed)
     model = cfg.model()
     stages = cfg.stages * (cfg.chunks if cfg.schedule == "interleaved" else 1)
-    plan = lp(model, stages, balance="time", sample=x, schedule=cfg.schedule, microbatches=cfg.microbatches)
+    plan = partition(model, stages, balance="time", sample=x, schedule=cfg.schedule, microbatches=cfg.microbatches)
     from layerwise.partition.report import format_table
 
     return replace(cfg, partition=list(plan)), format_table(plan)

@@ -20,9 +20,10 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from . import api as _api
-from .api import BALANCE_MODES, Plan, profile_with_loss
+from .api import BALANCE_MODES, profile_with_loss
 from .costs import Device, LayerCost
 from .plan import balance, inflight_1f1b
+from .report import Plan
 from .solver import (
     InfeasiblePartitionError,
     PartitionError,

@@ -18,6 +18,7 @@ from ..schedule.generators import ScheduleConfigError, build
 from ..schedule.simulate import Costs, SimResult, peak_inflight, simulate
 from ._checks import InfeasiblePartitionError, PartitionError, check_partition, format_bytes
 from .costs import Device, LayerCost
+from .report import Plan
 from .solver import balance_by_params, solve, stage_memory, stage_times, uniform
 
 if TYPE_CHECKING:
@@ -26,58 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["BALANCE_MODES", "Plan", "partition", "profile_with_loss"]
 
 BALANCE_MODES = ("time", "memory", "params", "uniform")
-
-
-class Plan(list[int]):
-    """Layers per stage, as ``Pipeline(partition=...)`` takes them, plus what was predicted.
-
-    A plain ``list[int]`` to the runtime (``Plan == [3, 5]`` holds); the attributes describe each
-    stage on its device. Times are seconds of one microbatch's forward + backward on the stage's
-    device (its layers' times at speed 1 divided by the device speed); ``None`` where no time was
-    measured (``balance="params"`` or ``"uniform"`` without ``sample`` or ``costs``).
-    """
-
-    stage_layers: list[range]  # global layer indices of each stage
-    stage_times: list[float] | None  # seconds per microbatch on the stage's device
-    stage_memory: list[float]  # bytes at the schedule's peak: static + in-flight x activations
-    stage_params: list[int]  # parameters (elements); a tied tensor counts in its first stage
-    stage_devices: list[Device]  # the device (rank) each stage runs on
-    predicted_step_time: float | None  # simulated makespan of one step, seconds
-    predicted_bubble: float | None  # idle share of all ranks' time in that simulation
-    balance: str  # the mode, or "given" for a partition passed as balance=[...]
-    devices: list[Device]  # one per pipeline rank
-    schedule: str
-    microbatches: int
-    comm_latency: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data: the partition, one entry per stage, and the prediction."""
-        stages = []
-        for s, layers in enumerate(self.stage_layers):
-            dev = self.stage_devices[s]
-            stages.append({
-                "stage": s,
-                "device": dev.name,
-                "speed": dev.speed,
-                "memory_budget_bytes": dev.memory_bytes,
-                "first_layer": layers.start,
-                "last_layer": layers.stop - 1,
-                "num_layers": len(layers),
-                "params": self.stage_params[s],
-                "time_s": None if self.stage_times is None else self.stage_times[s],
-                "memory_bytes": self.stage_memory[s],
-            })  # fmt: skip
-        return {
-            "partition": list(self),
-            "balance": self.balance,
-            "schedule": self.schedule,
-            "microbatches": self.microbatches,
-            "comm_latency_s": self.comm_latency,
-            "devices": [{"name": d.name, "speed": d.speed, "memory_bytes": d.memory_bytes} for d in self.devices],
-            "stages": stages,
-            "predicted_step_time_s": self.predicted_step_time,
-            "predicted_bubble": self.predicted_bubble,
-        }
 
 
 @dataclass(frozen=True)
@@ -285,7 +234,10 @@ def _layer_costs(
         raise PartitionError("no layers to split: costs is empty")
     _check_depth(len(out), layout)
     # Without a model, count parameters from their bytes, assuming 4-byte (float32) values.
-    params = _param_counts(layers) if layers is not None else [round(c.param_bytes / 4) for c in out]
+    if layers is not None:
+        params = [sum(p.numel() for p in ps) for ps in _unique_params(layers)]
+    else:
+        params = [round(c.param_bytes / 4) for c in out]
     return out, params, timed
 
 
@@ -309,10 +261,6 @@ def _unique_params(layers: Sequence[Any]) -> list[list[Any]]:
         seen.update(id(p) for p in mine)
         out.append(mine)
     return out
-
-
-def _param_counts(layers: Sequence[Any]) -> list[int]:
-    return [sum(p.numel() for p in ps) for ps in _unique_params(layers)]
 
 
 def _static_costs(layers: Sequence[Any]) -> list[LayerCost]:
@@ -482,21 +430,18 @@ def _plan(
     devs: list[Device], sim: SimResult | None, balance: str, schedule: str, microbatches: int,
     latency: float, timed: bool,
 ) -> Plan:  # fmt: skip
-    plan = Plan(counts)
-    ranges, first = [], 0
-    for c in counts:
-        ranges.append(range(first, first + c))
-        first += c
-    plan.stage_layers = ranges
-    plan.stage_times = stage_times([c.time_s for c in costs], counts, layout.speeds) if timed else None
-    plan.stage_memory = memory
-    plan.stage_params = [sum(params[r.start : r.stop]) for r in ranges]
-    plan.stage_devices = [devs[r] for r in layout.stage_to_rank]
-    plan.predicted_step_time = None if sim is None else float(sim.makespan)
-    plan.predicted_bubble = None if sim is None else float(sim.bubble_fraction)
-    plan.balance = balance
-    plan.devices = devs
-    plan.schedule = schedule
-    plan.microbatches = microbatches
-    plan.comm_latency = latency
-    return plan
+    return Plan(
+        counts,
+        stage_times=stage_times([c.time_s for c in costs], counts, layout.speeds) if timed else None,
+        stage_memory=memory,
+        stage_params=[int(p) for p in stage_times(params, counts)],  # sums per stage
+        stage_devices=[devs[r] for r in layout.stage_to_rank],
+        predicted_step_time=None if sim is None else float(sim.makespan),
+        predicted_bubble=None if sim is None else float(sim.bubble_fraction),
+        balance=balance,
+        devices=devs,
+        schedule=schedule,
+        microbatches=microbatches,
+        comm_latency=latency,
+    )
+

@@ -1,6 +1,6 @@
-"""A :class:`~layerwise.partition.api.Plan` for people: a text table and a bar chart.
+"""What :func:`layerwise.partition` returns, a :class:`Plan`, and its text table and bar chart.
 
-The table is pure Python; matplotlib is imported only when a chart is drawn.
+Pure Python; matplotlib is imported only when a chart is drawn.
 """
 
 from __future__ import annotations
@@ -8,9 +8,82 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .api import Plan
+from .costs import Device
 
 _MIB = 1024.0**2
+
+
+class Plan(list[int]):
+    """Layers per stage, as ``Pipeline(partition=...)`` takes them, plus what was predicted.
+
+    A plain ``list[int]`` to the runtime (``Plan == [3, 5]`` holds); the attributes describe each
+    stage on its device. Times are seconds of one microbatch's forward + backward on the stage's
+    device (its layers' times at speed 1 divided by the device speed); ``None`` where no time was
+    measured (``balance="params"`` or ``"uniform"`` without ``sample`` or ``costs``).
+    """
+
+    def __init__(
+        self,
+        counts: Sequence[int],
+        *,
+        stage_times: list[float] | None,
+        stage_memory: list[float],
+        stage_params: list[int],
+        stage_devices: list[Device],
+        predicted_step_time: float | None,
+        predicted_bubble: float | None,
+        balance: str,
+        devices: list[Device],
+        schedule: str,
+        microbatches: int,
+        comm_latency: float = 0.0,
+    ) -> None:
+        super().__init__(counts)
+        first = 0
+        self.stage_layers: list[range] = []  # global layer indices of each stage
+        for c in counts:
+            self.stage_layers.append(range(first, first + c))
+            first += c
+        self.stage_times = stage_times  # seconds per microbatch on the stage's device
+        self.stage_memory = stage_memory  # bytes at the schedule's peak: static + in-flight x saved
+        self.stage_params = stage_params  # parameters (elements); a tied tensor counts once, first
+        self.stage_devices = stage_devices  # the device (its rank's) each stage runs on
+        self.predicted_step_time = predicted_step_time  # simulated makespan of one step, seconds
+        self.predicted_bubble = predicted_bubble  # idle share of all ranks' time in it
+        self.balance = balance  # the mode, or "given" for a partition passed as balance=[...]
+        self.devices = devices  # one per pipeline rank
+        self.schedule = schedule
+        self.microbatches = microbatches
+        self.comm_latency = comm_latency  # seconds per message in the simulation
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data: the partition, one entry per stage, and the prediction."""
+        stages = []
+        for s, layers in enumerate(self.stage_layers):
+            dev = self.stage_devices[s]
+            stages.append({
+                "stage": s,
+                "device": dev.name,
+                "speed": dev.speed,
+                "memory_budget_bytes": dev.memory_bytes,
+                "first_layer": layers.start,
+                "last_layer": layers.stop - 1,
+                "num_layers": len(layers),
+                "params": self.stage_params[s],
+                "time_s": None if self.stage_times is None else self.stage_times[s],
+                "memory_bytes": self.stage_memory[s],
+            })  # fmt: skip
+        return {
+            "partition": list(self),
+            "balance": self.balance,
+            "schedule": self.schedule,
+            "microbatches": self.microbatches,
+            "comm_latency_s": self.comm_latency,
+            "devices": [{"name": d.name, "speed": d.speed, "memory_bytes": d.memory_bytes} for d in self.devices],
+            "stages": stages,
+            "predicted_step_time_s": self.predicted_step_time,
+            "predicted_bubble": self.predicted_bubble,
+        }
 
 
 def _range(layers: range) -> str:

@@ -197,3 +197,15 @@ def _failure(folder: str, codes: list[int | None], hung: list[int], timed_out: b
     if hung:
         lines.append("stopped by the launcher (still running): " + ", ".join(_where(folder, r) for r in hung))
     return LaunchError("\n".join(lines), root)
+
+
+def run(fn: Callable[..., Any], nprocs: int, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` as one pipeline rank per process, however the script was started.
+
+    Under ``torchrun`` (or inside a rank we launched) this process already is a rank: call ``fn``
+    and return its result. Started plainly (``python script.py``), start ``nprocs`` local CPU
+    processes with :func:`launch` and return the list of their results.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return fn(*args)
+    return launch(fn, nprocs, *args, **kwargs)

@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 
-from ..schedule.actions import Action, Kind, TimedAction
+from ..schedule.actions import Kind, TimedAction
 from ..schedule.comm import matching
 from ..schedule.core import Schedule
 from ..schedule.simulate import Costs, SimResult, simulate
@@ -63,6 +63,3 @@ def predict(events: Sequence[TimedAction], schedule: Schedule) -> SimResult:
     """Simulate ``schedule`` with the costs measured in ``events``."""
     return simulate(schedule, costs_from_events(events, schedule))
 
-
-def step_events(events: Sequence[TimedAction]) -> list[Action]:
-    return [e.action for e in events]

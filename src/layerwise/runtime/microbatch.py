@@ -25,6 +25,6 @@ def split_batch(batch: Any, m: int, what: str) -> list[Any]:
             return [type(batch)(*(p[i] for p in parts)) for i in range(m)]
         return [type(batch)(p[i] for p in parts) for i in range(m)]
     if isinstance(batch, dict):
-        parts = {k: split_batch(v, m, f"{what}[{k!r}]") for k, v in batch.items()}
-        return [{k: v[i] for k, v in parts.items()} for i in range(m)]
+        by_key = {k: split_batch(v, m, f"{what}[{k!r}]") for k, v in batch.items()}
+        return [{k: v[i] for k, v in by_key.items()} for i in range(m)]
     raise ConfigError(f"{what} must be a tensor, a tuple or a dict of tensors, got {type(batch).__name__}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -150,6 +150,9 @@ class Pipeline:
                 continue
             global_ranks = [to_global(self.group, r) for r in ranks]
             pg = dist.new_group(global_ranks)
+            if self.rank in ranks:  # start every copy from the lowest rank's, whatever the seeds
+                with torch.no_grad():
+                    dist.broadcast(p.data, global_ranks[0], group=pg)
             ties.append((p if self.rank in ranks else None, pg, ranks))
         return ties
 
@@ -230,13 +233,12 @@ class Pipeline:
                        StepData(mb_in, mb_tg, weights), record=self.record,
                        stretch=1.0 / self.speed)
         self.last_events = rec.events
-        for p, pg, _ in self._ties:
-            if p is not None and p.grad is not None:
-                dist.all_reduce(p.grad, group=pg)  # the tie's gradient is the sum of its uses
-            elif p is not None:
-                g = torch.zeros_like(p)
-                dist.all_reduce(g, group=pg)
-                p.grad = g
+        for tied, pg, _ in self._ties:
+            if tied is None:
+                continue
+            if tied.grad is None:  # this rank's use of the tie got no gradient this step
+                tied.grad = torch.zeros_like(tied)
+            dist.all_reduce(tied.grad, group=pg)  # the tie's gradient is the sum of its uses
         value = torch.zeros(1, dtype=torch.float64)
         if rec.loss is not None:
             value[0] = float(rec.loss)
@@ -314,6 +316,3 @@ def _to(x: Any, device: torch.device) -> Any:
         return {k: _to(v, device) for k, v in x.items()}
     return x
 
-
-def parameters_of(stages: Sequence[Stage]) -> list[nn.Parameter]:
-    return [p for s in stages for p in s.parameters()]

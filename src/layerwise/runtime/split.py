@@ -49,7 +49,7 @@ def as_layers(model: ModelLike) -> list[nn.Module]:
     elif isinstance(model, (list, tuple, nn.ModuleList)):
         layers = list(model)
     elif hasattr(model, "pipeline_layers"):
-        layers = list(model.pipeline_layers())
+        layers = list(getattr(model, "pipeline_layers")())
     else:
         raise ConfigError(
             f"cannot split a {type(model).__name__} into layers: pass an nn.Sequential, a list of "
@@ -84,7 +84,7 @@ def resolve_partition(partition: Partition, num_layers: int, num_stages: int) ->
             raise ConfigError(f"unknown partition {partition!r}: use 'uniform' or a list of layer counts")
         base, extra = divmod(num_layers, num_stages)
         return [base + (1 if s < extra else 0) for s in range(num_stages)]
-    items = list(partition)
+    items: list[Any] = list(partition)
     if items and all(isinstance(x, Sequence) and not isinstance(x, str) for x in items):
         return _counts_from_indices([list(x) for x in items], num_layers, num_stages)
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in items):

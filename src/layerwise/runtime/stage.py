@@ -149,7 +149,7 @@ class Stage:
         """Input-gradient half (I): walk the layers backwards, keep each layer's output grad."""
         inputs, outs, per_layer = self._saved[mb]
         g: list[torch.Tensor] | None = grads
-        stash: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        stash: list[tuple[list[torch.Tensor], list[torch.Tensor] | None]] = []
         for j in reversed(range(len(per_layer))):
             layer_in, layer_out = per_layer[j]
             o, go = self._pairs(layer_out, g, mb)
@@ -161,7 +161,7 @@ class Stage:
                 g = [torch.zeros_like(t) for t in layer_in]
         stash.reverse()
         self._saved[mb] = (inputs, outs, stash)
-        return g if inputs else []
+        return list(g or []) if inputs else []
 
     def backward_weight(self, mb: int) -> None:
         """Weight-gradient half (W): each layer's parameter gradients from its kept output grad."""
@@ -187,11 +187,11 @@ class Stage:
                 f"{self.where}: got {len(grads)} gradients for microbatch {mb} but the stage has "
                 f"{len(outs)} floating-point outputs; the stages disagree about the boundary"
             )
-        keep = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
-        for o, g in keep:
-            if o.shape != g.shape:
+        kept = [(o, gr) for o, gr in zip(outs, grads) if o.requires_grad]
+        for o, gr in kept:
+            if o.shape != gr.shape:
                 raise StageError(
-                    f"{self.where}: gradient for microbatch {mb} has shape {tuple(g.shape)} but the "
+                    f"{self.where}: gradient for microbatch {mb} has shape {tuple(gr.shape)} but the "
                     f"output has {tuple(o.shape)}"
                 )
-        return [o for o, _ in keep], [g for _, g in keep]
+        return [o for o, _ in kept], [gr for _, gr in kept]
