@@ -51,13 +51,14 @@ def test_costs_from_hand_made_events() -> None:
     events = _hand_made() + [_ev(0, "0SF2", 0.0, 0.25)]  # a send that took time to post
     schedule = build("gpipe", stages=2, microbatches=2)
     costs = costs_from_events(events, schedule)
-    # F medians, plus the median time spent posting the sends (0, 0, 0.25 -> 0) on stage 0
-    assert costs.forward == (1.0, 1.0)
-    # full backward medians (2, 2) and (1.5, 3) -> 2.25, split evenly into I and W
+    # F means, plus the mean time spent posting the sends (0, 0, 0.25 -> 1/12) on stage 0
+    assert costs.forward == (1.0 + 0.25 / 3, 1.0)
+    # full backward means (2, 2) -> 2 and (1.5, 3) -> 2.25, split evenly into I and W
     assert costs.input_grad == costs.weight_grad == (1.0, 1.125)
-    # latency: only 1RF0 waited on a posted send (posted at 1, ended at 1.5); 0RB0 waited from 2
-    # for the send posted at 5 and ended at 5; 0RB1 started after its message was posted (at 8)
-    assert costs.latency == 0.0  # median of (0.5, 0, 0, 0)
+    # latency: the receives already waiting when their send was posted: 1RF0 (send posted at 1,
+    # landed at 1.5), 0RB0 (posted at 5, landed at 5), 0RB1 (posted at 8, landed at 8); 1RF1
+    # started after its message was posted, so it does not show the transfer
+    assert costs.latency == pytest.approx(0.5 / 3)
     assert [e.action for e in events][:3] == [Action.parse(t) for t in ("0F0", "0SF0", "0F1")]
 
 

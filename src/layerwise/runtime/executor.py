@@ -7,6 +7,7 @@ transport, or by hand when two stages share a rank) and times each action when a
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +20,17 @@ from .stage import Stage
 from .transport import Transport
 from .wire import GRADS, flatten
 
-_MB_RANGE = 100_000  # tags are ((stage * 2 + direction) * _MB_RANGE + microbatch)
+_MB_RANGE = 100_000  # tags are (channel * _MB_RANGE + microbatch); x3 on the wire stays < 2**31
+
+
+def channel_of(stage: int, forward: bool) -> int:
+    """The channel a sender stage's messages travel on: one per boundary and direction."""
+    return stage * 2 + (0 if forward else 1)
 
 
 def tag_of(stage: int, forward: bool, mb: int) -> int:
     """Unique tag of the message a sender stage posts for a microbatch."""
-    return (stage * 2 + (0 if forward else 1)) * _MB_RANGE + mb
+    return channel_of(stage, forward) * _MB_RANGE + mb
 
 
 @dataclass
@@ -65,6 +71,13 @@ def run_step(
     out = StepRecord()
     clock = time.perf_counter
     timed = record or stretch != 1.0
+    # Receives are posted one message ahead per channel: as soon as a channel's receive completes,
+    # the next one on it is posted, so the sender's data lands while this rank computes.
+    queues: dict[int, deque[Action]] = {}
+    for a in actions:
+        if a.kind in (Kind.RECV_F, Kind.RECV_B):
+            queues.setdefault(_recv_channel(a), deque()).append(a)
+    posted: dict[int, Any] = {ch: _post(transport, q.popleft(), stage_to_rank) for ch, q in queues.items()}
     for a in actions:
         s, mb = a.stage, a.microbatch
         t0 = clock() if timed else 0.0
@@ -83,9 +96,9 @@ def run_step(
                         outbox[(s, mb)] = y
             elif a.kind is Kind.SEND_F:
                 tensors, structure = flatten(outbox.pop((s, mb)), f"stage {s} output")
-                transport.send(tensors, structure, stage_to_rank[s + 1], tag_of(s, True, mb))
+                transport.send(tensors, structure, stage_to_rank[s + 1], tag_of(s, True, mb), channel_of(s, True))
             elif a.kind is Kind.RECV_F:
-                tensors, structure = transport.recv(stage_to_rank[s - 1], tag_of(s - 1, True, mb))
+                tensors, structure = _take(transport, a, posted, queues, stage_to_rank)
                 acts[(s, mb)] = structure.unflatten(tensors)
             elif a.kind in (Kind.B, Kind.I):
                 g = None if s == last else grads.pop((s, mb))
@@ -99,9 +112,9 @@ def run_step(
             elif a.kind is Kind.W:
                 stages[s].backward_weight(mb)
             elif a.kind is Kind.SEND_B:
-                transport.send(outbox.pop((s, mb)), GRADS, stage_to_rank[s - 1], tag_of(s, False, mb))
+                transport.send(outbox.pop((s, mb)), GRADS, stage_to_rank[s - 1], tag_of(s, False, mb), channel_of(s, False))
             elif a.kind is Kind.RECV_B:
-                tensors, _ = transport.recv(stage_to_rank[s + 1], tag_of(s + 1, False, mb))
+                tensors, _ = _take(transport, a, posted, queues, stage_to_rank)
                 grads[(s, mb)] = tensors
         except PipelineError:
             raise
@@ -112,4 +125,25 @@ def run_step(
         if record:
             out.events.append((s, _KIND_CODE[a.kind], mb, t0, clock()))
     transport.flush()
+    return out
+
+
+def _recv_channel(a: Action) -> int:
+    return channel_of(a.stage - 1, True) if a.kind is Kind.RECV_F else channel_of(a.stage + 1, False)
+
+
+def _post(transport: Transport, a: Action, stage_to_rank: Sequence[int]) -> Any:
+    forward = a.kind is Kind.RECV_F
+    sender = a.stage - 1 if forward else a.stage + 1
+    return transport.post_recv(stage_to_rank[sender], tag_of(sender, forward, a.microbatch), channel_of(sender, forward))
+
+
+def _take(
+    transport: Transport, a: Action, posted: dict[int, Any], queues: dict[int, deque[Action]], stage_to_rank: Sequence[int]
+) -> tuple[list[torch.Tensor], Any]:
+    """Wait for ``a``'s posted receive, then post the next receive on its channel."""
+    ch = _recv_channel(a)
+    out = transport.wait_recv(posted.pop(ch))
+    if queues[ch]:
+        posted[ch] = _post(transport, queues[ch].popleft(), stage_to_rank)
     return out

@@ -17,20 +17,31 @@ from ..schedule.simulate import Costs, SimResult, simulate
 
 
 def measured_bubble(events: Sequence[TimedAction], num_ranks: int) -> float:
-    """1 - (compute time summed over ranks) / (ranks x makespan), as the simulator defines it."""
+    """1 - (busy time summed over ranks) / (ranks x makespan), as the simulator defines it.
+
+    Busy is compute plus posting sends (serializing and handing a message over is work, and
+    :func:`costs_from_events` charges it to the producing action); waiting for a receive is idle.
+    """
     if not events:
         raise ValueError("no events: run the pipeline with record=True")
     makespan = max(e.end for e in events) - min(e.start for e in events)
-    busy = sum(e.duration for e in events if e.action.kind.is_compute)
+    busy = sum(e.duration for e in events if e.action.kind.is_compute or e.action.kind in _SENDS)
     return 1.0 - busy / (num_ranks * makespan) if makespan > 0 else 0.0
 
 
+_SENDS = (Kind.SEND_F, Kind.SEND_B)
+
+
 def costs_from_events(events: Sequence[TimedAction], schedule: Schedule) -> Costs:
-    """Per-stage median F / I / W (or B) durations, plus communication, from a measured step.
+    """Per-stage mean F / I / W (or B) durations, plus communication, from a measured step.
+
+    Means, not medians, so that the simulated compute time of each rank equals the measured one
+    and a difference in the bubble comes only from how the actions wait for each other.
 
     The time a rank spends posting a send is added to the action that produced the tensor (the
-    simulator's sends are free); a message's latency is the median time from its send being
-    posted to its receive completing, counted only while the receiver was already waiting.
+    simulator's sends are free); a message's latency is the mean time from its send being
+    posted to its receive completing, over the receives that were already waiting then (the
+    runtime posts receives ahead, so only those show the whole transfer).
     """
     n = schedule.num_stages
     by: dict[tuple[int, Kind], list[float]] = defaultdict(list)
@@ -39,7 +50,7 @@ def costs_from_events(events: Sequence[TimedAction], schedule: Schedule) -> Cost
 
     def med(stage: int, kind: Kind) -> float:
         vals = by.get((stage, kind))
-        return statistics.median(vals) if vals else 0.0
+        return statistics.fmean(vals) if vals else 0.0
 
     fwd = [med(s, Kind.F) + med(s, Kind.SEND_F) for s in range(n)]
     if schedule.split_backward:
@@ -53,9 +64,9 @@ def costs_from_events(events: Sequence[TimedAction], schedule: Schedule) -> Cost
     for e in events:
         if e.action.kind in (Kind.RECV_F, Kind.RECV_B):
             send = ends.get(matching(e.action))
-            if send is not None and e.start <= send.end:  # the receiver was already waiting
+            if send is not None and e.start <= send.end:
                 delays.append(max(0.0, e.end - send.end))
-    latency = statistics.median(delays) if delays else 0.0
+    latency = statistics.fmean(delays) if delays else 0.0  # the slow messages are real costs
     return Costs(forward=tuple(fwd), input_grad=tuple(inp), weight_grad=tuple(wgt), latency=latency)
 
 

@@ -113,12 +113,12 @@ class Pipeline:
                 where=self.describe(self.rank),
             )
         self._layer_ranges = {s: bounds[s] for s in self.stages}
-        self._layers = layers
         self._ties = self._tie_groups(layers, bounds)
         self.transport = DistTransport(group, self.describe, self.device)
         params = self.parameters()
         self.optimizer = optimizer(params) if optimizer is not None and params else None
         self.last_events: list[tuple[int, int, int, float, float]] = []
+        self._loss_send: tuple[Any, torch.Tensor] | None = None  # last rank's async loss broadcast
         self._announce()
 
     # -- setup helpers ---------------------------------------------------------------------
@@ -239,10 +239,21 @@ class Pipeline:
             if tied.grad is None:  # this rank's use of the tie got no gradient this step
                 tied.grad = torch.zeros_like(tied)
             dist.all_reduce(tied.grad, group=pg)  # the tie's gradient is the sum of its uses
+        return self._share_loss(rec.loss)
+
+    def _share_loss(self, loss: torch.Tensor | None) -> float:
+        """Broadcast the loss from the last stage. The last rank usually finishes first, so it
+        posts its broadcast without waiting (completed at the next step); the others wait for it."""
+        if self._loss_send is not None:
+            self._loss_send[0].wait()
+            self._loss_send = None
         value = torch.zeros(1, dtype=torch.float64)
-        if rec.loss is not None:
-            value[0] = float(rec.loss)
         last_rank = to_global(self.group, self.stage_to_rank[-1])
+        if loss is not None:
+            value[0] = float(loss)
+            work = dist.broadcast(value, last_rank, group=self.group, async_op=True)
+            self._loss_send = (work, value)
+            return float(value[0])
         dist.broadcast(value, last_rank, group=self.group)
         return float(value[0])
 
@@ -252,6 +263,9 @@ class Pipeline:
 
     def _batch_size(self, inputs: Any, targets: Any) -> int:
         """The batch size, agreed by all ranks (only the ends of the pipeline see the data)."""
+        if self._loss_send is not None:  # keep collectives in the same order on every rank
+            self._loss_send[0].wait()
+            self._loss_send = None
         n = torch.zeros(1, dtype=torch.int64)
         if 0 in self.stages:
             if inputs is None:

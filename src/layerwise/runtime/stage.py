@@ -113,9 +113,13 @@ class Stage:
                     "fit; move the boundary or check that layer's expected input."
                 )
             raise StageError(
-                f"{self.where}: stage {self.index}, {where} failed in the forward of microbatch {mb} on input "
+                f"{self.where}: {self._which()}{where} failed in the forward of microbatch {mb} on input "
                 f"{sample_shapes(x)}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}.{hint}"
             ) from None
+
+    def _which(self) -> str:
+        """``"stage 3, "`` when this rank holds several stages, so messages say which one."""
+        return "" if self.where.endswith(f"(stage {self.index})") else f"stage {self.index}, "
 
     def _loss(self, mb: int, out: Any, target: Any) -> torch.Tensor:
         if self.loss_fn is None:

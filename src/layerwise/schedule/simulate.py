@@ -1,8 +1,11 @@
 """Event simulation of a schedule under per-stage costs and a communication cost model.
 
 Costs may differ per stage (uneven layers) and per rank (devices of different speed). Sends take
-no time on the sender (they are posted, ``isend``); a message arrives ``latency + bytes /
-bandwidth`` after it was posted, and a receive ends when its message has arrived.
+no time on the sender (they are posted, ``isend``). A message moves once both its send and its
+receive are posted (gloo's rendezvous: the data is written when the receiver's buffer exists)
+and takes ``latency + bytes / bandwidth``. As in the runtime, a rank posts each channel's next
+receive as soon as the previous one on that channel completed (the first at the step's start),
+so a message can land while the receiver computes; the receive action ends when it has landed.
 """
 
 from __future__ import annotations
@@ -125,9 +128,9 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
     check_costs(schedule, costs)
     sch = validate(schedule)
     end: dict[Action, Any] = {}
-    arrival: dict[Action, Any] = {}  # send action -> time its message arrives
     free = [0] * sch.num_ranks
     pc = [0] * sch.num_ranks
+    posted: dict[tuple[int, Kind], Any] = {}  # channel -> when its next receive is posted
     timeline: list[TimedAction] = []
     remaining = sum(len(a) for a in sch.ranks)
     while remaining:
@@ -141,19 +144,21 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
                     if hit is None:
                         blocked = True
                         break
-                    t = arrival[hit] if a.kind in (Kind.RECV_F, Kind.RECV_B) else end[hit]
-                    ready = max(ready, t)
+                    if a.kind not in (Kind.RECV_F, Kind.RECV_B):
+                        ready = max(ready, end[hit])
                 if blocked:
                     break
                 if a.kind.is_compute:
                     start, stop = ready, ready + costs.duration(a, r)
                 elif a.kind in (Kind.SEND_F, Kind.SEND_B):
                     start = stop = ready
-                    arrival[a] = stop + costs.transfer(a)
-                else:  # receive: drawn only while the message is in flight; the rest of
-                    # the wait is idle time, shown as a gap, not as communication
-                    posted = end[matching(a)]
-                    start, stop = max(free[r], posted), ready
+                else:  # receive: drawn only while the message moves, the wait before that is
+                    # idle time (a gap, not communication)
+                    send = matching(a)
+                    moves = max(end[send], posted.get((send.stage, send.kind), 0))
+                    landed = moves + costs.transfer(send)
+                    posted[(send.stage, send.kind)] = max(free[r], landed)
+                    start, stop = max(free[r], moves), max(free[r], landed)
                 end[a] = stop
                 free[r] = stop
                 timeline.append(TimedAction(r, a, start, stop))

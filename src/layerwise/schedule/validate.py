@@ -68,6 +68,7 @@ def validate(schedule: Schedule) -> Schedule:
     _check_placement(lowered)
     _check_compute_once(lowered)
     _check_comm(lowered)
+    _check_channel_order(lowered)
     _dry_run(lowered)
     return lowered
 
@@ -146,6 +147,37 @@ def _check_comm(sch: Schedule) -> None:
                 f"{describe(a)} on rank {r} has no matching {other} on rank {sch.stage_to_rank[peer]}",
                 sch,
                 [(r, step)],
+            )
+
+
+def _check_channel_order(sch: Schedule) -> None:
+    """Messages between two stages arrive in the order they were sent (per direction).
+
+    The runtime keeps per-channel state (the receive buffer size) and NCCL matches messages by
+    order, not by tag, so a receiver must take a channel's messages in the order they were sent.
+    """
+    sends: dict[tuple[int, Kind], list[tuple[int, int, Action]]] = {}
+    recvs: dict[tuple[int, Kind], list[tuple[int, int, Action]]] = {}
+    for r, acts in enumerate(sch.ranks):
+        for step, a in enumerate(acts):
+            if a.kind in (Kind.SEND_F, Kind.SEND_B):
+                sends.setdefault((a.stage, a.kind), []).append((r, step, a))
+            elif a.kind in (Kind.RECV_F, Kind.RECV_B):
+                m = matching(a)
+                recvs.setdefault((m.stage, m.kind), []).append((r, step, a))
+    for key, sent in sends.items():
+        got = recvs.get(key, [])
+        order_sent = [a.microbatch for _, _, a in sent]
+        order_got = [a.microbatch for _, _, a in got]
+        if order_sent != order_got:
+            k = next(i for i, (x, y) in enumerate(zip(order_sent, order_got)) if x != y)
+            what = "activations" if key[1] is Kind.SEND_F else "gradients"
+            raise ScheduleError(
+                f"stage {key[0]} sends its {what} for microbatches in the order {order_sent} but "
+                f"they are received in the order {order_got}: a channel between two stages must be "
+                "received in the order it is sent (first difference marked)",
+                sch,
+                [sent[k][:2], got[k][:2]],
             )
 
 
