@@ -17,6 +17,8 @@ from .workers import MICROBATCHES, SCHEDULES, equivalence
 
 MODELS = ("mlp", "gpt")
 CASES = [[*c, None] for c in itertools.product(MODELS, SCHEDULES, MICROBATCHES)]
+# dicts (with an integer entry) and a skip connection cross every stage boundary
+CASES += [["skip", s, 3, None] for s in SCHEDULES]
 # gradient clipping needs the norm over all stages; 0.05 is below the norm, so it clips
 CASES += [["gpt", s, 3, 0.05] for s in SCHEDULES]
 TOL = 1e-5

@@ -19,15 +19,52 @@ MICROBATCHES = (1, 3, 8)
 BATCHES = (10, 7, 12)  # changes between steps; 7 and 10 do not divide into 3 or 8
 
 
+class _SkipIn(torch.nn.Module):
+    """First layer: keeps its input as a skip connection in a dict, with an integer tag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"h": torch.tanh(self.lin(x)), "skip": x, "step": torch.ones(x.shape[0], dtype=torch.int64)}
+
+
+class _SkipMid(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"h": torch.tanh(self.lin(d["h"])) + 0.1 * d["skip"], "skip": d["skip"], "step": d["step"] + 1}
+
+
+class _SkipOut(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, d: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # a tuple leaves the model: the loss sees both the output and the skip, across all stages
+        return self.lin(d["h"]) + d["skip"] * d["step"][:, None].float() / 8, d["skip"]
+
+
+def _skip_loss(out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out[0], y) + 0.01 * out[1].pow(2).mean()
+
+
 def _model(kind: str) -> tuple[torch.nn.Module, Any, Any]:
     if kind == "mlp":
         return mlp(width=16, depth=8), F.mse_loss, None
+    if kind == "skip":  # dicts and tuples cross every boundary, with a skip connection
+        layers = [_SkipIn(), *[_SkipMid() for _ in range(6)], _SkipOut()]
+        return torch.nn.Sequential(*layers), _skip_loss, None
     cfg = GPTConfig(vocab=48, context=16, width=32, heads=2, blocks=6)
     return GPT(cfg), lm_loss, cfg
 
 
 def _batch(kind: str, n: int, g: torch.Generator, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if kind == "mlp":
+    if kind in ("mlp", "skip"):
         return torch.randn(n, 16, generator=g), torch.randn(n, 16, generator=g)
     seq = int(torch.randint(8, cfg.context + 1, (1,), generator=g))  # sequence length changes too
     tokens = torch.randint(0, cfg.vocab, (n, seq + 1), generator=g)

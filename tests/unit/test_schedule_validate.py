@@ -275,3 +275,17 @@ def test_valid_schedules_pass_and_lowering_is_idempotent() -> None:
     for name, kwargs in GOLDEN.items():
         lowered = validate(build(name.split("_")[0], **kwargs))
         assert validate(lowered) == lowered
+
+
+def test_a_channel_received_out_of_order_is_rejected() -> None:
+    # Dependencies alone would allow rank 1 to take microbatch 1's activation before
+    # microbatch 0's, but the runtime (and NCCL) need each channel received in the order sent.
+    sched = validate(build("gpipe", stages=2, microbatches=2))
+    ranks = [list(r) for r in sched.ranks]
+    ranks[1] = [Action.parse(t) for t in "1RF1 1RF0 1F0 1F1 1B0 1SB0 1B1 1SB1".split()]
+    with pytest.raises(ScheduleError) as info:
+        validate(sched.with_ranks(ranks))
+    text = str(info.value)
+    assert "sends its activations for microbatches in the order [0, 1]" in text
+    assert "received in the order [1, 0]" in text
+    assert ">>1RF1<<" in text and ">>0SF0<<" in text
