@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _RUNTIME = {"Pipeline", "LayeredModel", "launch", "run", "LaunchError", "PipelineError", "ConfigError", "StageError", "PeerLostError"}
 
-__all__ = sorted(_RUNTIME)
+__all__ = sorted(_RUNTIME | {"partition"})
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from . import runtime
 
         return getattr(runtime, name)
+    if name == "partition":  # the package, callable as layerwise.partition(model, stages, ...)
+        import importlib
+
+        return importlib.import_module(".partition", __name__)
     raise AttributeError(f"module 'layerwise' has no attribute {name!r}")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from layerwise.partition import LayerCost, ProfileError, balance, estimate_layers, profile_layers
+from layerwise.partition.profile import profile_optimizer
 
 
 def _bytes(module: nn.Module) -> int:
@@ -109,3 +110,55 @@ def test_buffers_are_counted_and_restored() -> None:
 def test_profiled_costs_feed_the_balancer(mlp: nn.Sequential) -> None:
     costs = estimate_layers(mlp, torch.randn(3, 8))
     assert sum(balance(costs, 2)) == 3
+
+
+class _Probe(nn.Module):
+    """Identity that records the gradient arriving at its output during backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grads: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 1.0
+        y.register_hook(lambda g: self.grads.append(g.detach().clone()))
+        return y
+
+
+class _Sum(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (3.0 * x).sum()
+
+
+def test_backward_runs_in_a_chain_with_the_next_layers_input_gradient() -> None:
+    probe = _Probe()
+    costs = profile_layers([nn.Linear(4, 4), probe, _Sum()], torch.randn(2, 4), repeats=3, warmup=1)
+    assert len(probe.grads) == 4  # one backward of the chain per run
+    for g in probe.grads:
+        # d(3 * sum)/dx times the last layer's scalar gradient c: every element 3c, not random noise
+        assert g.shape == (2, 4) and torch.allclose(g, g.flatten()[0].expand_as(g)) and g.abs().sum() > 0
+    assert all(c.forward_s > 0 for c in costs) and costs[0].backward_s > 0
+
+
+def test_integer_outputs_and_frozen_layers_in_the_chain() -> None:
+    embed = nn.Embedding(10, 4)
+    embed.weight.requires_grad_(False)  # nothing requires grad before the Linear
+    costs = profile_layers([embed, nn.Linear(4, 2)], torch.randint(0, 10, (3, 5)), repeats=2, warmup=1)
+    assert costs[0].grad_bytes == 0 and costs[1].backward_s > 0
+
+
+def test_profile_optimizer_times_each_layer_and_restores_everything(mlp: nn.Sequential) -> None:
+    before = [p.detach().clone() for p in mlp.parameters()]
+    times = profile_optimizer(mlp, lambda p: torch.optim.AdamW(p, lr=0.1), repeats=2, warmup=1)
+    assert len(times) == 3 and times[0] > 0 and times[1] == 0.0 and times[2] > 0
+    assert all(torch.equal(p, b) for p, b in zip(mlp.parameters(), before))
+    assert all(p.grad is None for p in mlp.parameters())
+
+
+def test_profile_optimizer_counts_a_tied_weight_once() -> None:
+    embed = nn.Embedding(10, 8)
+    head = nn.Linear(8, 10, bias=False)
+    head.weight = embed.weight
+    assert profile_optimizer([embed, head], torch.optim.SGD, repeats=1, warmup=0)[1] == 0.0
+    with pytest.raises(ValueError, match="repeats"):
+        profile_optimizer([embed], torch.optim.SGD, repeats=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -23,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default 1f1b)")
     parser.add_argument("--microbatches", type=int, default=8, help="microbatches per step (default 8)")
     parser.add_argument("--chunks", type=int, default=2, help="stages per rank with --schedule interleaved")
-    parser.add_argument("--steps", type=int, default=60, help="training steps (default 60, about a minute)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps (default 150, about a minute)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
     parser.add_argument("--partition", choices=("balanced", "uniform"), default="balanced",
                         help="balanced: measured per-layer time (default); uniform: equal layer counts")
@@ -55,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
         f"{cfg.stages} pipeline processes, {cfg.schedule}, {cfg.microbatches} microbatches, {cfg.steps} steps")
     if partition_table:
         say(partition_table)
+        cores = os.cpu_count() or 1
+        if cfg.stages > cores:
+            say(f"  (the prediction assumes a device per stage; here {cfg.stages} processes share {cores} "
+                f"cores, so each runs about {cfg.stages / cores:.0f}x slower)")
     start = time.perf_counter()
     try:
         results = layerwise.launch(pipeline_rank, cfg.stages, config_dict(cfg), timeout=1800)

@@ -20,7 +20,7 @@ class DemoConfig:
     schedule: str = "1f1b"
     microbatches: int = 8
     chunks: int = 2
-    steps: int = 60
+    steps: int = 150
     batch_size: int = 32
     seq: int = 64
     width: int = 128

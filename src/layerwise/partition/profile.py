@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._tree import describe, map_tensors, synchronize, tensors
 from .costs import LayerCost
 
-__all__ = ["ProfileError", "estimate_layers", "profile_layers"]
+__all__ = ["ProfileError", "estimate_layers", "profile_layers", "profile_optimizer"]
 
 
 class ProfileError(RuntimeError):
@@ -50,9 +50,12 @@ def profile_layers(
 ) -> list[LayerCost]:
     """Time each layer's forward and backward on its real input; measure its memory.
 
-    Each layer is timed alone on a detached copy of its input: ``warmup`` untimed runs, then the
-    median of ``repeats`` timed runs (``time.perf_counter``, synchronising CUDA around each run).
-    Backward is ``torch.autograd.backward`` on the outputs with random gradients of their shape.
+    The layers are timed in a chain, as a pipeline stage runs them: each run is the forward of
+    all layers back to back, then the backward layer by layer in reverse, each layer's fed the
+    gradient of the next layer's input (the last layer's: random, of its output's shape). A
+    layer's time is the median over ``repeats`` runs after ``warmup`` untimed ones
+    (``time.perf_counter``, synchronising CUDA around each layer). Timing a layer alone in a tight
+    loop on the same input flatters it (hot caches): stages then ran 1.2-1.3x their profile.
     Gradients already in ``.grad`` and buffers (e.g. BatchNorm running statistics) are restored
     afterwards. Memory is counted as in the module docstring.
     """
@@ -61,12 +64,50 @@ def profile_layers(
     mods = list(layers)
     trace = _trace(mods, sample, count_flops=False)
     statics = _static_bytes(mods, optimizer_state_factor)
-    costs = []
     with _restored(mods), torch.enable_grad():
-        for k, layer in enumerate(mods):
-            fwd, bwd = _time_layer(k, layer, trace.inputs[k], repeats, warmup)
-            costs.append(_cost(fwd, bwd, statics[k], trace.activations[k]))
-    return costs
+        times = _time_chain(mods, sample, repeats, warmup)
+    return [_cost(f, b, statics[k], trace.activations[k]) for k, (f, b) in enumerate(times)]
+
+
+def profile_optimizer(
+    layers: Sequence[torch.nn.Module],
+    optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+    *,
+    repeats: int = 5,
+    warmup: int = 2,
+) -> list[float]:
+    """Seconds of one ``optimizer(params).step()`` per layer on its trainable parameters (median).
+
+    Each rank steps its stage's optimizer once per step, after its last backward. A tied
+    parameter counts in the first layer holding it; a layer without one costs 0. Each layer gets
+    its own optimizer (one call's fixed overhead each). Parameters and ``.grad`` are restored.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    mods = list(layers)
+    seen: set[int] = set()
+    out = []
+    with _restored(mods):
+        for layer in mods:
+            params = [p for p in layer.parameters() if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if not params:
+                out.append(0.0)
+                continue
+            values = [p.detach().clone() for p in params]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt, runs = optimizer(params), []
+            for _ in range(warmup + repeats):
+                start = time.perf_counter()
+                opt.step()
+                synchronize(params)
+                runs.append(time.perf_counter() - start)
+            out.append(statistics.median(runs[warmup:]))
+            with torch.no_grad():
+                for p, v in zip(params, values):
+                    p.copy_(v)
+    return out
 
 
 def estimate_layers(
@@ -135,10 +176,9 @@ def _static_bytes(layers: list[torch.nn.Module], factor: float) -> list[tuple[in
 
 
 class _Trace:
-    """What one chained forward pass learned: each layer's input, saved bytes and FLOPs."""
+    """What one chained forward pass learned: each layer's saved bytes and FLOPs."""
 
     def __init__(self) -> None:
-        self.inputs: list[Any] = []  # detached, for timing layers one by one
         self.activations: list[int] = []
         self.flops: list[int] = []
 
@@ -175,12 +215,11 @@ def _trace(layers: list[torch.nn.Module], sample: Any, *, count_flops: bool) -> 
             held += _storage_bytes(t)
         return t
 
-    x = map_tensors(_fresh, sample)
+    x = _fresh_with_leaves(sample)[0]
     # The graph of the whole chain stays alive until the loop ends, so storages are not freed and
     # reused under a new tensor, and a storage saved by two layers is recognised as the same.
     with torch.enable_grad(), _restored(layers):
         for k, layer in enumerate(layers):
-            trace.inputs.append(map_tensors(lambda t: t.detach().clone(), x))
             held = 0
             counter = FlopCounterMode(display=False) if count_flops else None
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -204,33 +243,53 @@ def _call(k: int, layer: torch.nn.Module, x: Any, what: str = "forward") -> Any:
         ) from exc
 
 
-def _time_layer(k: int, layer: torch.nn.Module, x: Any, repeats: int, warmup: int) -> tuple[float, float]:
-    forward: list[float] = []
-    backward: list[float] = []
+def _time_chain(layers: list[torch.nn.Module], sample: Any, repeats: int, warmup: int) -> list[tuple[float, float]]:
+    """Per layer ``(forward_s, backward_s)``, medians over ``repeats`` runs of the whole chain.
+
+    Each run is what a pipeline stage does with one microbatch: the forward of every layer back
+    to back on the previous layer's output, then the backward layer by layer in reverse, each fed
+    the gradient of the next layer's input. Every layer gets a detached copy of its input, so its
+    graph is its own and the clock can stop between layers; the copies are made off the clock.
+    """
+    n = len(layers)
+    times: list[list[tuple[float, float]]] = [[] for _ in range(n)]
     for run in range(warmup + repeats):
-        inp = map_tensors(_fresh, x)
-        synchronize(inp)
-        start = time.perf_counter()
-        out = _call(k, layer, inp)
-        synchronize(out)
-        middle = time.perf_counter()
-        roots = [t for t in tensors(out) if t.requires_grad]
-        grads = [torch.randn_like(t) for t in roots]  # drawn before the clock starts
-        back = time.perf_counter()
-        if roots:
-            try:
-                torch.autograd.backward(roots, grads)
-            except Exception as exc:
-                raise ProfileError(
-                    f"backward of layer {k} ({type(layer).__name__}) failed on input "
-                    f"{describe(x)}: {exc}"
-                ) from exc
-            synchronize((inp, out))
-        end = time.perf_counter()
-        if run >= warmup:
-            forward.append(middle - start)
-            backward.append(end - back)
-    return statistics.median(forward), statistics.median(backward)
+        inputs: list[Any] = []
+        outputs: list[Any] = []
+        forward, backward = [0.0] * n, [0.0] * n
+        x = sample
+        for k, layer in enumerate(layers):
+            inp, leaves = _fresh_with_leaves(x)
+            synchronize(inp)
+            start = time.perf_counter()
+            out = _call(k, layer, inp)
+            synchronize(out)
+            forward[k] = time.perf_counter() - start
+            inputs.append((inp, leaves))
+            outputs.append(out)
+            x = out
+        grad_in: list[torch.Tensor | None] = []  # gradient of the next layer's input, per tensor
+        for k in reversed(range(n)):
+            outs = list(tensors(outputs[k]))
+            if k == n - 1:
+                grad_in = [torch.randn_like(t) if t.requires_grad else None for t in outs]
+            pairs = [(t, g) for t, g in zip(outs, grad_in) if t.requires_grad and g is not None]
+            inp, leaves = inputs[k]
+            start = time.perf_counter()
+            if pairs:
+                try:
+                    torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+                except Exception as exc:
+                    raise ProfileError(
+                        f"backward of layer {k} ({type(layers[k]).__name__}) failed on input "
+                        f"{describe(inp)}: {exc}"
+                    ) from exc
+                synchronize(inp)
+            backward[k] = time.perf_counter() - start
+            grad_in = [None if leaf is None else leaf.grad for leaf in leaves]
+        for k in range(n if run >= warmup else 0):
+            times[k].append((forward[k], backward[k]))
+    return [(statistics.median(f for f, _ in ts), statistics.median(b for _, b in ts)) for ts in times]
 
 
 class _restored:
@@ -252,13 +311,20 @@ class _restored:
                 b.copy_(v)
 
 
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """A private copy of an input; floating point ones require grad like a received activation.
+def _fresh_with_leaves(x: Any) -> tuple[Any, list[torch.Tensor | None]]:
+    """Private copies of the tensors in ``x``, and per tensor the leaf that gets its gradient.
 
-    The copy is a clone of a leaf rather than the leaf itself, so a layer that works in place
-    (``ReLU(inplace=True)``) neither fails on a leaf nor overwrites the stored input.
+    Floating point copies require grad like a received activation. A copy is a clone of a leaf,
+    so a layer that works in place (``ReLU(inplace=True)``) neither fails on a leaf nor
+    overwrites the stored input.
     """
-    leaf = t.detach()
-    if leaf.is_floating_point() or leaf.is_complex():
-        leaf.requires_grad_(True)
-    return leaf.clone()
+    leaves: list[torch.Tensor | None] = []
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        leaf = t.detach()
+        if leaf.is_floating_point() or leaf.is_complex():
+            leaf.requires_grad_(True)
+        leaves.append(leaf if leaf.requires_grad else None)
+        return leaf.clone()
+
+    return map_tensors(fresh, x), leaves

@@ -70,6 +70,8 @@ def _child(fn: Callable[..., Any], rank: int, nprocs: int, port: int, folder: st
             import torch.distributed as dist
 
             if code == 0 and dist.is_initialized():
+                # os._exit skips exit hooks: let every rank finish its last collectives first
+                dist.barrier()
                 dist.destroy_process_group()
         except Exception:
             pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -118,7 +119,11 @@ class Pipeline:
         params = self.parameters()
         self.optimizer = optimizer(params) if optimizer is not None and params else None
         self.last_events: list[tuple[int, int, int, float, float]] = []
-        self._loss_send: tuple[Any, torch.Tensor] | None = None  # last rank's async loss broadcast
+        # The last rank's loss broadcast runs in the background; it is waited for at the next
+        # step, by close(), or at interpreter exit (a rank that exits with it pending would cut
+        # the other ranks' connections mid-receive).
+        self._pending: list[Any] = []
+        weakref.finalize(self, _wait_all, self._pending)
         self._announce()
 
     # -- setup helpers ---------------------------------------------------------------------
@@ -241,18 +246,19 @@ class Pipeline:
             dist.all_reduce(tied.grad, group=pg)  # the tie's gradient is the sum of its uses
         return self._share_loss(rec.loss)
 
+    def close(self) -> None:
+        """Wait for communication still in flight (the last step's loss broadcast)."""
+        _wait_all(self._pending)
+
     def _share_loss(self, loss: torch.Tensor | None) -> float:
         """Broadcast the loss from the last stage. The last rank usually finishes first, so it
         posts its broadcast without waiting (completed at the next step); the others wait for it."""
-        if self._loss_send is not None:
-            self._loss_send[0].wait()
-            self._loss_send = None
+        _wait_all(self._pending)
         value = torch.zeros(1, dtype=torch.float64)
         last_rank = to_global(self.group, self.stage_to_rank[-1])
         if loss is not None:
             value[0] = float(loss)
-            work = dist.broadcast(value, last_rank, group=self.group, async_op=True)
-            self._loss_send = (work, value)
+            self._pending.append((dist.broadcast(value, last_rank, group=self.group, async_op=True), value))
             return float(value[0])
         dist.broadcast(value, last_rank, group=self.group)
         return float(value[0])
@@ -263,9 +269,7 @@ class Pipeline:
 
     def _batch_size(self, inputs: Any, targets: Any) -> int:
         """The batch size, agreed by all ranks (only the ends of the pipeline see the data)."""
-        if self._loss_send is not None:  # keep collectives in the same order on every rank
-            self._loss_send[0].wait()
-            self._loss_send = None
+        _wait_all(self._pending)
         n = torch.zeros(1, dtype=torch.int64)
         if 0 in self.stages:
             if inputs is None:
@@ -309,6 +313,12 @@ class Pipeline:
             return []
         origin = min(e.start for e in events)
         return [TimedAction(e.rank, e.action, e.start - origin, e.end - origin) for e in events]
+
+
+def _wait_all(pending: list[Any]) -> None:
+    while pending:
+        work, _ = pending.pop()
+        work.wait()
 
 
 def _rows(x: Any) -> int:
