@@ -8,7 +8,7 @@ batch, and compares the accumulated parameter gradients with one backward of the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -27,14 +27,7 @@ TOL = dict(rtol=1e-6, atol=1e-6)
 M = 3  # microbatches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # The tensors here are tiny: intra-op threads only add synchronisation, and on a loaded
-    # machine their spin-waits make each step ~50x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _stages(layers: Sequence[nn.Module], counts: Sequence[int], loss_fn: Any, split: bool) -> list[Stage]:

@@ -7,6 +7,19 @@ torch-free, and is registered with one line in ``layerwise.cli.COMMANDS``.
 
 from __future__ import annotations
 
+import argparse
+
 
 class UsageError(Exception):
     """Bad input from the command line: printed as one ``error:`` line, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1, with a message that says so."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value

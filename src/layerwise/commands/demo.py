@@ -14,18 +14,18 @@ import sys
 import time
 from typing import Any
 
-from layerwise.commands import UsageError
+from layerwise.commands import UsageError, positive_int
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stages", type=int, default=4, help="pipeline ranks = processes (default 4)")
+    parser.add_argument("--stages", type=positive_int, default=4, help="pipeline ranks = processes (default 4)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default 1f1b)")
-    parser.add_argument("--microbatches", type=int, default=8, help="microbatches per step (default 8)")
-    parser.add_argument("--chunks", type=int, default=2, help="stages per rank with --schedule interleaved")
-    parser.add_argument("--steps", type=int, default=150, help="training steps (default 150, about a minute)")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
+    parser.add_argument("--microbatches", type=positive_int, default=8, help="microbatches per step (default 8)")
+    parser.add_argument("--chunks", type=positive_int, default=2, help="stages per rank with --schedule interleaved")
+    parser.add_argument("--steps", type=positive_int, default=150, help="training steps (default 150, about a minute)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step (default 32)")
     parser.add_argument("--partition", choices=("balanced", "uniform"), default="balanced",
                         help="balanced: measured per-layer time (default); uniform: equal layer counts")
     parser.add_argument("--png", default="layerwise-demo-timeline.png", help="timeline picture to write")
@@ -35,9 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("stages", "microbatches", "steps", "batch_size", "chunks"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     import torch
 
     import layerwise

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from layerwise.commands import UsageError
+from layerwise.commands import UsageError, positive_int
 from layerwise.partition import BALANCE_MODES, Device, PartitionError
 from layerwise.schedule.generators import SCHEDULES
 
@@ -25,13 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (built in)")
     model.add_argument("--model", choices=("gpt", "mlp"), default="gpt",
                        help="layerwise.models.GPT (embedding, blocks, head) or mlp (default gpt)")
-    model.add_argument("--blocks", type=_positive_int, help=f"gpt: transformer blocks (default {_GPT_DEFAULTS['blocks']})")
-    model.add_argument("--width", type=_positive_int, help="gpt: embedding size (default 64); mlp: layer width (default 32)")
-    model.add_argument("--context", type=_positive_int, help=f"gpt: sequence length (default {_GPT_DEFAULTS['context']})")
-    model.add_argument("--vocab", type=_positive_int, help=f"gpt: vocabulary size (default {_GPT_DEFAULTS['vocab']})")
-    model.add_argument("--heads", type=_positive_int, help=f"gpt: attention heads (default {_GPT_DEFAULTS['heads']})")
-    model.add_argument("--depth", type=_positive_int, help=f"mlp: layers (default {_MLP_DEFAULTS['depth']})")
-    parser.add_argument("--stages", type=_positive_int, metavar="P",
+    model.add_argument("--blocks", type=positive_int, help=f"gpt: transformer blocks (default {_GPT_DEFAULTS['blocks']})")
+    model.add_argument("--width", type=positive_int, help="gpt: embedding size (default 64); mlp: layer width (default 32)")
+    model.add_argument("--context", type=positive_int, help=f"gpt: sequence length (default {_GPT_DEFAULTS['context']})")
+    model.add_argument("--vocab", type=positive_int, help=f"gpt: vocabulary size (default {_GPT_DEFAULTS['vocab']})")
+    model.add_argument("--heads", type=positive_int, help=f"gpt: attention heads (default {_GPT_DEFAULTS['heads']})")
+    model.add_argument("--depth", type=positive_int, help=f"mlp: layers (default {_MLP_DEFAULTS['depth']})")
+    parser.add_argument("--stages", type=positive_int, metavar="P",
                         help="pipeline ranks (default: one per --devices entry)")
     parser.add_argument("--balance", choices=BALANCE_MODES, default="time",
                         help="what to even out across stages (default time)")
@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one per rank, e.g. 'cpu:1.0:8GiB,cpu:0.5' (speed relative to this "
                         "machine; memory budget in B/KiB/MiB/GiB or KB/MB/GB, default unlimited)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default 1f1b)")
-    parser.add_argument("--microbatches", type=_positive_int, default=4, metavar="M",
+    parser.add_argument("--microbatches", type=positive_int, default=4, metavar="M",
                         help="microbatches per step (default 4)")
-    parser.add_argument("--batch", type=_positive_int, default=16, metavar="ROWS",
+    parser.add_argument("--batch", type=positive_int, default=16, metavar="ROWS",
                         help="rows per step; one microbatch of batch/M rows is profiled (default 16)")
     parser.add_argument("--comm", type=_seconds, default=0.0, metavar="SECONDS",
                         help="latency of each message between ranks, for the prediction (default 0)")
@@ -160,16 +160,6 @@ def _bytes(text: str, item: str) -> float:
             f"GB), e.g. 8GiB"
         )
     return float(match.group(1)) * _UNITS[unit]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
 
 
 def _seconds(text: str) -> float:

@@ -11,7 +11,7 @@ import json
 from fractions import Fraction
 from typing import Any
 
-from layerwise.commands import UsageError
+from layerwise.commands import UsageError, positive_int
 from layerwise.schedule.actions import TimedAction
 from layerwise.schedule.generators import SCHEDULES, ScheduleConfigError, build
 from layerwise.schedule.simulate import Costs, SimResult, simulate
@@ -21,11 +21,11 @@ _DEFAULT_CHUNKS = 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", required=True, choices=SCHEDULES, help="pipeline schedule")
-    parser.add_argument("--stages", required=True, type=_positive_int, metavar="P",
+    parser.add_argument("--stages", required=True, type=positive_int, metavar="P",
                         help="pipeline ranks (devices)")
-    parser.add_argument("--microbatches", required=True, type=_positive_int, metavar="M",
+    parser.add_argument("--microbatches", required=True, type=positive_int, metavar="M",
                         help="microbatches per training step")
-    parser.add_argument("--chunks", type=_positive_int, metavar="V",
+    parser.add_argument("--chunks", type=positive_int, metavar="V",
                         help=f"model chunks per rank, interleaved only (default {_DEFAULT_CHUNKS})")
     parser.add_argument("--costs", type=_costs, default=(Fraction(1), Fraction(1), None),
                         metavar="F,B[,W]",
@@ -122,16 +122,6 @@ def _write(kind: str, path: str, events: list[TimedAction], title: str, bubble: 
             timeline.write_chrome_trace(events, path, title=title, bubble_fraction=bubble)
     except OSError as err:
         raise UsageError(f"cannot write --{kind} {path}: {err.strerror or err}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
 
 
 def _seconds(text: str) -> Fraction:
