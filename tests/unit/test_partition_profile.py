@@ -162,3 +162,24 @@ def test_profile_optimizer_counts_a_tied_weight_once() -> None:
     assert profile_optimizer([embed, head], torch.optim.SGD, repeats=1, warmup=0)[1] == 0.0
     with pytest.raises(ValueError, match="repeats"):
         profile_optimizer([embed], torch.optim.SGD, repeats=0)
+
+
+class _BadGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no gradient here")
+
+
+class _BadBackward(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _BadGrad.apply(x)  # type: ignore[no-any-return]
+
+
+def test_failing_backward_is_named() -> None:
+    model = [nn.Linear(4, 4), _BadBackward(), nn.Linear(4, 2)]
+    with pytest.raises(ProfileError, match=r"backward of layer 1 \(_BadBackward\).*no gradient here"):
+        profile_layers(model, torch.randn(3, 4), repeats=1, warmup=0)

@@ -51,11 +51,11 @@ def profile_layers(
     """Time each layer's forward and backward on its real input; measure its memory.
 
     The layers are timed in a chain, as a pipeline stage runs them: each run is the forward of
-    all layers back to back, then the backward layer by layer in reverse, each layer's fed the
-    gradient of the next layer's input (the last layer's: random, of its output's shape). A
-    layer's time is the median over ``repeats`` runs after ``warmup`` untimed ones
-    (``time.perf_counter``, synchronising CUDA around each layer). Timing a layer alone in a tight
-    loop on the same input flatters it (hot caches): stages then ran 1.2-1.3x their profile.
+    all layers back to back, then one backward through all of them (the last layer's outputs get
+    random gradients of their shape), with the clock read at every layer boundary. A layer's
+    time is the median over ``repeats`` runs after ``warmup`` untimed ones (``time.perf_counter``,
+    synchronising CUDA at each boundary). Timing a layer alone in a tight loop on the same input
+    flattered it (hot caches): stages then ran 1.2-1.3x their profile.
     Gradients already in ``.grad`` and buffers (e.g. BatchNorm running statistics) are restored
     afterwards. Memory is counted as in the module docstring.
     """
@@ -215,7 +215,7 @@ def _trace(layers: list[torch.nn.Module], sample: Any, *, count_flops: bool) -> 
             held += _storage_bytes(t)
         return t
 
-    x = _fresh_with_leaves(sample)[0]
+    x = map_tensors(_fresh, sample)
     # The graph of the whole chain stays alive until the loop ends, so storages are not freed and
     # reused under a new tensor, and a storage saved by two layers is recognised as the same.
     with torch.enable_grad(), _restored(layers):
@@ -247,49 +247,52 @@ def _time_chain(layers: list[torch.nn.Module], sample: Any, repeats: int, warmup
     """Per layer ``(forward_s, backward_s)``, medians over ``repeats`` runs of the whole chain.
 
     Each run is what a pipeline stage does with one microbatch: the forward of every layer back
-    to back on the previous layer's output, then the backward layer by layer in reverse, each fed
-    the gradient of the next layer's input. Every layer gets a detached copy of its input, so its
-    graph is its own and the clock can stop between layers; the copies are made off the clock.
+    to back, the clock read between layers, then one ``torch.autograd.backward`` through the
+    whole chain. Layer ``k``'s backward ends when the gradient of its input is computed (a tensor
+    hook reads the clock), and starts where layer ``k + 1``'s ended; the first layer's ends with
+    the call. One graph, not a graph per layer on detached inputs: at a detached boundary the
+    extra copies of a large tensor (a vocabulary's logits) cost the allocator time that a stage
+    does not spend (the loss measured 1.6x its in-graph time).
     """
     n = len(layers)
     times: list[list[tuple[float, float]]] = [[] for _ in range(n)]
     for run in range(warmup + repeats):
-        inputs: list[Any] = []
-        outputs: list[Any] = []
-        forward, backward = [0.0] * n, [0.0] * n
-        x = sample
+        forward, done = [0.0] * n, [0.0] * (n + 1)  # done[k]: clock when input k's grad was ready
+        x = map_tensors(_fresh, sample)
+        synchronize(x)
         for k, layer in enumerate(layers):
-            inp, leaves = _fresh_with_leaves(x)
-            synchronize(inp)
+            if k > 0:
+                for t in tensors(x):
+                    if t.requires_grad:
+                        t.register_hook(_stamp(done, k))
             start = time.perf_counter()
-            out = _call(k, layer, inp)
-            synchronize(out)
+            x = _call(k, layer, x)
+            synchronize(x)
             forward[k] = time.perf_counter() - start
-            inputs.append((inp, leaves))
-            outputs.append(out)
-            x = out
-        grad_in: list[torch.Tensor | None] = []  # gradient of the next layer's input, per tensor
-        for k in reversed(range(n)):
-            outs = list(tensors(outputs[k]))
-            if k == n - 1:
-                grad_in = [torch.randn_like(t) if t.requires_grad else None for t in outs]
-            pairs = [(t, g) for t, g in zip(outs, grad_in) if t.requires_grad and g is not None]
-            inp, leaves = inputs[k]
-            start = time.perf_counter()
-            if pairs:
-                try:
-                    torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-                except Exception as exc:
-                    raise ProfileError(
-                        f"backward of layer {k} ({type(layers[k]).__name__}) failed on input "
-                        f"{describe(inp)}: {exc}"
-                    ) from exc
-                synchronize(inp)
-            backward[k] = time.perf_counter() - start
-            grad_in = [None if leaf is None else leaf.grad for leaf in leaves]
+        roots = [t for t in tensors(x) if t.requires_grad]
+        grads = [torch.randn_like(t) for t in roots]  # drawn before the clock starts
+        done[n] = time.perf_counter()
+        if roots:
+            try:
+                torch.autograd.backward(roots, grads)
+            except Exception as exc:
+                k = next((j - 1 for j in range(1, n + 1) if done[j]), n - 1)  # below the lowest stamp
+                raise ProfileError(f"backward of layer {k} ({type(layers[k]).__name__}) failed: {exc}") from exc
+        done[0] = time.perf_counter()
+        synchronize(x)
+        for k in range(1, n):  # no stamp: no gradient reached that input, nothing before it ran
+            done[k] = done[k] or done[0]
         for k in range(n if run >= warmup else 0):
-            times[k].append((forward[k], backward[k]))
+            times[k].append((forward[k], max(0.0, done[k] - done[k + 1])))
     return [(statistics.median(f for f, _ in ts), statistics.median(b for _, b in ts)) for ts in times]
+
+
+def _stamp(done: list[float], k: int) -> Callable[[torch.Tensor], None]:
+    def hook(grad: torch.Tensor) -> None:
+        synchronize(grad)
+        done[k] = max(done[k], time.perf_counter())
+
+    return hook
 
 
 class _restored:
@@ -311,20 +314,13 @@ class _restored:
                 b.copy_(v)
 
 
-def _fresh_with_leaves(x: Any) -> tuple[Any, list[torch.Tensor | None]]:
-    """Private copies of the tensors in ``x``, and per tensor the leaf that gets its gradient.
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A private copy of an input; floating point ones require grad like a received activation.
 
-    Floating point copies require grad like a received activation. A copy is a clone of a leaf,
-    so a layer that works in place (``ReLU(inplace=True)``) neither fails on a leaf nor
-    overwrites the stored input.
+    The copy is a clone of a leaf rather than the leaf itself, so a layer that works in place
+    (``ReLU(inplace=True)``) neither fails on a leaf nor overwrites the stored input.
     """
-    leaves: list[torch.Tensor | None] = []
-
-    def fresh(t: torch.Tensor) -> torch.Tensor:
-        leaf = t.detach()
-        if leaf.is_floating_point() or leaf.is_complex():
-            leaf.requires_grad_(True)
-        leaves.append(leaf if leaf.requires_grad else None)
-        return leaf.clone()
-
-    return map_tensors(fresh, x), leaves
+    leaf = t.detach()
+    if leaf.is_floating_point() or leaf.is_complex():
+        leaf.requires_grad_(True)
+    return leaf.clone()
