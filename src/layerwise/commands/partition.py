@@ -100,7 +100,9 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
         _reject(args, "mlp", ["depth"])
         from layerwise.models import GPT, GPTConfig, lm_loss
 
-        opts = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in _GPT_DEFAULTS.items()}
+        opts: dict[str, Any] = {
+            k: getattr(args, k) if getattr(args, k) is not None else v for k, v in _GPT_DEFAULTS.items()
+        }
         try:
             cfg = GPTConfig(**opts)
         except ValueError as err:

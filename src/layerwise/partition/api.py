@@ -12,17 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..schedule.generators import ScheduleConfigError, build
 from ..schedule.simulate import Costs, SimResult, peak_inflight, simulate
 from ._checks import InfeasiblePartitionError, PartitionError, check_partition, format_bytes
 from .costs import Device, LayerCost
+from .model_costs import merge, profile_with_loss, static_costs, unique_params
 from .report import Plan
 from .solver import balance_by_params, solve, stage_memory, stage_times, uniform
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["BALANCE_MODES", "Plan", "partition", "profile_with_loss"]
 
@@ -90,7 +88,7 @@ def partition(
         counts = check_partition(given, len(costs))
         if len(counts) != layout.num_stages:
             raise PartitionError(f"balance={counts} has {len(counts)} stages, expected {layout.num_stages}")
-        balance = "given"
+        mode = "given"
     elif balance == "time":
         counts = _time_balanced(costs, layout, schedule, microbatches, latency)
     elif balance == "memory":
@@ -99,35 +97,13 @@ def partition(
         counts = balance_by_params(params, layout.num_stages)
     else:
         counts = uniform(len(costs), layout.num_stages)
+    if given is None:
+        mode = str(balance)
     memory = _stage_mem(costs, counts, layout)
-    if balance in ("params", "uniform", "given"):
-        _check_budgets(counts, memory, layout, balance)
+    if mode in ("params", "uniform", "given"):
+        _check_budgets(counts, memory, layout, mode)
     sim = _simulate(costs, counts, layout, schedule, microbatches, latency) if timed else None
-    return _plan(counts, costs, params, memory, layout, devs, sim, balance, schedule, microbatches, latency, timed)
-
-
-def profile_with_loss(
-    model: Any, sample: Any, loss_fn: Any, targets: Any, **profile_kwargs: Any
-) -> list[LayerCost]:
-    """``profile_layers`` of the model's layers plus one trailing entry for ``loss_fn(out, targets)``.
-
-    The loss runs on the last stage; for a large vocabulary its softmax costs as much as a
-    transformer block, so leaving it out under-predicts the last stage. Pass the result as
-    ``costs=`` to :func:`partition`.
-    """
-    from torch import nn
-
-    from ..runtime.split import as_layers
-    from .profile import profile_layers
-
-    class _LossLayer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-
-        def forward(self, out: Any) -> torch.Tensor:
-            return loss_fn(out, targets)  # type: ignore[no-any-return]
-
-    return profile_layers([*as_layers(model), _LossLayer()], sample, **profile_kwargs)
+    return _plan(counts, costs, params, memory, layout, devs, sim, mode, schedule, microbatches, latency, timed)
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -215,7 +191,7 @@ def _layer_costs(
                 f"per layer, plus optionally one trailing entry for the loss"
             )
         if layers is not None and len(out) == len(layers) + 1:
-            out = [*out[:-2], _merge(out[-2], out[-1])]  # the loss runs on the last stage
+            out = [*out[:-2], merge(out[-2], out[-1])]  # the loss runs on the last stage
         timed = True
     elif sample is not None:
         from .profile import profile_layers
@@ -229,49 +205,16 @@ def _layer_costs(
         )
     else:
         assert layers is not None
-        out, timed = _static_costs(layers), False
+        out, timed = static_costs(layers), False
     if not out:
         raise PartitionError("no layers to split: costs is empty")
     _check_depth(len(out), layout)
     # Without a model, count parameters from their bytes, assuming 4-byte (float32) values.
     if layers is not None:
-        params = [sum(p.numel() for p in ps) for ps in _unique_params(layers)]
+        params = [sum(p.numel() for p in ps) for ps in unique_params(layers)]
     else:
         params = [round(c.param_bytes / 4) for c in out]
     return out, params, timed
-
-
-def _merge(a: LayerCost, b: LayerCost) -> LayerCost:
-    return LayerCost(
-        forward_s=a.forward_s + b.forward_s,
-        backward_s=a.backward_s + b.backward_s,
-        param_bytes=a.param_bytes + b.param_bytes,
-        grad_bytes=a.grad_bytes + b.grad_bytes,
-        optimizer_bytes=a.optimizer_bytes + b.optimizer_bytes,
-        activation_bytes=a.activation_bytes + b.activation_bytes,
-    )
-
-
-def _unique_params(layers: Sequence[Any]) -> list[list[Any]]:
-    """Per layer, its parameters not already held by an earlier layer (tied weights count once)."""
-    seen: set[int] = set()
-    out = []
-    for layer in layers:
-        mine = [p for p in layer.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in mine)
-        out.append(mine)
-    return out
-
-
-def _static_costs(layers: Sequence[Any]) -> list[LayerCost]:
-    """Memory from the parameters alone (no sample: no activations, no time); Adam's 2 moments."""
-    out = []
-    for ps in _unique_params(layers):
-        size = sum(p.numel() * p.element_size() for p in ps)
-        grads = sum(p.numel() * p.element_size() for p in ps if p.requires_grad)
-        out.append(LayerCost(forward_s=0.0, backward_s=0.0, param_bytes=size, grad_bytes=grads,
-                             optimizer_bytes=2.0 * grads, activation_bytes=0.0))  # fmt: skip
-    return out
 
 
 # -- the three balancers -------------------------------------------------------------------------
