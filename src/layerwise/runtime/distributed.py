@@ -39,13 +39,5 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def group_rank(group: Any) -> int:
-    return dist.get_rank(group)
-
-
-def group_size(group: Any) -> int:
-    return dist.get_world_size(group)
-
-
 def to_global(group: Any, rank: int) -> int:
     return dist.get_global_rank(group, rank) if group is not None else rank

@@ -171,10 +171,6 @@ def shared_param_objects(layers: Sequence[nn.Module], bounds: Sequence[tuple[int
     return [(p, sorted(st)) for p, st in owners.values() if len(st) > 1]
 
 
-def layer_names(layers: Sequence[nn.Module]) -> list[str]:
-    return [f"{i}:{type(layer).__name__}" for i, layer in enumerate(layers)]
-
-
 def describe_layer(layers: Sequence[nn.Module], index: int) -> str:
     text = repr(layers[index]).splitlines()[0]
     return f"layer {index} ({text[:80]})"

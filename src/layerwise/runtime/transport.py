@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
@@ -146,6 +145,3 @@ class DistTransport:
             f"the timeout that bounds this wait is Pipeline(timeout=...)."
         )
 
-
-def default_timeout(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)
