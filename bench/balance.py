@@ -288,12 +288,13 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "balance.json"))
     parser.add_argument("--vocab", type=int, help="override the vocabulary (the head's cost)")
     parser.add_argument("--blocks", type=int, help="override the number of transformer blocks")
+    parser.add_argument("--microbatches", type=int, help="override the microbatches per step")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc's adaptive thresholds alone (noisier: see _keep_heap)")  # fmt: skip
     args = parser.parse_args()
     cfg = dict(QUICK if args.quick else FULL)
     cfg["keep_heap"] = _keep_heap(not args.default_malloc)
-    cfg.update({k: getattr(args, k) for k in ("vocab", "blocks") if getattr(args, k) is not None})
+    cfg.update({k: getattr(args, k) for k in ("vocab", "blocks", "microbatches") if getattr(args, k) is not None})
     began = time.perf_counter()
     load_before = os.getloadavg()
     if load_before[0] > 1.0:

@@ -6,9 +6,11 @@ import copy
 import os
 import signal
 import time
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import layerwise
@@ -134,7 +136,11 @@ def die_mid_step(victim: int, timeout: float, how: str = "kill") -> str:
     torch.manual_seed(0)
     model = mlp(width=16, depth=8)
     rank = int(os.environ["RANK"])
-    pipe = layerwise.Pipeline(model, microbatches=4, loss_fn=F.mse_loss, timeout=timeout)
+    # Start-up gets a generous bound (ranks may start seconds apart on a loaded machine); the
+    # pipeline runs on its own group, passed in, whose timeout is the short one under test.
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    group = dist.new_group(timeout=timedelta(seconds=timeout))
+    pipe = layerwise.Pipeline(model, microbatches=4, loss_fn=F.mse_loss, timeout=timeout, group=group)
     step = {"n": 0}
     if rank == victim:
         first = next(iter(pipe.stages.values())).layers[0]
