@@ -21,10 +21,14 @@ def measured_bubble(events: Sequence[TimedAction], num_ranks: int) -> float:
 
     Busy is compute plus posting sends (serializing and handing a message over is work, and
     :func:`costs_from_events` charges it to the producing action); waiting for a receive is idle.
+    The step starts with its first compute action: when steps run back to back, a later stage
+    posts its first receive while the first stage is still finishing the previous step, and that
+    wait belongs to the previous step (the simulator starts every rank at 0).
     """
     if not events:
         raise ValueError("no events: run the pipeline with record=True")
-    makespan = max(e.end for e in events) - min(e.start for e in events)
+    starts = [e.start for e in events if e.action.kind.is_compute] or [e.start for e in events]
+    makespan = max(e.end for e in events) - min(starts)
     busy = sum(e.duration for e in events if e.action.kind.is_compute or e.action.kind in _SENDS)
     return 1.0 - busy / (num_ranks * makespan) if makespan > 0 else 0.0
 
