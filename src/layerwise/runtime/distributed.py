@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 from typing import Any
@@ -29,6 +30,23 @@ def ensure_initialized(timeout_s: float, backend: str | None = None) -> None:
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    # We created the group, so we tear it down. Ranks leave at different moments; one that closes
+    # its connections while a peer is still talking to it can make the peer's gloo thread abort
+    # (SIGABRT) during interpreter teardown. Meet at a barrier first, then destroy the group.
+    atexit.register(_shutdown)
+
+
+def _shutdown() -> None:
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except Exception:  # a peer already failed: nothing left to wait for
+        pass
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
 
 
 def default_device() -> torch.device:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -120,10 +120,11 @@ class Pipeline:
         self.optimizer = optimizer(params) if optimizer is not None and params else None
         self.last_events: list[tuple[int, int, int, float, float]] = []
         # The last rank's loss broadcast runs in the background; it is waited for at the next
-        # step, by close(), or at interpreter exit (a rank that exits with it pending would cut
-        # the other ranks' connections mid-receive).
+        # step, by close(), or at interpreter exit (a rank that exits with it pending cuts the
+        # other ranks' connections mid-receive). Registered after the process group's own exit
+        # hook, so it runs before that one destroys the group (atexit runs hooks in reverse).
         self._pending: list[Any] = []
-        weakref.finalize(self, _wait_all, self._pending)
+        atexit.register(_wait_all, self._pending)
         self._announce()
 
     # -- setup helpers ---------------------------------------------------------------------
