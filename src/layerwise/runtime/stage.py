@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import StageError
 from .split import describe_layer, sample_shapes
-from .wire import Structure, flatten
+from .wire import flatten
 
 
 def _is_diff(t: torch.Tensor) -> bool:
@@ -34,9 +34,9 @@ def _as_leaves(obj: Any) -> tuple[Any, list[torch.Tensor]]:
     return structure.unflatten(leaves), [t for t in leaves if _is_diff(t)]
 
 
-def _diff_outputs(obj: Any) -> tuple[list[torch.Tensor], Structure, list[torch.Tensor]]:
-    tensors, structure = flatten(obj)
-    return tensors, structure, [t for t in tensors if _is_diff(t)]
+def _diff_outputs(obj: Any) -> list[torch.Tensor]:
+    """The floating tensors of a layer's or stage's output, the ones gradients flow back to."""
+    return [t for t in flatten(obj)[0] if _is_diff(t)]
 
 
 class Stage:
@@ -79,24 +79,22 @@ class Stage:
             inputs: list[torch.Tensor] = []
         else:
             x, inputs = _as_leaves(x)
-        per_layer: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        per_layer: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (inputs, outputs)
+        layer_in = inputs
         for j, layer in enumerate(self.layers):
-            if self.split_backward and j > 0:
+            if self.split_backward and j > 0:  # a graph per layer: record the previous one's ends
+                per_layer.append((layer_in, _diff_outputs(x)))
                 x, layer_in = _as_leaves(x)
-            else:
-                layer_in = inputs if j == 0 else []
             x = self._call(layer, j, mb, x)
-            if self.split_backward:
-                per_layer.append((layer_in, _diff_outputs(x)[2] if j < len(self.layers) - 1 or not self.is_last else []))
         if self.is_last:
             loss = self._loss(mb, x, target) * weight
-            outs = [loss]
-            if self.split_backward:
-                per_layer[-1] = (per_layer[-1][0], outs)
+            outs = [loss]  # the loss belongs to the last layer's graph
             result: Any = loss.detach()
         else:
-            _, _, outs = _diff_outputs(x)
+            outs = _diff_outputs(x)
             result = x
+        if self.split_backward:
+            per_layer.append((layer_in, outs))
         self._saved[mb] = (inputs, outs, per_layer)
         return result
 
