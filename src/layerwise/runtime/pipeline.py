@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..schedule.actions import TimedAction
+from ..schedule.actions import Action, TimedAction
 from ..schedule.core import Schedule
 from ..schedule.generators import ScheduleConfigError, build
 from ..schedule.validate import validate
@@ -116,8 +116,12 @@ class Pipeline:
         self._layer_ranges = {s: bounds[s] for s in self.stages}
         self._ties = self._tie_groups(layers, bounds)
         self.transport = DistTransport(group, self.describe, self.device)
-        params = self.parameters()
-        self.optimizer = optimizer(params) if optimizer is not None and params else None
+        seen: dict[int, nn.Parameter] = {}
+        for stage in self.stages.values():
+            for p in stage.parameters():
+                seen.setdefault(id(p), p)  # a weight shared by two local stages is one parameter
+        self._params = list(seen.values())
+        self.optimizer = optimizer(self.parameters()) if optimizer is not None and self._params else None
         self.last_events: list[tuple[int, int, int, float, float]] = []
         # The last rank's loss broadcast runs in the background; it is waited for at the next
         # step, by close(), or at interpreter exit (a rank that exits with it pending cuts the
@@ -171,11 +175,8 @@ class Pipeline:
 
     # -- public API ------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
-        seen: dict[int, nn.Parameter] = {}
-        for stage in self.stages.values():
-            for p in stage.parameters():
-                seen.setdefault(id(p), p)
-        return list(seen.values())
+        """This rank's parameters, each once."""
+        return list(self._params)
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         """This rank's parameters named ``<global layer index>.<name>`` (e.g. ``3.weight``)."""
@@ -208,22 +209,22 @@ class Pipeline:
         ``torch.nn.utils.clip_grad_norm_`` does on the whole model. A tied parameter counts once
         (on the lowest rank holding it). Returns the norm before clipping, on every rank."""
         skip = {id(p) for p, _, ranks in self._ties if p is not None and self.rank != ranks[0]}
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        grads = [(id(p), p.grad) for p in self._params if p.grad is not None]
         local = torch.zeros(1, dtype=torch.float64)
-        for p in self.parameters():
-            if p.grad is not None and id(p) not in skip:
-                local += p.grad.detach().double().pow(2).sum().cpu()
+        for key, g in grads:
+            if key not in skip:
+                local += g.detach().double().pow(2).sum().cpu()
         dist.all_reduce(local, group=self.group)
         total = float(local.sqrt())
         coef = max_norm / (total + 1e-6)
         if coef < 1.0:
-            for g in grads:
+            for _, g in grads:
                 g.mul_(coef)
         return total
 
     def forward_backward(self, inputs: Any = None, targets: Any = None) -> float:
         """Compute the full-batch loss and gradients (no optimizer step)."""
-        for p in self.parameters():
+        for p in self._params:
             p.grad = None
         batch = self._batch_size(inputs, targets)
         m = self._effective_microbatches(batch)
@@ -253,8 +254,8 @@ class Pipeline:
 
     def _share_loss(self, loss: torch.Tensor | None) -> float:
         """Broadcast the loss from the last stage. The last rank usually finishes first, so it
-        posts its broadcast without waiting (completed at the next step); the others wait for it."""
-        _wait_all(self._pending)
+        posts its broadcast without waiting (completed at the next step's start, in
+        _batch_size); the others wait for it."""
         value = torch.zeros(1, dtype=torch.float64)
         last_rank = to_global(self.group, self.stage_to_rank[-1])
         if loss is not None:
@@ -304,8 +305,6 @@ class Pipeline:
         padded[: rows.shape[0]] = rows
         gathered = [torch.zeros(width, 5, dtype=torch.float64) for _ in range(self.world_size)]
         dist.all_gather(gathered, padded, group=self.group)
-        from ..schedule.actions import Action
-
         events = []
         for r, (g, c) in enumerate(zip(gathered, counts)):
             for s, k, mb, t0, t1 in g[: int(c[0])].tolist():
