@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..schedule.actions import Action, Kind
+from ..schedule.comm import peer_stage
 from .errors import PipelineError, StageError
 from .stage import Stage
 from .transport import Transport
@@ -129,13 +130,14 @@ def run_step(
 
 
 def _recv_channel(a: Action) -> int:
-    return channel_of(a.stage - 1, True) if a.kind is Kind.RECV_F else channel_of(a.stage + 1, False)
+    """The channel a receive listens on: its sender stage's, in its direction."""
+    return channel_of(peer_stage(a), a.kind is Kind.RECV_F)
 
 
 def _post(transport: Transport, a: Action, stage_to_rank: Sequence[int]) -> Any:
-    forward = a.kind is Kind.RECV_F
-    sender = a.stage - 1 if forward else a.stage + 1
-    return transport.post_recv(stage_to_rank[sender], tag_of(sender, forward, a.microbatch), channel_of(sender, forward))
+    sender = peer_stage(a)
+    tag = tag_of(sender, a.kind is Kind.RECV_F, a.microbatch)
+    return transport.post_recv(stage_to_rank[sender], tag, _recv_channel(a))
 
 
 def _take(
