@@ -200,22 +200,21 @@ def lower_bound(schedule: Schedule, costs: Costs) -> Any:
         sum((costs.duration(a, r) for a in acts if a.kind.is_compute), 0) for r, acts in enumerate(sch.ranks)
     )
     n = sch.num_stages
-    speed = costs.rank_speed or (1,) * sch.num_ranks
 
-    def d(kind: Kind, s: int) -> Any:
-        return costs.duration(Action(s, kind, 0), sch.stage_to_rank[s]) if speed else 0
+    def d(kind: Kind, s: int) -> Any:  # duration on the stage's rank, its speed included
+        return costs.duration(Action(s, kind, 0), sch.stage_to_rank[s])
 
-    def hop(s: int, t: int) -> Any:  # message time between stages s and t, if on different ranks
-        if sch.stage_to_rank[s] == sch.stage_to_rank[t]:
+    def hop(s: int) -> Any:  # message time across the boundary s -> s + 1, if it crosses ranks
+        if sch.stage_to_rank[s] == sch.stage_to_rank[s + 1]:
             return 0
-        return costs.transfer(Action(min(s, t), Kind.SEND_F, 0))
+        return costs.transfer(Action(s, Kind.SEND_F, 0))
 
-    fwd = sum((d(Kind.F, s) for s in range(n)), 0) + sum((hop(s, s + 1) for s in range(n - 1)), 0)
+    fwd = sum((d(Kind.F, s) for s in range(n)), 0) + sum((hop(s) for s in range(n - 1)), 0)
     back_kind = Kind.I if sch.split_backward else Kind.B
     path, best = fwd, fwd
     for s in reversed(range(n)):
         if s < n - 1:
-            path += hop(s, s + 1)
+            path += hop(s)
         path += d(back_kind, s)
         tail = d(Kind.W, s) if sch.split_backward else 0
         best = max(best, path + tail)
