@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from .distributed import to_global
 from .errors import PeerLostError
 from .wire import HEADER_SLOTS, Structure, decode_header, decode_payload, encode
 
@@ -71,13 +72,10 @@ class DistTransport:
         self._pending: list[tuple[Any, torch.Tensor]] = []
         self._capacity: dict[int, int] = {}  # channel -> payload bytes the receiver posts
 
-    def _global(self, rank: int) -> int:
-        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
-
     def send(self, tensors: list[torch.Tensor], structure: Structure, dst: int, tag: int, channel: int) -> None:
         header, payload = encode(tensors, structure)
         header = header.to(self._device)
-        peer = self._global(dst)
+        peer = to_global(self.group, dst)
         cap = self._capacity.get(channel, 0)
         parts = [(header, 3 * tag)]
         if payload.numel() <= cap:
@@ -101,7 +99,7 @@ class DistTransport:
         cap = self._capacity.get(channel, 0)
         header = torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self._device)
         buf = torch.empty(cap, dtype=torch.uint8, device=self._device)
-        peer = self._global(src)
+        peer = to_global(self.group, src)
         try:
             works = [
                 dist.irecv(header, peer, group=self.group, tag=3 * tag),
@@ -112,7 +110,7 @@ class DistTransport:
         return _Posted(src, tag, channel, cap, header, buf, works)
 
     def wait_recv(self, posted: _Posted) -> tuple[list[torch.Tensor], Structure]:
-        src, peer = posted.src, self._global(posted.src)
+        src, peer = posted.src, to_global(self.group, posted.src)
         try:
             for w in posted.works:
                 w.wait()
