@@ -33,10 +33,11 @@ def ensure_initialized(timeout_s: float, backend: str | None = None) -> None:
     # We created the group, so we tear it down. Ranks leave at different moments; one that closes
     # its connections while a peer is still talking to it can make the peer's gloo thread abort
     # (SIGABRT) during interpreter teardown. Meet at a barrier first, then destroy the group.
-    atexit.register(_shutdown)
+    atexit.register(shutdown)
 
 
-def _shutdown() -> None:
+def shutdown() -> None:
+    """Meet the other ranks at a barrier, then destroy the default process group (if any)."""
     if not dist.is_initialized():
         return
     try:

@@ -65,16 +65,10 @@ def _child(fn: Callable[..., Any], rank: int, nprocs: int, port: int, folder: st
         with open(os.path.join(folder, f"error{rank}.json"), "w") as f:
             json.dump(record, f)
         code = 1
-    finally:
-        try:
-            import torch.distributed as dist
+    if code == 0:  # os._exit skips exit hooks: let every rank finish its last collectives first
+        from .distributed import shutdown
 
-            if code == 0 and dist.is_initialized():
-                # os._exit skips exit hooks: let every rank finish its last collectives first
-                dist.barrier()
-                dist.destroy_process_group()
-        except Exception:
-            pass
+        shutdown()
     os._exit(code)  # skip interpreter teardown, which can block on a dead peer's socket
 
 
