@@ -13,14 +13,18 @@ import pytest
 
 import layerwise
 
-from .workers import MICROBATCHES, SCHEDULES, equivalence
+from .workers import MICROBATCHES, SCHEDULES, case_key, equivalence
 
 MODELS = ("mlp", "gpt")
-CASES = [[*c, None] for c in itertools.product(MODELS, SCHEDULES, MICROBATCHES)]
+# (model, schedule, microbatches, clip, transport); "auto" is shared memory on one host
+CASES = [[*c, None, "auto"] for c in itertools.product(MODELS, SCHEDULES, MICROBATCHES)]
 # dicts (with an integer entry) and a skip connection cross every stage boundary
-CASES += [["skip", s, 3, None] for s in SCHEDULES]
+CASES += [["skip", s, 3, None, "auto"] for s in SCHEDULES]
 # gradient clipping needs the norm over all stages; 0.05 is below the norm, so it clips
-CASES += [["gpt", s, 3, 0.05] for s in SCHEDULES]
+CASES += [["gpt", s, 3, 0.05, "auto"] for s in SCHEDULES]
+# the process group alone, and shared memory whose every payload falls back to the process group
+CASES += [["gpt", s, 8, None, t] for s in SCHEDULES for t in ("dist", "inline")]
+TRANSPORTS = {"auto": "ShmTransport", "inline": "ShmTransport", "dist": "DistTransport"}
 TOL = 1e-5
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
@@ -32,15 +36,11 @@ def results(request: Any) -> tuple[int, list[dict[str, Any]]]:
     return stages, layerwise.launch(equivalence, stages, CASES, timeout=540)
 
 
-def _key(case: list[Any]) -> str:
-    return "/".join(map(str, case[:3] + ([f"clip{case[3]}"] if case[3] else [])))
-
-
-@pytest.mark.parametrize("case", CASES, ids=_key)
+@pytest.mark.parametrize("case", CASES, ids=case_key)
 def test_matches_single_process(results: tuple[int, list[dict[str, Any]]], case: list[Any]) -> None:
     stages, per_rank = results
-    key = _key(case)
-    rows = [r[key] for r in per_rank]
+    rows = [r[case_key(case)] for r in per_rank]
+    assert all(r["transport"] == TRANSPORTS[case[4]] for r in rows)
     compared = set().union(*(r["compared"] for r in rows))
     assert compared == set(rows[0]["all_params"]), "every parameter must live on some rank"
     for rank, row in enumerate(rows):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+
 import pytest
 
 import layerwise
@@ -12,6 +14,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
 
 def test_killed_rank_stops_everyone_and_is_named() -> None:
+    before = set(glob.glob("/dev/shm/layerwise-*"))
     with pytest.raises(layerwise.LaunchError) as info:
         layerwise.launch(die_mid_step, 4, 2, 30.0, timeout=120, grace=60)
     err = info.value
@@ -21,6 +24,7 @@ def test_killed_rank_stops_everyone_and_is_named() -> None:
     # the others noticed on their own (none had to be stopped by the launcher) and say whom they lost
     assert "still running" not in text, text
     assert "lost rank" in text, text
+    assert set(glob.glob("/dev/shm/layerwise-*")) <= before, "the launcher removes the slots nobody received"
 
 
 def test_hung_rank_is_caught_by_the_timeout_and_named() -> None:

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 
 import layerwise
 from layerwise.models import GPT, GPTConfig, lm_loss, mlp
+from layerwise.runtime import shm
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 MICROBATCHES = (1, 3, 8)
 BATCHES = (10, 7, 12)  # changes between steps; 7 and 10 do not divide into 3 or 8
+_MAX_SLOTS = shm.MAX_SLOTS
 
 
 class _SkipIn(torch.nn.Module):
@@ -74,10 +76,14 @@ def _batch(kind: str, n: int, g: torch.Generator, cfg: Any) -> tuple[torch.Tenso
 
 
 def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
-    """For each (model, schedule, microbatches): train 3 steps with the pipeline and, in the same
-    process, the unsplit model; return the largest loss and parameter differences."""
+    """For each (model, schedule, microbatches, clip, transport): train 3 steps with the pipeline
+    and, in the same process, the unsplit model; return the largest loss and parameter differences.
+
+    transport "inline" is shared memory with no slot to spare, so every payload takes the
+    fallback through the process group."""
     out: dict[str, Any] = {}
-    for kind, schedule, m, clip in cases:
+    for kind, schedule, m, clip, transport in cases:
+        shm.MAX_SLOTS = 0 if transport == "inline" else _MAX_SLOTS
         torch.manual_seed(1234)
         model, loss_fn, cfg = _model(kind)
         ref = copy.deepcopy(model)
@@ -88,7 +94,7 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
         pipe = layerwise.Pipeline(
             model, schedule=schedule, microbatches=m, chunks=2, loss_fn=loss_fn,
             optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
-            max_grad_norm=clip,
+            max_grad_norm=clip, transport="shm" if transport == "inline" else transport,
         )  # fmt: skip
         g = torch.Generator().manual_seed(99)
         ref_params = {
@@ -118,7 +124,8 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
         for name, p in pipe.named_parameters().items():
             param_diff = max(param_diff, (ref_params[name] - p.detach()).abs().max().item())
             compared.append(name)
-        out["/".join(map(str, (kind, schedule, m) + ((f"clip{clip}",) if clip else ())))] = {
+        out[case_key([kind, schedule, m, clip, transport])] = {
+            "transport": type(pipe.transport).__name__,
             "loss_diff": loss_diff,
             "param_diff": param_diff,
             "grad_diff": grad_diff,
@@ -128,6 +135,11 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
             "losses": losses,
         }
     return out
+
+
+def case_key(case: list[Any]) -> str:
+    kind, schedule, m, clip, transport = case
+    return "/".join(map(str, [kind, schedule, m] + ([f"clip{clip}"] if clip else []) + ([transport] if transport != "auto" else [])))
 
 
 def die_mid_step(victim: int, timeout: float, how: str = "kill") -> str:
@@ -170,3 +182,83 @@ def make_pipeline(kwargs: dict[str, Any]) -> str:
     model = mlp(width=8, depth=kwargs.pop("depth", 4))
     layerwise.Pipeline(model, loss_fn=F.mse_loss, timeout=20, **kwargs)
     return "built"
+
+
+def _transport(kind: str) -> Any:
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    return shm.make_transport(kind, None, lambda r: f"rank {r}", torch.device("cpu"))
+
+
+def shm_messages(sizes: list[int]) -> dict[str, Any]:
+    """Rank 0 sends one message per size on one channel (one-ahead receives, as the executor
+    posts them), rank 1 checks every byte. Returns the slots rank 0 made and rank 1's checks."""
+    from layerwise.runtime.wire import Structure
+
+    t = _transport("shm")
+    rank, out = dist.get_rank(), {"ok": [], "slots": 0, "prefix": t.prefix}
+    data = [torch.randn(n, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(sizes)]
+    if rank == 0:
+        for i, x in enumerate(data):
+            t.send([x], Structure(0), 1, tag=i, channel=0)
+            if i % 3 == 2:  # now and then the receiver catches up before the next send
+                t.flush()
+        t.flush()
+        out["slots"] = len(t._rings[0].slots)
+        out["sizes"] = [s.size for s in t._rings[0].slots]
+    else:
+        posted = t.post_recv(0, 0, 0)
+        for i, x in enumerate(data):
+            (got,), _ = t.wait_recv(posted)
+            if i + 1 < len(data):
+                posted = t.post_recv(0, i + 1, 0)
+            out["ok"].append(bool(torch.equal(got, x)))
+    dist.barrier()
+    return out
+
+
+def garbage_header(kind: str) -> str:
+    """Rank 0 sends a header with a wrong magic number; rank 1 receives it over ``kind``."""
+    t = _transport(kind)
+    if dist.get_rank() == 0:
+        header = torch.randint(0, 1000, (256,), dtype=torch.int64)
+        dist.send(header, 1, tag=0)
+        if kind == "dist":  # its receiver also posted the (empty) payload buffer
+            dist.send(torch.empty(0, dtype=torch.uint8), 1, tag=1)
+        dist.barrier()
+        return "sent"
+    try:
+        t.wait_recv(t.post_recv(0, 0, 0))
+    except layerwise.runtime.errors.ProtocolError as e:
+        return str(e)
+    finally:
+        dist.barrier()
+    return "accepted"
+
+
+def shm_garbage_route() -> str:
+    """Rank 0 sends a valid header whose shared-memory route names a slot that does not exist."""
+    from layerwise.runtime.wire import ROUTE, encode, flatten
+
+    t = _transport("shm")
+    if dist.get_rank() == 0:
+        header, _ = encode(*flatten(torch.randn(4)))
+        header[ROUTE : ROUTE + 3] = torch.tensor([7, 3, 1 << 16])
+        dist.send(header, 1, tag=0)
+        dist.barrier()
+        return "sent"
+    try:
+        t.wait_recv(t.post_recv(0, 0, 0))
+    except layerwise.runtime.errors.ProtocolError as e:
+        return str(e)
+    finally:
+        dist.barrier()
+    return "accepted"
+
+
+def pipeline_prefix() -> str | None:
+    """Train two steps; return the shared-memory slots' path prefix."""
+    torch.manual_seed(0)
+    pipe = layerwise.Pipeline(mlp(width=16, depth=4), microbatches=4, loss_fn=F.mse_loss, timeout=30)
+    for _ in range(2):
+        pipe.step(torch.randn(8, 16), torch.randn(8, 16))
+    return getattr(pipe.transport, "prefix", None)

@@ -23,6 +23,7 @@ from layerwise.runtime.wire import (
     MAGIC,
     MAX_NDIM,
     MAX_PAYLOAD,
+    ROUTE,
     VERSION,
     Meta,
     decode_header,
@@ -241,7 +242,7 @@ def test_encode_rejects_too_many_tensors_with_a_clear_message() -> None:
     with pytest.raises(TypeError) as info:
         encode(tensors, flatten(tuple(tensors))[1])
     msg = str(info.value)
-    assert f"max {HEADER_SLOTS}" in msg and "header slots" in msg
+    assert f"max {ROUTE}" in msg and "header slots" in msg
     assert "fewer tensors" in msg
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -34,6 +35,20 @@ def ensure_initialized(timeout_s: float, backend: str | None = None) -> None:
     # its connections while a peer is still talking to it can make the peer's gloo thread abort
     # (SIGABRT) during interpreter teardown. Meet at a barrier first, then destroy the group.
     atexit.register(shutdown)
+    _owned.append(True)
+
+
+_owned: list[bool] = []  # non-empty once this module initialized the default group
+_after_barrier: list[Callable[[], None]] = []
+
+
+def at_shutdown(fn: Callable[[], None]) -> bool:
+    """Run ``fn`` at exit once every rank has reached the shutdown barrier (so no peer still
+    needs what ``fn`` releases). Only possible when we created the group; returns whether it
+    was registered."""
+    if _owned:
+        _after_barrier.append(fn)
+    return bool(_owned)
 
 
 def shutdown() -> None:
@@ -44,6 +59,11 @@ def shutdown() -> None:
         dist.barrier()
     except Exception:  # a peer already failed: nothing left to wait for
         pass
+    while _after_barrier:
+        try:
+            _after_barrier.pop()()
+        except Exception:
+            pass
     try:
         dist.destroy_process_group()
     except Exception:

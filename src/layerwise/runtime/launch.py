@@ -10,6 +10,8 @@ Results travel back as JSON files, never pickles.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import multiprocessing as mp
 import os
@@ -121,6 +123,12 @@ def launch(
     finally:
         _stop(procs)
         shutil.rmtree(folder, ignore_errors=True)
+        # Shared-memory slots a failed rank left (see runtime/shm.py: they carry this run's name).
+        from .shm import ROOT as shm_root
+
+        for path in glob.glob(os.path.join(shm_root, os.path.basename(folder) + "-*")):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _stop(procs: list[Any]) -> None:

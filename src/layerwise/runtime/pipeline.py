@@ -22,7 +22,7 @@ from .executor import KINDS, StepData, run_step
 from .microbatch import split_batch
 from .split import ModelLike, Partition, as_layers, resolve_partition, shared_param_objects, stage_bounds
 from .stage import Stage
-from .transport import DistTransport
+from .shm import make_transport
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -33,6 +33,11 @@ class Pipeline:
     Every process builds the same model (same seed) and keeps only its own stages. ``stages`` is
     the number of pipeline ranks (the world size by default); with ``schedule="interleaved"``
     each rank holds ``chunks`` stages.
+
+    ``transport="auto"`` sends stage-boundary payloads through shared memory when every rank is
+    on this host and tensors are on the CPU (headers still go through the process group, which
+    also notices a lost peer), and through the process group alone otherwise; ``"dist"`` forces
+    the latter, ``"shm"`` the former. See :mod:`layerwise.runtime.shm` for why.
 
     Example (run under ``torchrun --nproc-per-node 4`` or ``layerwise.launch(fn, nprocs=4)``)::
 
@@ -59,6 +64,7 @@ class Pipeline:
         record: bool = False,
         speed: float = 1.0,
         max_grad_norm: float | None = None,
+        transport: str = "auto",
     ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ConfigError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -115,7 +121,10 @@ class Pipeline:
             )
         self._layer_ranges = {s: bounds[s] for s in self.stages}
         self._ties = self._tie_groups(layers, bounds)
-        self.transport = DistTransport(group, self.describe, self.device)
+        try:
+            self.transport = make_transport(transport, group, self.describe, self.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         seen: dict[int, nn.Parameter] = {}
         for stage in self.stages.values():
             for p in stage.parameters():

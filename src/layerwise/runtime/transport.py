@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .distributed import to_global
-from .errors import PeerLostError
+from .errors import PeerLostError, PipelineError
 from .wire import HEADER_SLOTS, Structure, decode_header, decode_payload, encode
 
 
@@ -121,6 +121,8 @@ class DistTransport:
                 payload = torch.empty(meta.nbytes, dtype=torch.uint8, device=self._device)
                 dist.recv(payload, peer, group=self.group, tag=3 * posted.tag + 2)
                 self._capacity[posted.channel] = meta.nbytes
+        except PipelineError:  # a malformed message: not a lost peer
+            raise
         except RuntimeError as e:
             raise self._lost(src, "receiving from", e) from None
         return decode_payload(meta, payload), meta.structure

@@ -16,6 +16,10 @@ import torch
 from .errors import ProtocolError
 
 HEADER_SLOTS = 256
+# The last slots belong to the transport (where the payload waits, for a shared-memory transport);
+# the message description never uses them and the decoder ignores them.
+TRANSPORT_SLOTS = 3
+ROUTE = HEADER_SLOTS - TRANSPORT_SLOTS
 MAGIC = 0x4C57  # "LW"
 VERSION = 1
 MAX_NDIM = 8
@@ -85,9 +89,9 @@ def encode(tensors: list[torch.Tensor], structure: Structure) -> tuple[torch.Ten
         nbytes += t.numel() * t.element_size()
     key_bytes = b"\0".join(k.encode() for k in structure.keys)
     head += [len(key_bytes), *key_bytes, nbytes]
-    if len(head) > HEADER_SLOTS:
+    if len(head) > ROUTE:
         raise TypeError(
-            f"a stage boundary message needs {len(head)} header slots (max {HEADER_SLOTS}): "
+            f"a stage boundary message needs {len(head)} header slots (max {ROUTE}): "
             "pass fewer tensors or shorter dict keys across the boundary"
         )
     header = torch.zeros(HEADER_SLOTS, dtype=torch.int64)
