@@ -260,8 +260,11 @@ def test_encode_rejects_unsupported_dtype_and_too_many_dims() -> None:
 
 
 def test_the_largest_message_that_fits_round_trips() -> None:
-    # 4 + 84 * 3 = 256 would leave no room for nkey and nbytes; 83 tensors of 1 dim fit.
-    tensors = tuple(_rand((i % 3 + 2,), torch.float32) for i in range(83))
+    # The last TRANSPORT_SLOTS belong to the transport: 4 + 82 * 3 + 2 = 252 <= ROUTE = 253 fits,
+    # and one tensor more does not.
+    tensors = tuple(_rand((i % 3 + 2,), torch.float32) for i in range(82))
+    with pytest.raises(TypeError, match="header slots"):
+        encode([*tensors, _rand((2,), torch.float32)], flatten((*tensors, tensors[0]))[1])
     got = _send(tensors)
     for g, x in zip(got, tensors):
         _assert_same(g, x)
