@@ -1,19 +1,24 @@
 """Does ``layerwise.partition`` pay off when measured? Balanced vs uniform, capacity-aware vs blind.
 
-A GPT whose head costs about two blocks (plus its loss, which runs on the last stage) is profiled
-once in this process (one thread, ``profile_with_loss``), partitioned, and trained by two CPU
-processes (one stage and one thread each, gloo) under four partitions:
+GPT models are profiled in this process (one thread, ``profile_with_loss``), partitioned, and
+trained by two CPU processes (one stage and one thread each) under six partitions:
 
 (a) ``uniform`` (even layer counts) vs ``balanced`` (``balance="time"``) on equal devices:
     throughput ratio ``balanced_vs_uniform``; the balanced plan's predicted step time against the
-    measured one gives ``prediction_error``.
+    measured one gives ``prediction_error``. The issue's model has an embedding and a head of about
+    two blocks each: four blocks of work outside the blocks. On a CPU an embedding lookup costs
+    about 0.2 block at any vocabulary, so that work can only sit in the head and its loss: the
+    vocabulary (6912) is the one at which embedding, head and loss together cost about four blocks.
+    The same pair is also timed on the model whose head alone costs two blocks (vocabulary 4608;
+    with its loss 2.7 blocks), reported as ``balanced_vs_uniform_head_two_blocks``.
 (b) rank 1 emulates a device of half the speed (``Pipeline(speed=0.5)`` sleeps after each of its
     compute actions for as long as the action took): ``aware`` (``devices=[fast 1.0, slow 0.5]``)
-    vs ``blind`` (the balanced plan for equal devices): ``aware_vs_blind``.
+    vs ``blind`` (the balanced plan for equal devices): ``aware_vs_blind``, on the vocabulary-4608
+    model (on the heavier one both plans are [5, 1], nothing to compare).
 (c) 4 and 8 stages, which two cores cannot run honestly: the simulator's step time and bubble
     for uniform and balanced plans of a deeper model of the same width, from its measured costs.
 
-All four partitions live in the same two processes; each repetition times ``steps`` steps of
+All six partitions live in the same two processes; each repetition times ``steps`` steps of
 every partition, in alternating order, after untimed warm-up steps; the median over repetitions
 is reported. Writes ``bench/results/balance.json``. For diagnosis it also records, per timed block,
 the share of the CPU that other processes used (a shared machine disturbs the timings), and, per
@@ -43,39 +48,40 @@ from typing import Any
 # against the uniform split, and the balanced split for equal devices ([4, 2]: 3.2 vs 3.7 blocks)
 # is clearly apart from the capacity-aware one ([5, 1]), so timing noise cannot swap them.
 # (A CPU embedding lookup costs ~0.2 block at any size: only the head can be made heavy here.)
-FULL = dict(vocab=4608, width=128, heads=4, blocks=4, context=64, rows=8, microbatches=8,
-            warmup=2, steps=5, reps=5, lr=1e-3, profile_repeats=10, profile_rounds=3,
+FULL = dict(vocab=4608, uneven_vocab=6912, width=128, heads=4, blocks=4, context=64, rows=8,
+            microbatches=8, warmup=2, steps=5, reps=5, lr=1e-3, profile_repeats=10, profile_rounds=3,
             deep_blocks=14)  # fmt: skip
-QUICK = dict(vocab=4608, width=128, heads=4, blocks=5, context=64, rows=4, microbatches=4,
-             warmup=1, steps=2, reps=1, lr=1e-3, profile_repeats=3, profile_rounds=1,
-            deep_blocks=6)  # fmt: skip
+QUICK = dict(vocab=4608, uneven_vocab=6912, width=128, heads=4, blocks=5, context=64, rows=4,
+             microbatches=4, warmup=1, steps=2, reps=1, lr=1e-3, profile_repeats=3, profile_rounds=1,
+             deep_blocks=6)  # fmt: skip
 TARGETS = {"balanced_vs_uniform": 1.2, "aware_vs_blind": 1.25, "prediction_error": 0.15}
 SLOW = 0.5  # emulated speed of rank 1 in part (b)
 TIMEOUT = 120.0
 QUIET = 0.05  # a timed block counts as undisturbed when other processes used < 5% of the CPU
 
 
-def _model(cfg: dict[str, Any], blocks: int | None = None) -> Any:
+def _model(cfg: dict[str, Any], blocks: int | None = None, vocab: int | None = None) -> Any:
     import torch
 
     from layerwise.models import GPT, GPTConfig
 
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab=cfg["vocab"], context=cfg["context"], width=cfg["width"],
+    return GPT(GPTConfig(vocab=vocab or cfg["vocab"], context=cfg["context"], width=cfg["width"],
                          heads=cfg["heads"], blocks=blocks or cfg["blocks"]))  # fmt: skip
 
 
-def _batch(cfg: dict[str, Any], rows: int) -> tuple[Any, Any]:
+def _batch(cfg: dict[str, Any], rows: int, vocab: int | None = None) -> tuple[Any, Any]:
     import torch
 
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg["vocab"], (rows, cfg["context"] + 1), generator=g)
+    tokens = torch.randint(0, vocab or cfg["vocab"], (rows, cfg["context"] + 1), generator=g)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (rows, seq) each
 
 
 # -- the training processes ------------------------------------------------------------------------
-def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float]]) -> dict[str, Any]:
-    """In each rank: build one Pipeline per (name, partition, speed of rank 1); time them in turn."""
+def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float, int]]) -> dict[str, Any]:
+    """In each rank: build one Pipeline per (name, partition, speed of rank 1, vocabulary); time
+    them in turn."""
     import torch
     import torch.distributed as dist
 
@@ -85,25 +91,25 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float]]) -> dict
     torch.set_num_threads(1)
     _keep_heap(cfg["keep_heap"])
     rank = int(os.environ["RANK"])
-    pipes = {}
-    for name, counts, slow in runs:
+    pipes, data = {}, {}
+    for name, counts, slow, vocab in runs:
         pipes[name] = Pipeline(
-            _model(cfg), microbatches=cfg["microbatches"], partition=counts, loss_fn=lm_loss,
+            _model(cfg, vocab=vocab), microbatches=cfg["microbatches"], partition=counts, loss_fn=lm_loss,
             optimizer=lambda p: torch.optim.AdamW(p, lr=cfg["lr"]), speed=slow if rank == 1 else 1.0,
             timeout=TIMEOUT,
         )  # fmt: skip
-    x, y = _batch(cfg, cfg["rows"] * cfg["microbatches"])
+        data[name] = _batch(cfg, cfg["rows"] * cfg["microbatches"], vocab)
     losses: dict[str, list[float]] = {name: [] for name in pipes}
     for name, pipe in pipes.items():
         for _ in range(cfg["warmup"]):
-            losses[name].append(pipe.step(x, y))
+            losses[name].append(pipe.step(*data[name]))
     step_s: dict[str, list[float]] = {name: [] for name in pipes}
     optim_s: dict[str, list[float]] = {name: [] for name in pipes}
     usage: dict[str, list[list[float]]] = {name: [] for name in pipes}  # [busy, total, own] CPU s
     names = list(pipes)
     for rep in range(cfg["reps"]):
         for name in names if rep % 2 == 0 else names[::-1]:  # alternate, so drift hits all alike
-            pipe = pipes[name]
+            pipe, (x, y) = pipes[name], data[name]
             dist.barrier()
             machine, cpu = _machine_cpu(), time.process_time()
             start = time.perf_counter()
@@ -120,7 +126,7 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float]]) -> dict
             end = _machine_cpu()
             usage[name].append([end[0] - machine[0], end[1] - machine[1], time.process_time() - cpu])
     return {"rank": rank, "step_s": step_s, "optimizer_s": optim_s, "cpu": usage,
-            "timeline": {name: [_timeline(pipe, x, y) for _ in range(3)] for name, pipe in pipes.items()},
+            "timeline": {name: [_timeline(pipe, *data[name]) for _ in range(3)] for name, pipe in pipes.items()},
             "first_loss": {k: v[0] for k, v in losses.items()},
             "last_loss": {k: v[-1] for k, v in losses.items()}}  # fmt: skip
 
@@ -185,7 +191,7 @@ def _timeline(pipe: Any, x: Any, y: Any) -> dict[str, Any]:
 
 
 # -- the parent process -------------------------------------------------------------------------
-def _profile(cfg: dict[str, Any], blocks: int) -> tuple[Any, list[Any]]:
+def _profile(cfg: dict[str, Any], blocks: int, vocab: int | None = None) -> tuple[Any, list[Any]]:
     """Per-layer costs of one microbatch, the loss last: per layer, the median of a few rounds of
     ``profile_with_loss`` (each itself a median), so that a burst of load on a shared machine
     during one layer's timing does not move that layer."""
@@ -194,8 +200,8 @@ def _profile(cfg: dict[str, Any], blocks: int) -> tuple[Any, list[Any]]:
     from layerwise.models import lm_loss
     from layerwise.partition import profile_with_loss
 
-    model = _model(cfg, blocks)
-    x, y = _batch(cfg, cfg["rows"])  # one microbatch
+    model = _model(cfg, blocks, vocab)
+    x, y = _batch(cfg, cfg["rows"], vocab)  # one microbatch
     rounds = [profile_with_loss(model, x, lm_loss, y, repeats=cfg["profile_repeats"], warmup=3)
               for _ in range(cfg["profile_rounds"])]  # fmt: skip
     costs = [
@@ -237,6 +243,7 @@ def _ratios(costs: list[Any]) -> dict[str, float]:
         "head_per_block": costs[-2].time_s / block,
         "loss_per_block": costs[-1].time_s / block,
         "head_and_loss_per_block": (costs[-2].time_s + costs[-1].time_s) / block,
+        "outside_blocks": (costs[0].time_s + costs[-2].time_s + costs[-1].time_s) / block,
     }
 
 
@@ -308,28 +315,36 @@ def main() -> int:
     from layerwise.partition import Device
 
     torch.set_num_threads(1)  # profile on one core, as each training process runs
-    model, costs = _profile(cfg, cfg["blocks"])
-    ratios = _ratios(costs)
-    print(f"per-layer fwd+bwd (ms, one microbatch of {cfg['rows']}x{cfg['context']} tokens): "
-          + " ".join(f"{1e3 * c.time_s:.1f}" for c in costs))  # fmt: skip
-    print(f"cost in blocks: embedding {ratios['embedding_per_block']:.2f}, head "
-          f"{ratios['head_per_block']:.2f}, loss {ratios['loss_per_block']:.2f} (block = "
-          f"{ratios['block_ms']:.1f} ms)")  # fmt: skip
-
     m = cfg["microbatches"]
+    model, costs = _profile(cfg, cfg["blocks"], cfg["uneven_vocab"])  # part (a)
+    model2, costs2 = _profile(cfg, cfg["blocks"])  # part (b), and (a) with a two-block head
+    ratios, ratios2 = _ratios(costs), _ratios(costs2)
+    for vocab, c, r in ((cfg["uneven_vocab"], costs, ratios), (cfg["vocab"], costs2, ratios2)):
+        print(f"vocabulary {vocab}: per-layer fwd+bwd (ms, one microbatch of {cfg['rows']}x{cfg['context']} "
+              "tokens): " + " ".join(f"{1e3 * x.time_s:.1f}" for x in c))  # fmt: skip
+        print(f"  cost in blocks: embedding {r['embedding_per_block']:.2f}, head {r['head_per_block']:.2f}, "
+              f"loss {r['loss_per_block']:.2f}; outside the blocks {r['outside_blocks']:.2f} (block = "
+              f"{r['block_ms']:.1f} ms)")  # fmt: skip
+
     devices = [Device(name="fast", speed=1.0), Device(name="slow", speed=SLOW)]
     plans = {
         "uniform": layerwise.partition(model, 2, balance="uniform", costs=costs, microbatches=m),
         "balanced": layerwise.partition(model, 2, balance="time", costs=costs, microbatches=m),
-        "aware": layerwise.partition(model, 2, costs=costs, microbatches=m, devices=devices),
+        "uniform_head2": layerwise.partition(model2, 2, balance="uniform", costs=costs2, microbatches=m),
+        "balanced_head2": layerwise.partition(model2, 2, balance="time", costs=costs2, microbatches=m),
+        "aware": layerwise.partition(model2, 2, costs=costs2, microbatches=m, devices=devices),
     }
-    plans["blind"] = layerwise.partition(model, 2, balance=list(plans["balanced"]), costs=costs,
+    plans["blind"] = layerwise.partition(model2, 2, balance=list(plans["balanced_head2"]), costs=costs2,
                                          microbatches=m, devices=devices)  # fmt: skip
-    runs = [("uniform", list(plans["uniform"]), 1.0), ("balanced", list(plans["balanced"]), 1.0),
-            ("blind", list(plans["blind"]), SLOW), ("aware", list(plans["aware"]), SLOW)]  # fmt: skip
-    print("partitions: " + ", ".join(f"{n} {c}" for n, c, _ in runs))
-    optimizer = {n: _stage_optimizer_s(cfg, model, list(p)) for n, p in plans.items()}
-    results = launch(train, 2, cfg, runs, threads=1, timeout=600)
+    runs = [("uniform", list(plans["uniform"]), 1.0, cfg["uneven_vocab"]),
+            ("balanced", list(plans["balanced"]), 1.0, cfg["uneven_vocab"]),
+            ("uniform_head2", list(plans["uniform_head2"]), 1.0, cfg["vocab"]),
+            ("balanced_head2", list(plans["balanced_head2"]), 1.0, cfg["vocab"]),
+            ("blind", list(plans["blind"]), SLOW, cfg["vocab"]), ("aware", list(plans["aware"]), SLOW, cfg["vocab"])]  # fmt: skip
+    print("partitions: " + ", ".join(f"{n} {c}" for n, c, _, _ in runs))
+    optimizer = {n: _stage_optimizer_s(cfg, model if n in ("uniform", "balanced") else model2, list(p))
+                 for n, p in plans.items()}  # fmt: skip
+    results = launch(train, 2, cfg, runs, threads=1, timeout=900)
     step = results[0]["step_s"]
     optim = results[0]["optimizer_s"]
     timeline = results[0]["timeline"]
@@ -348,26 +363,34 @@ def main() -> int:
     report = {
         "balanced_vs_uniform": med["uniform"] / med["balanced"],
         "aware_vs_blind": med["blind"] / med["aware"],
+        "balanced_vs_uniform_head_two_blocks": med["uniform_head2"] / med["balanced_head2"],
         # the balanced plan's simulated step plus its optimizer step (both measured up front)
         "prediction_error": abs(_predicted(plans["balanced"], optimizer["balanced"]) - med["balanced"]) / med["balanced"],
         "predicted": {  # the same ratios from the plans' simulated step times plus optimizer steps
             "balanced_vs_uniform": _predicted(plans["uniform"], optimizer["uniform"])
             / _predicted(plans["balanced"], optimizer["balanced"]),
             "aware_vs_blind": _predicted(plans["blind"], optimizer["blind"]) / _predicted(plans["aware"], optimizer["aware"]),
+            "balanced_vs_uniform_head_two_blocks": _predicted(plans["uniform_head2"], optimizer["uniform_head2"])
+            / _predicted(plans["balanced_head2"], optimizer["balanced_head2"]),
         },
         "met": {},
         "targets": {"balanced_vs_uniform": f">= {TARGETS['balanced_vs_uniform']}",
                     "aware_vs_blind": f">= {TARGETS['aware_vs_blind']}",
                     "prediction_error": f"<= {TARGETS['prediction_error']}"},  # fmt: skip
         "details": {
-            "layer_costs_ms": [1e3 * c.time_s for c in costs],
             "layer_names": ["embedding"] + [f"block{k}" for k in range(cfg["blocks"])] + ["head", "loss"],
+            "layer_costs_ms": [1e3 * c.time_s for c in costs],
             "cost_in_blocks": ratios,
+            "layer_costs_ms_head_two_blocks": [1e3 * c.time_s for c in costs2],
+            "cost_in_blocks_head_two_blocks": ratios2,
             "two_stages": {n: _entry(plans[n], step[n], optim[n], timeline[n], optimizer[n]) for n in ("uniform", "balanced")},
+            "two_stages_head_two_blocks": {n: _entry(plans[n], step[n], optim[n], timeline[n], optimizer[n])
+                                           for n in ("uniform_head2", "balanced_head2")},  # fmt: skip
             "two_speeds": {n: _entry(plans[n], step[n], optim[n], timeline[n], optimizer[n]) for n in ("blind", "aware")},
             "paired_ratios": {
                 "balanced_vs_uniform": [u / b for u, b in zip(step["uniform"], step["balanced"])],
                 "aware_vs_blind": [b / a for b, a in zip(step["blind"], step["aware"])],
+                "balanced_vs_uniform_head_two_blocks": [u / b for u, b in zip(step["uniform_head2"], step["balanced_head2"])],
             },
             "foreign_cpu_share": foreign,  # per timed block: CPU used by other processes / machine
             # medians over only the blocks during which other processes used < QUIET of the CPU
@@ -397,13 +420,13 @@ def _met(key: str, value: float) -> bool:
 
 def _print(report: dict[str, Any]) -> None:
     d = report["details"]
-    print(f"\n{'run':<10} {'partition':<10} {'predicted ms':>12} {'measured ms':>12} {'error':>7} "
+    print(f"\n{'run':<15} {'partition':<10} {'predicted ms':>12} {'measured ms':>12} {'error':>7} "
           f"{'optimizer ms (pred/rank 0)':>27}  {'compute/profile':>15}")  # fmt: skip
-    for group in ("two_stages", "two_speeds"):
+    for group in ("two_stages", "two_stages_head_two_blocks", "two_speeds"):
         for name, e in d[group].items():
             slow = " ".join(f"{r:.2f}" for r in e["recorded_steps"]["compute_vs_profile"])
             opt = "/".join(f"{t:.1f}" for t in e["predicted_optimizer_ms"])
-            print(f"{name:<10} {str(e['partition']):<10} {1e3 * e['predicted_step_with_optimizer_s']:>12.1f} "
+            print(f"{name:<15} {str(e['partition']):<10} {1e3 * e['predicted_step_with_optimizer_s']:>12.1f} "
                   f"{1e3 * e['measured_step_s']:>12.1f} {100 * e['prediction_error']:>6.1f}% "
                   f"{opt + ' / ' + format(1e3 * e['optimizer_step_s'], '.1f'):>27}  {slow:>15}")  # fmt: skip
     shares = [v for per in d["foreign_cpu_share"].values() for v in per]
@@ -418,6 +441,9 @@ def _print(report: dict[str, Any]) -> None:
                   f"{str(e['partition']):<26} step {1e3 * e['predicted_step_s']:7.1f} ms, "
                   f"bubble {100 * e['predicted_bubble']:4.1f}%")  # fmt: skip
     print()
+    u = report["balanced_vs_uniform_head_two_blocks"]
+    print(f"{'(head of two blocks)':<20} {u:6.3f}  (balanced vs uniform on vocabulary {report['config']['vocab']}, "
+          f"simulator predicts {report['predicted']['balanced_vs_uniform_head_two_blocks']:.3f})")
     for key, target in report["targets"].items():
         value = report[key]
         ok = report["met"][key]

@@ -9,7 +9,7 @@ import pytest
 
 import layerwise
 
-from .workers import garbage_header, pipeline_prefix, shm_garbage_route, shm_messages
+from .workers import garbage_header, pipeline_prefix, shm_garbage_route, shm_messages, shm_wrong_tag
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
@@ -42,3 +42,9 @@ def test_auto_uses_shared_memory_on_one_host_and_cleans_up() -> None:
 def test_a_garbage_header_is_a_protocol_error_naming_the_peer(kind: str) -> None:
     _, text = layerwise.launch(garbage_header, 2, kind, timeout=120)
     assert text.startswith("rank 0 sent an invalid message header (wrong magic number)"), text
+
+
+def test_a_message_out_of_schedule_order_is_a_protocol_error() -> None:
+    _, text = layerwise.launch(shm_wrong_tag, 2, timeout=120)
+    assert text.startswith("rank 0 sent message 5 where this rank expected 0"), text
+    assert "different schedules" in text

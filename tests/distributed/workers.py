@@ -186,12 +186,13 @@ def make_pipeline(kwargs: dict[str, Any]) -> str:
 
 def _transport(kind: str) -> Any:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    return shm.make_transport(kind, None, lambda r: f"rank {r}", torch.device("cpu"))
+    return shm.make_transport(kind, None, lambda r: f"rank {r}", torch.device("cpu"), [shm.Channel(0, 1, 0)], 60.0)
 
 
 def shm_messages(sizes: list[int]) -> dict[str, Any]:
     """Rank 0 sends one message per size on one channel (one-ahead receives, as the executor
-    posts them), rank 1 checks every byte. Returns the slots rank 0 made and rank 1's checks."""
+    posts them), rank 1 checks every byte; every third message both meet at a barrier, so the
+    sender's slots can be reused. Returns the slots rank 0 made and rank 1's checks."""
     from layerwise.runtime.wire import Structure
 
     t = _transport("shm")
@@ -201,7 +202,7 @@ def shm_messages(sizes: list[int]) -> dict[str, Any]:
         for i, x in enumerate(data):
             t.send([x], Structure(0), 1, tag=i, channel=0)
             if i % 3 == 2:  # now and then the receiver catches up before the next send
-                t.flush()
+                dist.barrier()
         t.flush()
         out["slots"] = len(t._rings[0].slots)
         out["sizes"] = [s.size for s in t._rings[0].slots]
@@ -212,6 +213,8 @@ def shm_messages(sizes: list[int]) -> dict[str, Any]:
             if i + 1 < len(data):
                 posted = t.post_recv(0, i + 1, 0)
             out["ok"].append(bool(torch.equal(got, x)))
+            if i % 3 == 2:
+                dist.barrier()
     dist.barrier()
     return out
 
@@ -221,9 +224,11 @@ def garbage_header(kind: str) -> str:
     t = _transport(kind)
     if dist.get_rank() == 0:
         header = torch.randint(0, 1000, (256,), dtype=torch.int64)
-        dist.send(header, 1, tag=0)
-        if kind == "dist":  # its receiver also posted the (empty) payload buffer
+        if kind == "dist":  # its receiver posted the header and an (empty) payload buffer
+            dist.send(header, 1, tag=0)
             dist.send(torch.empty(0, dtype=torch.uint8), 1, tag=1)
+        else:
+            t._write(t._head_out[0], header.numpy().tobytes(), 1)
         dist.barrier()
         return "sent"
     try:
@@ -242,8 +247,8 @@ def shm_garbage_route() -> str:
     t = _transport("shm")
     if dist.get_rank() == 0:
         header, _ = encode(*flatten(torch.randn(4)))
-        header[ROUTE : ROUTE + 3] = torch.tensor([7, 3, 1 << 16])
-        dist.send(header, 1, tag=0)
+        header[ROUTE:] = torch.tensor([7, 3, 1 << 16, 0])
+        t._write(t._head_out[0], header.numpy().tobytes(), 1)
         dist.barrier()
         return "sent"
     try:
@@ -262,3 +267,21 @@ def pipeline_prefix() -> str | None:
     for _ in range(2):
         pipe.step(torch.randn(8, 16), torch.randn(8, 16))
     return getattr(pipe.transport, "prefix", None)
+
+
+def shm_wrong_tag() -> str:
+    """Rank 0 sends microbatch 5's message where rank 1's schedule expects microbatch 0's."""
+    from layerwise.runtime.wire import flatten
+
+    t = _transport("shm")
+    if dist.get_rank() == 0:
+        t.send(*flatten(torch.randn(4)), 1, tag=5, channel=0)
+        dist.barrier()
+        return "sent"
+    try:
+        t.wait_recv(t.post_recv(0, 0, 0))
+    except layerwise.runtime.errors.ProtocolError as e:
+        return str(e)
+    finally:
+        dist.barrier()
+    return "accepted"

@@ -14,58 +14,55 @@ from layerwise.runtime.errors import ProtocolError
 from layerwise.runtime.wire import HEADER_SLOTS, ROUTE, decode_header, encode, flatten
 
 
-class _Work:
-    """A header send that completes when told to."""
-
-    def __init__(self) -> None:
-        self.done = False
-
-    def is_completed(self) -> bool:
-        return self.done
-
-
 def _transport(tmp_path: Path) -> shm.ShmTransport:
     t = object.__new__(shm.ShmTransport)  # no process group: only the bookkeeping is exercised
     t.rank = 0
     t.prefix = str(tmp_path / "layerwise-test")
     t._rings, t._mapped, t._created = {}, {}, set()
     t._describe = lambda r: f"rank {r}"
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    t._ack_in, t._ack_out = {0: read}, {0: write}  # the receiver's acknowledgements, by hand
     return t
 
 
-def _send(t: shm.ShmTransport, ring: shm._Ring, n: int) -> tuple[int, _Work]:
-    """What send() does with the ring, minus the process group."""
+def _send(t: shm.ShmTransport, ring: shm._Ring, n: int) -> int:
+    """What send() does with the ring, minus the header pipe."""
     i = t._slot_for(ring, 0, n)
     assert i != shm._INLINE
     ring.slots[i].last_seq = ring.seq
-    work = _Work()
-    ring.headers.append((ring.seq, work))
     ring.seq += 1
-    return i, work
+    return i
 
 
-def test_a_slot_is_reused_only_once_a_later_header_was_taken(tmp_path: Path) -> None:
+def _ack(t: shm.ShmTransport) -> None:
+    os.write(t._ack_out[0], b"\x01")  # the receiver copied the oldest unacknowledged message out
+
+
+def test_a_slot_is_reused_only_once_its_message_was_acknowledged(tmp_path: Path) -> None:
     t = _transport(tmp_path)
     ring = shm._Ring()
-    a, wa = _send(t, ring, 1000)
-    b, wb = _send(t, ring, 1000)
-    assert a != b  # message 0 may still be unread: no header after it has completed
-    wa.done = True  # header 0 taken: the receiver had consumed nothing before it
-    c, _ = _send(t, ring, 1000)
-    assert c not in (a, b)
-    wb.done = True  # header 1 taken: message 0 was copied out, its slot is free
-    d, _ = _send(t, ring, 1000)
-    assert d == a and len(ring.slots) == 3
+    a = _send(t, ring, 1000)
+    b = _send(t, ring, 1000)
+    assert a != b  # message 0 is unread
+    _ack(t)  # message 0 copied out: its slot is free
+    c = _send(t, ring, 1000)
+    assert c == a and ring.consumed == 1
+    d = _send(t, ring, 1000)
+    assert d not in (a, b)  # messages 1 and 2 are unread
+    _ack(t)
+    _ack(t)  # messages 1 and 2 copied out: slots a and b are free, message 3 (slot d) is not
+    assert _send(t, ring, 1000) == a and ring.consumed == 3 and len(ring.slots) == 3
+    assert _send(t, ring, 1000) == b
 
 
 def test_a_free_slot_too_small_is_replaced_by_a_larger_generation(tmp_path: Path) -> None:
     t = _transport(tmp_path)
     ring = shm._Ring()
-    a, wa = _send(t, ring, 10)
-    wa.done = True
-    _, wb = _send(t, ring, 10)
-    wb.done = True  # slot a is free again, but 64 KiB is too small for the next message
-    c, _ = _send(t, ring, 200_000)
+    a = _send(t, ring, 10)
+    _send(t, ring, 10)
+    _ack(t)  # slot a is free again, but 64 KiB is too small for the next message
+    c = _send(t, ring, 200_000)
     assert c == a and ring.slots[a].gen == 1 and ring.slots[a].size >= 200_000
     assert sorted(os.path.basename(p) for p in t._created) == ["layerwise-test-0-0-0-0", "layerwise-test-0-0-0-1",
                                                                "layerwise-test-0-0-1-0"]  # fmt: skip
@@ -84,7 +81,7 @@ def test_no_slot_left_means_the_process_group_carries_the_payload(tmp_path: Path
 def test_the_receiver_maps_a_slot_once_and_unlinks_it(tmp_path: Path) -> None:
     sender, receiver = _transport(tmp_path), _transport(tmp_path)
     ring = shm._Ring()
-    i, _ = _send(sender, ring, 100)
+    i = _send(sender, ring, 100)
     sender._rings[0] = ring
     payload = torch.arange(25, dtype=torch.float32).view(torch.uint8)
     ring.slots[i].buf[:100].copy_(payload)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,11 +18,11 @@ from ..schedule.generators import ScheduleConfigError, build
 from ..schedule.validate import validate
 from .distributed import default_device, ensure_initialized, to_global
 from .errors import ConfigError
-from .executor import KINDS, StepData, run_step
+from .executor import KINDS, StepData, channel_of, run_step
 from .microbatch import split_batch
+from .shm import Channel, make_transport
 from .split import ModelLike, Partition, as_layers, resolve_partition, shared_param_objects, stage_bounds
 from .stage import Stage
-from .shm import make_transport
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -34,10 +34,10 @@ class Pipeline:
     the number of pipeline ranks (the world size by default); with ``schedule="interleaved"``
     each rank holds ``chunks`` stages.
 
-    ``transport="auto"`` sends stage-boundary payloads through shared memory when every rank is
-    on this host and tensors are on the CPU (headers still go through the process group, which
-    also notices a lost peer), and through the process group alone otherwise; ``"dist"`` forces
-    the latter, ``"shm"`` the former. See :mod:`layerwise.runtime.shm` for why.
+    ``transport="auto"`` carries stage-boundary messages through shared memory and pipes when
+    every rank is on this host and tensors are on the CPU, and through the process group's
+    point-to-point operations otherwise; ``"dist"`` forces the latter, ``"shm"`` the former. See
+    :mod:`layerwise.runtime.shm` for why. Collectives (loss, tied weights) always use the group.
 
     Example (run under ``torchrun --nproc-per-node 4`` or ``layerwise.launch(fn, nprocs=4)``)::
 
@@ -122,7 +122,8 @@ class Pipeline:
         self._layer_ranges = {s: bounds[s] for s in self.stages}
         self._ties = self._tie_groups(layers, bounds)
         try:
-            self.transport = make_transport(transport, group, self.describe, self.device)
+            self.transport = make_transport(transport, group, self.describe, self.device,
+                                            _channels(self.stage_to_rank), timeout)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         seen: dict[int, nn.Parameter] = {}
@@ -322,6 +323,16 @@ class Pipeline:
             return []
         origin = min(e.start for e in events)
         return [TimedAction(e.rank, e.action, e.start - origin, e.end - origin) for e in events]
+
+
+def _channels(stage_to_rank: Sequence[int]) -> list[Channel]:
+    """Every channel between two ranks: each boundary's activations forward, gradients back."""
+    out = []
+    for s in range(len(stage_to_rank) - 1):
+        a, b = stage_to_rank[s], stage_to_rank[s + 1]
+        if a != b:
+            out += [Channel(a, b, channel_of(s, True)), Channel(b, a, channel_of(s + 1, False))]
+    return out
 
 
 def _wait_all(pending: list[Any]) -> None:

@@ -1,29 +1,37 @@
-"""Stage-boundary messages between ranks on one host: the payload through shared memory.
+"""Stage-boundary messages between ranks on one host: shared memory and pipes, no gloo threads.
 
-Why by hand: gloo moves a large message in pieces from background threads on both processes.
-When every core runs a stage (one process per core, as a CPU pipeline runs), those threads wait
-for a scheduler slice, and a message posted long before its receive is waited on still lands
-milliseconds late: 3 to 6 ms for a 256 KiB activation, up to 24 ms in one 1F1B step, measured with
-``bench/pipeline_vs_torch.py``. Here the sender copies the payload into a shared-memory slot in its
-own thread and sends only the 2 KiB header through the process group, which one socket write
-takes whole. NCCL does the same inside a node (its SHM transport); torch.distributed has no
-shared-memory point-to-point for CPU tensors.
+Why by hand: gloo moves every point-to-point message through background threads on both
+processes (a receive-ready notice one way, the data the other). When every core runs a stage (one
+process per core, as a CPU pipeline runs), those threads wait for a scheduler slice, so a message
+posted long before its receive is waited on still lands late: 0.4 ms at best, 3 to 6 ms at times
+(up to 24 ms in one 1F1B step), measured with ``bench/pipeline_vs_torch.py``. torch.distributed
+has no shared-memory point-to-point for CPU tensors; NCCL does this inside a node (its SHM
+transport).
 
-A slot is a file in ``/dev/shm`` mapped by both ranks; the receiver unlinks it once mapped, so a
-killed process leaves behind at most the slots of messages nobody received. Slots are reused without any
-shared flag: a message's header send completes only once the receiver has posted that receive,
-and a receiver posts a channel's next receive only after it copied the previous payload out (see
-``Transport.post_recv``). So when message k's header send has completed, every slot holding a
-message before k is free.
+Here each channel (one stage boundary, one direction) between two ranks has:
+
+- **slots**: files in ``/dev/shm`` mapped by both ranks. The sender copies the payload into a free
+  slot in its own thread. The receiver unlinks a slot once mapped, so a killed process leaves at
+  most the slots of messages nobody received (and ``layerwise.launch`` removes those).
+- **a pipe** (FIFO) carrying the 2 KiB header, which names the slot. The kernel wakes the waiting
+  receiver at once; a write of up to 4 KiB is atomic. A peer that dies closes its end: the other
+  side sees it at once instead of at a timeout.
+- **an acknowledgement pipe** back, one byte per message copied out, telling the sender which
+  slots are free again. Pipes also order the memory accesses: no shared flags, no busy waiting.
+
+Payloads that get no slot (``/dev/shm`` full) go through the process group instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import mmap
 import os
+import select
 import socket
-from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .distributed import at_shutdown, to_global
-from .errors import PipelineError, ProtocolError
+from .errors import PeerLostError, PipelineError, ProtocolError
 from .transport import DistTransport
 from .wire import HEADER_SLOTS, MAX_PAYLOAD, ROUTE, Structure, decode_header, decode_payload, encode
 
@@ -39,6 +47,9 @@ ROOT = "/dev/shm"
 MAX_SLOTS = 256  # per channel; more messages in flight than this go through the process group
 _INLINE = -1  # route: the payload follows through the process group (no slot was available)
 _ALIGN = 1 << 16  # slot sizes are rounded up, so a slightly longer sequence reuses the slot
+_HEADER_BYTES = HEADER_SLOTS * 8
+_PIPE_BYTES = 1 << 20  # room for 512 unread headers on a channel (Linux's default cap is 1 MiB)
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, missing from older Pythons' fcntl
 
 
 @dataclass
@@ -52,12 +63,20 @@ class _Slot:
 
 @dataclass
 class _Ring:
-    """The slots of one outgoing channel, and which messages the receiver has consumed."""
+    """The slots of one outgoing channel, and how many of its messages the receiver copied out."""
 
     slots: list[_Slot] = field(default_factory=list)
     seq: int = 0  # the next message's sequence number
-    consumed: int = 0  # messages with a smaller sequence number have been copied out
-    headers: deque[tuple[int, Any]] = field(default_factory=deque)  # (seq, send work) in order
+    consumed: int = 0  # acknowledged messages: those with a smaller sequence number are free
+
+
+@dataclass(frozen=True)
+class Channel:
+    """Messages from rank ``src`` to rank ``dst`` (group ranks) on channel ``channel``."""
+
+    src: int
+    dst: int
+    channel: int
 
 
 def host_key() -> int:
@@ -73,14 +92,22 @@ def host_key() -> int:
 
 
 class ShmTransport(DistTransport):
-    """:class:`DistTransport` whose payloads travel through shared memory (ranks on one host)."""
+    """Payloads in shared memory, headers and acknowledgements through pipes (ranks on one host).
 
-    def __init__(self, group: Any, describe_rank: Any, prefix: str) -> None:
+    The process group remains for the inline fallback; built by :func:`make_transport`.
+    """
+
+    def __init__(self, group: Any, describe_rank: Any, prefix: str, timeout: float) -> None:
         super().__init__(group, describe_rank, torch.device("cpu"))
-        self.prefix = prefix  # every slot file's path starts with it
+        self.prefix = prefix  # every file's path starts with it
+        self.timeout = timeout  # seconds a wait for a peer may take before it counts as hung
         self._rings: dict[int, _Ring] = {}
         self._mapped: dict[tuple[int, int, int], tuple[int, mmap.mmap, torch.Tensor]] = {}
         self._created: set[str] = set()
+        self._head_out: dict[int, int] = {}  # channel -> write end of its header pipe
+        self._head_in: dict[int, int] = {}  # channel -> read end
+        self._ack_out: dict[int, int] = {}  # channel (received here) -> write end of its ack pipe
+        self._ack_in: dict[int, int] = {}  # channel (sent from here) -> read end
         # Slot files nobody mapped are removed once every rank has stopped sending and receiving.
         # In a group the caller owns there is no such moment: then they stay (only a failed run
         # leaves any, since a receiver unlinks each slot it maps).
@@ -96,24 +123,33 @@ class ShmTransport(DistTransport):
             slot = ring.slots[index]
             slot.buf[:n].copy_(payload)
             slot.last_seq = ring.seq
-            header[ROUTE : ROUTE + 3] = torch.tensor([index, slot.gen, slot.size])
+            header[ROUTE:] = torch.tensor([index, slot.gen, slot.size, tag])
         else:
-            header[ROUTE : ROUTE + 3] = torch.tensor([_INLINE, 0, 0])
-        peer = to_global(self.group, dst)
-        try:
-            work = dist.isend(header, peer, group=self.group, tag=3 * tag)
-            self._pending.append((work, header))
-            ring.headers.append((ring.seq, work))
-            if index == _INLINE and n:
-                self._pending.append((dist.isend(payload, peer, group=self.group, tag=3 * tag + 1), payload))
-        except RuntimeError as e:
-            raise self._lost(dst, "sending to", e) from None
+            header[ROUTE:] = torch.tensor([_INLINE, 0, 0, tag])
         ring.seq += 1
+        self._write(self._head_out[channel], header.numpy().tobytes(), dst)
+        if index == _INLINE and n:
+            peer = to_global(self.group, dst)
+            try:
+                self._pending.append((dist.isend(payload, peer, group=self.group, tag=3 * tag + 1), payload))
+            except RuntimeError as e:
+                raise self._lost(dst, "sending to", e) from None
+
+    def _write(self, fd: int, data: bytes, peer: int) -> None:
+        """Write all of ``data``; waits (bounded by the timeout) only if the pipe is full."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                if not select.select([], [fd], [], self.timeout)[1]:
+                    raise self._peer_error(peer, "sending to", "it read nothing for the timeout") from None
+            except BrokenPipeError:
+                raise self._peer_error(peer, "sending to", "it closed its end: it exited or died") from None
 
     def _slot_for(self, ring: _Ring, channel: int, n: int) -> int:
         """A free slot of at least ``n`` bytes (made or enlarged if needed), or _INLINE."""
-        while ring.headers and ring.headers[0][1].is_completed():
-            ring.consumed = max(ring.consumed, ring.headers.popleft()[0])
+        ring.consumed += _drain(self._ack_in.get(channel))
         free = [i for i, s in enumerate(ring.slots) if s.last_seq < ring.consumed]
         fits = [i for i in free if ring.slots[i].size >= n]
         try:
@@ -147,31 +183,48 @@ class ShmTransport(DistTransport):
 
     # -- receiving -------------------------------------------------------------------------
     def post_recv(self, src: int, tag: int, channel: int) -> Any:
-        header = torch.empty(HEADER_SLOTS, dtype=torch.int64)
-        try:
-            work = dist.irecv(header, to_global(self.group, src), group=self.group, tag=3 * tag)
-        except RuntimeError as e:
-            raise self._lost(src, "receiving from", e) from None
-        return (src, tag, channel, header, work)
+        return (src, tag, channel)  # the header pipe needs nothing posted: the kernel buffers it
 
     def wait_recv(self, handle: Any) -> tuple[list[torch.Tensor], Structure]:
-        src, tag, channel, header, work = handle
-        try:
-            work.wait()
-            meta = decode_header(header, self._describe(src))
-            index, gen, size = (int(v) for v in header[ROUTE : ROUTE + 3])
-            if meta.nbytes == 0:
-                payload = torch.empty(0, dtype=torch.uint8)
-            elif index == _INLINE:
-                payload = torch.empty(meta.nbytes, dtype=torch.uint8)
+        src, tag, channel = handle
+        raw = self._read_header(self._head_in[channel], src)
+        header = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+        meta = decode_header(header, self._describe(src))
+        index, gen, size, sent_tag = (int(v) for v in header[ROUTE:])
+        if sent_tag != tag:
+            raise ProtocolError(
+                f"{self._describe(src)} sent message {sent_tag} where this rank expected {tag}: the "
+                "ranks run different schedules (same schedule, microbatches and layerwise version?)"
+            )
+        if meta.nbytes == 0:
+            payload = torch.empty(0, dtype=torch.uint8)
+        elif index == _INLINE:
+            payload = torch.empty(meta.nbytes, dtype=torch.uint8)
+            try:
                 dist.recv(payload, to_global(self.group, src), group=self.group, tag=3 * tag + 1)
-            else:
-                payload = self._slot_view(src, channel, index, gen, size, meta.nbytes)[: meta.nbytes].clone()
-        except PipelineError:  # a malformed message: not a lost peer
-            raise
-        except RuntimeError as e:
-            raise self._lost(src, "receiving from", e) from None
+            except PipelineError:
+                raise
+            except RuntimeError as e:
+                raise self._lost(src, "receiving from", e) from None
+        else:
+            payload = self._slot_view(src, channel, index, gen, size, meta.nbytes)[: meta.nbytes].clone()
+        with contextlib.suppress(OSError):  # the sender may be gone; its slots no longer matter
+            os.write(self._ack_out[channel], b"\x01")
         return decode_payload(meta, payload), meta.structure
+
+    def _read_header(self, fd: int, src: int) -> bytes:
+        got = b""
+        while len(got) < _HEADER_BYTES:
+            if not select.select([fd], [], [], self.timeout)[0]:
+                raise self._peer_error(src, "receiving from", f"nothing came for {self.timeout:g} s") from None
+            try:
+                chunk = os.read(fd, _HEADER_BYTES - len(got))
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise self._peer_error(src, "receiving from", "it closed its end: it exited or died") from None
+            got += chunk
+        return got
 
     def _slot_view(self, src: int, channel: int, index: int, gen: int, size: int, nbytes: int) -> torch.Tensor:
         if not (0 <= index < MAX_SLOTS and gen >= 0 and nbytes <= size <= MAX_PAYLOAD):
@@ -198,25 +251,43 @@ class ShmTransport(DistTransport):
             mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        os.unlink(path)  # both ranks hold it mapped now; nothing is left behind if one dies
+        with contextlib.suppress(OSError):  # both ranks hold it mapped now: nothing is left if one dies
+            os.unlink(path)
         view = torch.frombuffer(mm, dtype=torch.uint8)
         self._mapped[key] = (gen, mm, view)
         return view
 
+    def _peer_error(self, peer: int, doing: str, why: str) -> PeerLostError:
+        return self._lost(peer, doing, RuntimeError(why))
+
     def close(self) -> None:
         """Remove the slot files this rank made that no receiver mapped (and unlinked)."""
         for path in list(self._created):
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
         self._created.clear()
 
 
-def make_transport(kind: str, group: Any, describe_rank: Any, device: torch.device) -> DistTransport:
+def _drain(fd: int | None) -> int:
+    """Bytes waiting in a non-blocking pipe (each one acknowledges a message), read now."""
+    total = 0
+    while fd is not None:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        total += len(chunk)
+    return total
+
+
+def make_transport(
+    kind: str, group: Any, describe_rank: Any, device: torch.device, channels: Sequence[Channel] = (), timeout: float = 60.0
+) -> DistTransport:
     """``"auto"``: shared memory when every rank of ``group`` is on this host and tensors are on the
-    CPU, else the process group alone (``"dist"``). ``"shm"`` insists on shared memory. Collective:
-    every rank of the group calls it."""
+    CPU, else the process group alone (``"dist"``). ``"shm"`` insists on shared memory.
+    ``channels`` are every channel the ranks will use. Collective: every rank of the group calls it."""
     if kind not in ("auto", "shm", "dist"):
         raise ValueError(f"transport must be 'auto', 'shm' or 'dist', got {kind!r}")
     if kind == "dist" or device.type != "cpu":
@@ -231,7 +302,35 @@ def make_transport(kind: str, group: Any, describe_rank: Any, device: torch.devi
                 "use transport='auto' or 'dist'"
             )
         return DistTransport(group, describe_rank, device)
-    return ShmTransport(group, describe_rank, prefix)
+    t = ShmTransport(group, describe_rank, prefix, timeout)
+    _open_pipes(t, group, channels)
+    return t
+
+
+def _open_pipes(t: ShmTransport, group: Any, channels: Sequence[Channel]) -> None:
+    """Make and open every channel's header and acknowledgement pipes. Readers open first (a
+    non-blocking writer cannot open a FIFO nobody reads); once all are open the names go."""
+    me = dist.get_rank(group)
+    mine = [c for c in channels if me in (c.src, c.dst)]
+
+    def path(c: Channel, what: str) -> str:
+        return f"{t.prefix}-{what}-{c.src}-{c.dst}-{c.channel}"
+
+    for c in mine:  # each end reads one of the two pipes: it makes it
+        name = path(c, "head") if me == c.dst else path(c, "ack")
+        os.mkfifo(name, 0o600)
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
+        (t._head_in if me == c.dst else t._ack_in)[c.channel] = fd
+    dist.barrier(group=group)
+    for c in mine:
+        fd = os.open(path(c, "head") if me == c.src else path(c, "ack"), os.O_WRONLY | os.O_NONBLOCK)
+        with contextlib.suppress(OSError):  # a larger buffer is an optimization, not a need
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+        (t._head_out if me == c.src else t._ack_out)[c.channel] = fd
+    dist.barrier(group=group)
+    for c in mine:
+        with contextlib.suppress(OSError):
+            os.unlink(path(c, "head") if me == c.dst else path(c, "ack"))
 
 
 def _shared_prefix(group: Any) -> str | None:
@@ -261,8 +360,6 @@ def _shared_prefix(group: Any) -> str | None:
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
     dist.barrier(group=group)  # everyone looked before the probe goes
     if dist.get_rank(group) == 0:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(probe)
-        except OSError:
-            pass
     return prefix if int(ok) == 1 else None

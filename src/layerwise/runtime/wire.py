@@ -16,9 +16,9 @@ import torch
 from .errors import ProtocolError
 
 HEADER_SLOTS = 256
-# The last slots belong to the transport (where the payload waits, for a shared-memory transport);
-# the message description never uses them and the decoder ignores them.
-TRANSPORT_SLOTS = 3
+# The last slots belong to the transport (for shared memory: where the payload waits, and the
+# message's tag); the message description never uses them and the decoder ignores them.
+TRANSPORT_SLOTS = 4
 ROUTE = HEADER_SLOTS - TRANSPORT_SLOTS
 MAGIC = 0x4C57  # "LW"
 VERSION = 1
