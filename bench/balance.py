@@ -44,10 +44,10 @@ from typing import Any
 
 # The head of a width-128 GPT costs about two blocks at a vocabulary of ~4.5k (its matrix is
 # vocab x width; a block's is ~24 width x width, plus attention); its loss adds about one more on
-# the last stage. Measured and printed below. Four blocks: the head and loss then weigh most
-# against the uniform split, and the balanced split for equal devices ([4, 2]: 3.2 vs 3.7 blocks)
-# is clearly apart from the capacity-aware one ([5, 1]), so timing noise cannot swap them.
-# (A CPU embedding lookup costs ~0.2 block at any size: only the head can be made heavy here.)
+# the last stage. At 6912 the embedding, head and loss together cost the four blocks (a CPU
+# embedding lookup costs ~0.2 block at any size: only the head can be made heavy here). Measured and
+# printed below. Four blocks: at 4608 the balanced split for equal devices ([4, 2]: 3.2 vs 3.7
+# blocks) is clearly apart from the capacity-aware one ([5, 1]), so timing noise cannot swap them.
 FULL = dict(vocab=4608, uneven_vocab=6912, width=128, heads=4, blocks=4, context=64, rows=8,
             microbatches=8, warmup=2, steps=5, reps=5, lr=1e-3, profile_repeats=10, profile_rounds=3,
             deep_blocks=14)  # fmt: skip

@@ -1,0 +1,37 @@
+"""The benchmarks' smoke modes run end to end and write the JSON their READMEs describe (the
+numbers of a smoke run mean nothing; only that the scripts still work is checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def _run(script: str, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--out", str(out)],
+                          cwd=out.parent, capture_output=True, text=True, timeout=280, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_pipeline_vs_torch_quick(tmp_path: Path) -> None:
+    r = _run("pipeline_vs_torch.py", tmp_path / "pvt.json")
+    for schedule in ("gpipe", "1f1b"):
+        assert r["throughput_ratio"][schedule] > 0
+        assert 0 <= r["bubble"][schedule]["measured"] < 1 and 0 <= r["bubble"][schedule]["predicted"] < 1
+    # both systems trained the same model on the same data
+    assert r["first_losses"]["layerwise"]["1f1b"] == pytest.approx(r["first_losses"]["torch"]["1f1b"], rel=1e-5)
+
+
+def test_balance_quick(tmp_path: Path) -> None:
+    r = _run("balance.py", tmp_path / "balance.json")
+    for key in ("balanced_vs_uniform", "aware_vs_blind", "prediction_error", "balanced_vs_uniform_head_two_blocks"):
+        assert r[key] > 0
+    assert set(r["met"]) == {"balanced_vs_uniform", "aware_vs_blind", "prediction_error"}
