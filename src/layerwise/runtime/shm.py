@@ -142,7 +142,7 @@ class ShmTransport(DistTransport):
             try:
                 view = view[os.write(fd, view) :]
             except BlockingIOError:
-                if not select.select([], [fd], [], self.timeout)[1]:
+                if not _ready(fd, select.POLLOUT, self.timeout):
                     raise self._peer_error(peer, "sending to", "it read nothing for the timeout") from None
             except BrokenPipeError:
                 raise self._peer_error(peer, "sending to", "it closed its end: it exited or died") from None
@@ -215,7 +215,7 @@ class ShmTransport(DistTransport):
     def _read_header(self, fd: int, src: int) -> bytes:
         got = b""
         while len(got) < _HEADER_BYTES:
-            if not select.select([fd], [], [], self.timeout)[0]:
+            if not _ready(fd, select.POLLIN, self.timeout):
                 raise self._peer_error(src, "receiving from", f"nothing came for {self.timeout:g} s") from None
             try:
                 chunk = os.read(fd, _HEADER_BYTES - len(got))
@@ -266,6 +266,14 @@ class ShmTransport(DistTransport):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self._created.clear()
+
+
+def _ready(fd: int, event: int, timeout: float) -> bool:
+    """Wait until ``fd`` is ready for ``event`` or its peer closed it; False after ``timeout``.
+    (poll, not select: select fails for descriptors above 1024.)"""
+    p = select.poll()
+    p.register(fd, event)
+    return bool(p.poll(max(0, int(timeout * 1000))))
 
 
 def _drain(fd: int | None) -> int:
