@@ -219,16 +219,11 @@ def shm_messages(sizes: list[int]) -> dict[str, Any]:
     return out
 
 
-def garbage_header(kind: str) -> str:
-    """Rank 0 sends a header with a wrong magic number; rank 1 receives it over ``kind``."""
-    t = _transport(kind)
+def _refused(t: Any, send: Any) -> str:
+    """Rank 0 calls ``send()``; rank 1 receives one message on channel 0 (tag 0) and returns the
+    ProtocolError it raised, or "accepted"."""
     if dist.get_rank() == 0:
-        header = torch.randint(0, 1000, (256,), dtype=torch.int64)
-        if kind == "dist":  # its receiver posted the header and an (empty) payload buffer
-            dist.send(header, 1, tag=0)
-            dist.send(torch.empty(0, dtype=torch.uint8), 1, tag=1)
-        else:
-            t._write(t._head_out[0], header.numpy().tobytes(), 1)
+        send()
         dist.barrier()
         return "sent"
     try:
@@ -238,6 +233,21 @@ def garbage_header(kind: str) -> str:
     finally:
         dist.barrier()
     return "accepted"
+
+
+def garbage_header(kind: str) -> str:
+    """Rank 0 sends a header with a wrong magic number; rank 1 receives it over ``kind``."""
+    t = _transport(kind)
+    header = torch.randint(0, 1000, (256,), dtype=torch.int64)
+
+    def send() -> None:
+        if kind == "dist":  # its receiver posted the header and an (empty) payload buffer
+            dist.send(header, 1, tag=0)
+            dist.send(torch.empty(0, dtype=torch.uint8), 1, tag=1)
+        else:
+            t._write(t._head_out[0], header.numpy().tobytes(), 1)
+
+    return _refused(t, send)
 
 
 def shm_garbage_route() -> str:
@@ -245,19 +255,9 @@ def shm_garbage_route() -> str:
     from layerwise.runtime.wire import ROUTE, encode, flatten
 
     t = _transport("shm")
-    if dist.get_rank() == 0:
-        header, _ = encode(*flatten(torch.randn(4)))
-        header[ROUTE:] = torch.tensor([7, 3, 1 << 16, 0])
-        t._write(t._head_out[0], header.numpy().tobytes(), 1)
-        dist.barrier()
-        return "sent"
-    try:
-        t.wait_recv(t.post_recv(0, 0, 0))
-    except layerwise.runtime.errors.ProtocolError as e:
-        return str(e)
-    finally:
-        dist.barrier()
-    return "accepted"
+    header, _ = encode(*flatten(torch.randn(4)))
+    header[ROUTE:] = torch.tensor([7, 3, 1 << 16, 0])
+    return _refused(t, lambda: t._write(t._head_out[0], header.numpy().tobytes(), 1))
 
 
 def pipeline_prefix() -> str | None:
@@ -274,14 +274,4 @@ def shm_wrong_tag() -> str:
     from layerwise.runtime.wire import flatten
 
     t = _transport("shm")
-    if dist.get_rank() == 0:
-        t.send(*flatten(torch.randn(4)), 1, tag=5, channel=0)
-        dist.barrier()
-        return "sent"
-    try:
-        t.wait_recv(t.post_recv(0, 0, 0))
-    except layerwise.runtime.errors.ProtocolError as e:
-        return str(e)
-    finally:
-        dist.barrier()
-    return "accepted"
+    return _refused(t, lambda: t.send(*flatten(torch.randn(4)), 1, tag=5, channel=0))
