@@ -35,10 +35,11 @@ def ensure_initialized(timeout_s: float, backend: str | None = None) -> None:
     # its connections while a peer is still talking to it can make the peer's gloo thread abort
     # (SIGABRT) during interpreter teardown. Meet at a barrier first, then destroy the group.
     atexit.register(shutdown)
-    _owned.append(True)
+    global _owns_group
+    _owns_group = True
 
 
-_owned: list[bool] = []  # non-empty once this module initialized the default group
+_owns_group = False  # this module initialized the default group (and tears it down)
 _after_barrier: list[Callable[[], None]] = []
 
 
@@ -46,9 +47,9 @@ def at_shutdown(fn: Callable[[], None]) -> bool:
     """Run ``fn`` at exit once every rank has reached the shutdown barrier (so no peer still
     needs what ``fn`` releases). Only possible when we created the group; returns whether it
     was registered."""
-    if _owned:
+    if _owns_group:
         _after_barrier.append(fn)
-    return bool(_owned)
+    return _owns_group
 
 
 def shutdown() -> None:

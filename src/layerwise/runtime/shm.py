@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .distributed import at_shutdown, to_global
-from .errors import PeerLostError, PipelineError, ProtocolError
+from .errors import PeerLostError, ProtocolError
 from .transport import DistTransport
 from .wire import HEADER_SLOTS, MAX_PAYLOAD, ROUTE, Structure, decode_header, decode_payload, encode
 
@@ -202,8 +202,6 @@ class ShmTransport(DistTransport):
             payload = torch.empty(meta.nbytes, dtype=torch.uint8)
             try:
                 dist.recv(payload, to_global(self.group, src), group=self.group, tag=3 * tag + 1)
-            except PipelineError:
-                raise
             except RuntimeError as e:
                 raise self._lost(src, "receiving from", e) from None
         else:
