@@ -331,10 +331,11 @@ def closed_makespan(p: int, m: int, v: int, split: bool, f: list[float], i: list
     GPipe and 1F1B take ``(m + p - 1)(F + I + W)`` (Narayanan et al., 2021, Sec. 2.2.1),
     interleaved 1F1B ``(m v + p - 1)(F + I + W)`` with per-chunk times and ``m`` a multiple of
     ``p`` (Sec. 2.2.2), ZB-H1 ``m (F + I + W) + (p - 1)(F + I - W)`` for ``m >= p`` (Qi et al.,
-    2023, Sec. 3.1), plus one message each way per boundary of the first chunk. These equal the
-    simulation for uniform stages (tested). For stages that differ, the steady state is taken
-    from the busiest rank and the fill and drain from the mean stage, an estimate the search
-    uses only to choose which strategies to simulate.
+    2023, Sec. 3.1). These equal the simulation for uniform stages without messages (tested).
+    Messages add one transfer each way per boundary (the fill and drain; the steady state can
+    stall more), stages that differ are taken from the busiest rank for the steady state and the
+    mean stage for the fill and drain: an estimate the search uses only to choose which
+    strategies to simulate.
     """
     n = len(f)
     work = [sum(f[r::p]) + sum(i[r::p]) + sum(w[r::p]) for r in range(p)]
