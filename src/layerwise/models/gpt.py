@@ -135,4 +135,5 @@ class GPT(nn.Module):
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy; logits (batch, seq, vocab), targets (batch, seq)."""
+    logits = logits.float()  # the loss in fp32 even when the logits come from bf16 compute
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
