@@ -1,1 +1,3 @@
-"""Parallelism and memory tools applied to a model's pipeline layers in separate ``apply_*`` steps."""
+"""Parallelism beyond the pipeline: the dp x pp x tp mesh, FSDP2 / DDP, tensor parallelism, the
+memory tools (activation checkpointing, mixed precision, offload) and meta-device builds, each
+applied to a rank's layers in its own small ``apply_*`` step, given only its own sub-mesh."""
