@@ -21,7 +21,7 @@ GIB = 2**30
 # per GPU measured, 44% of peak): with every communication and the bubble modelled, the compute
 # has to run at this fraction of the 312 TFLOP/s peak for the planner to predict that row.
 # See bench/README.md, section planner.
-DEFAULT_EFFICIENCY = 0.47
+DEFAULT_EFFICIENCY = 0.44
 
 
 class ClusterError(ValueError):
