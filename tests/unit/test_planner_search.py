@@ -130,8 +130,9 @@ def test_train_config_is_flat_toml_with_trains_keys(llama: ModelSpec, h100x64: C
     best = plan(llama, h100x64, 512).best
     assert best is not None
     data = tomllib.loads(train_config(best, seq=llama.seq))
-    assert set(data) == {"stages", "schedule", "microbatches", "chunks", "dp", "tp", "batch_size", "seq_len",
-                         "activation_checkpointing", "precision"}
+    keys = {"stages", "schedule", "microbatches", "chunks", "dp", "tp", "batch_size", "seq_len",
+            "activation_checkpointing", "precision"}
+    assert set(data) == keys | ({"data_parallel"} if best.strategy.dp > 1 else set())
     s = best.strategy
     assert (data["stages"], data["dp"], data["tp"], data["schedule"]) == (s.pp, s.dp, s.tp, s.schedule)
     assert data["batch_size"] == 512 and data["microbatches"] == best.microbatches
