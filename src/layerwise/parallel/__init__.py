@@ -1,1 +1,3 @@
-"""Parallelisms applied to pipeline layers, each given only its own sub-mesh: data (DDP/FSDP), tensor, sequence."""
+"""Parallelism beyond the pipeline: the dp x pp x tp mesh, FSDP2 / DDP, tensor parallelism, the
+memory tools (activation checkpointing, mixed precision, offload) and meta-device builds, each
+applied to a rank's layers in its own small ``apply_*`` step, given only its own sub-mesh."""
