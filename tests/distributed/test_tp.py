@@ -1,7 +1,8 @@
-"""Tensor and sequence parallelism (tp=2) train exactly like one process (fp32, 1e-5).
+"""Tensor and sequence parallelism (tp=2, and dp=2 x tp=2 with FSDP2) train exactly like one
+process (fp32, 1e-5).
 
-Two processes start once for the module; each runs every case with apply_tp over both ranks and
-trains the unsharded model from the same seed in-process, so only differences travel back.
+Processes start once per world size (2, then 4); each rank runs every case and trains the
+unsharded model from the same seed in-process, so only differences travel back.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 
 import layerwise
 
-from .tp_workers import STEPS, case_key, tp_equivalence
+from .tp_workers import STEPS, case_key, tp_dp_equivalence, tp_equivalence
 
 # (model, sequence_parallel, vocab_parallel_loss, split into two stages at this layer)
 CASES = [
@@ -47,8 +48,8 @@ def test_matches_single_process(results: list[dict[str, Any]], case: list[Any]) 
         assert row["param_diff"][0] <= TOL, f"rank {rank}: parameters after {STEPS} AdamW steps differ by {row['param_diff']}"
         assert row["grad_placements_ok"] is True, f"rank {rank}: {row['grad_placements_ok']}"
         assert len(set(row["losses"])) == STEPS, "the steps should see different losses"
-        # every matmul weight is really split: 3 per GPT block + the embedding, 7 per HF layer
-        assert len(row["sharded"]) >= {"gpt": 19, "llama": 14, "qwen2": 14}[kind], row["sharded"]
+        # every matmul weight is really split: 4 per GPT block (+ fc.bias) and the embedding, 7 per HF layer
+        assert len(row["sharded"]) >= {"gpt": 16, "llama": 14, "qwen2": 14}[kind], row["sharded"]
         kinds = {t for t, _ in row["boundaries"]}
         assert kinds == {"Tensor"}, f"a layer boundary carried {kinds}, not a plain tensor"
         seq = [shape[1] for _, shape in row["boundaries"]]  # the last step's sequence length is 8
@@ -74,3 +75,20 @@ def test_errors(results: list[dict[str, Any]]) -> None:
     assert "sequence length divisible by 2, got 7" in errors["odd_sequence"]
     assert "vocab_parallel_loss needs a last layer" in errors["vocab_loss_without_head"]
     assert all("\n" not in e for e in errors.values()), "errors are one line"
+
+
+def test_dp2_tp2_fsdp_matches_single_process() -> None:
+    """2-D: FSDP2 over dp on top of tp; the fused qkv weight sharded by FSDP on dim 1 (see
+    fsdp_shard_placement), so full_tensor() and checkpoints stay right."""
+    per_rank = layerwise.launch(tp_dp_equivalence, 4, [False, True], timeout=360)
+    for sp in (False, True):
+        rows = [r[f"sp={sp}"] for r in per_rank]
+        for rank, row in enumerate(rows):
+            assert row["names_same"], f"rank {rank}: parameter names changed"
+            assert row["init_diff"] == 0.0, f"rank {rank}: full_tensor() differs from the unsharded parameter"
+            assert row["qkv_placements"] == ["(Shard(dim=1), _StridedShard(dim=0, sf=3))", "(Shard(dim=0), Replicate())"]
+            assert row["loss_diff"] <= TOL, f"rank {rank} sp={sp}: loss differs by {row['loss_diff']}"
+            assert row["grad_diff"][0] <= TOL, f"rank {rank} sp={sp}: gradients differ by {row['grad_diff']}"
+            assert row["param_diff"][0] <= TOL, f"rank {rank} sp={sp}: parameters differ by {row['param_diff']}"
+        assert len(set(rows[0]["losses"])) == STEPS
+        assert all(r["losses"] == rows[0]["losses"] for r in rows)

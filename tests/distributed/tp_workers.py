@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from layerwise.models import GPT, GPTConfig, lm_loss
-from layerwise.parallel.tensor import apply_tp
+from layerwise.parallel.tensor import apply_tp, fsdp_shard_placement
 from layerwise.parallel.tp_loss import vocab_parallel_lm_loss
 from layerwise.runtime.errors import ConfigError
 
@@ -207,4 +207,54 @@ def tp_equivalence(cases: list[list[Any]]) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
     out: dict[str, Any] = {case_key(c): _case(*c, mesh) for c in cases}
     out["errors"] = _errors(mesh)
+    return out
+
+
+def tp_dp_equivalence(sequence_parallel: list[bool]) -> dict[str, Any]:
+    """dp=2 x tp=2 on one 2-D mesh, for each sequence_parallel flag."""
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    return {f"sp={sp}": _tp_dp_case(sp, mesh) for sp in sequence_parallel}
+
+
+def _tp_dp_case(sequence_parallel: bool, mesh: DeviceMesh) -> dict[str, Any]:
+    """apply_tp on the mesh's tp dim, then FSDP2 ``fully_shard`` on its dp dim (each block, then
+    the root with the tied embedding and head); each replica trains on its half of the batch.
+    Compared with one process on the whole batch."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, layers, vocab = _build("gpt")
+    ref = copy.deepcopy(model)
+    apply_tp(layers, mesh["tp"], sequence_parallel=sequence_parallel)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["dp"], shard_placement_fn=fsdp_shard_placement)
+    fully_shard(model, mesh=mesh["dp"], shard_placement_fn=fsdp_shard_placement)
+    named = dict(model.named_parameters())
+    ref_named = dict(ref.named_parameters())
+    out: dict[str, Any] = {"names_same": list(named) == list(ref_named)}
+    out["init_diff"] = max((_full(p) - ref_named[n]).abs().max().item() for n, p in named.items())
+    out["qkv_placements"] = [str(p.placements) for p in (model.blocks[0].qkv.weight, model.blocks[0].qkv.bias)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, eps=1e-6, weight_decay=0.1)  # eps: see _case
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, eps=1e-6, weight_decay=0.1)
+    g = torch.Generator().manual_seed(7)
+    rows = slice(2 * mesh["dp"].get_local_rank(), 2 * mesh["dp"].get_local_rank() + 2)
+    out.update(loss_diff=0.0, grad_diff=[0.0, ""], losses=[])
+    for _ in range(STEPS):
+        tokens = torch.randint(0, vocab, (4, 9), generator=g)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        loss = lm_loss(model(x[rows]), y[rows])
+        ref_loss = lm_loss(ref(x), y)
+        loss.backward()
+        ref_loss.backward()
+        for n, p in named.items():  # FSDP2 averages the replicas' gradients: the whole batch's mean
+            out["grad_diff"] = max(out["grad_diff"], [(_full(p.grad) - ref_named[n].grad).abs().max().item(), n])
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=mesh["dp"].get_group())
+        out["loss_diff"] = max(out["loss_diff"], abs(total.item() / 2 - ref_loss.item()))
+        out["losses"].append(total.item() / 2)
+    out["param_diff"] = max([(_full(p) - ref_named[n]).abs().max().item(), n] for n, p in named.items())
     return out

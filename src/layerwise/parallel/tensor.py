@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..runtime.errors import ConfigError
 
-__all__ = ["TPOptions", "TPPlan", "apply_tp", "register_tp_plan", "tp_plan_for"]
+__all__ = ["TPOptions", "TPPlan", "apply_tp", "fsdp_shard_placement", "register_tp_plan", "tp_plan_for"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +147,20 @@ def apply_tp(
     _settle_grads([layers[i] for i in sorted(owned)])
     if sequence_parallel:
         _hook_sequence_boundaries(layers, found, owned, tp_mesh)
+
+
+def fsdp_shard_placement(param: nn.Parameter) -> Shard | None:
+    """FSDP2's ``shard_placement_fn`` for layers parallelized here: ``fully_shard(...,
+    shard_placement_fn=fsdp_shard_placement)``.
+
+    FSDP2 shards dim 0 by default. A weight that apply_tp split per part (the fused qkv,
+    ``_StridedShard`` on dim 0) holds [q_r; k_r; v_r] rows; cutting those rows in dp contiguous
+    pieces gives a layout no DTensor placement describes, so ``full_tensor()`` and checkpoints
+    would be wrong. Such a weight is sharded on dim 1 (its input features) instead."""
+    if isinstance(param, DTensor) and any(type(p).__name__ == "_StridedShard" for p in param.placements):
+        if param.dim() > 1:
+            return Shard(1)
+    return None
 
 
 def _shared_parameters(layers: Sequence[nn.Module]) -> list[list[tuple[nn.Module, str]]]:

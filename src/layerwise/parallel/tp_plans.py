@@ -44,7 +44,10 @@ class FusedColwiseParallel(ColwiseParallel):
 
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
         for pname, param in module.named_parameters():
-            placement = _StridedShard(0, split_factor=self.parts)
+            # The bias stays replicated (DTensor's add slices it locally): FSDP2 shards a parameter's
+            # local tensor in contiguous rows, and rows of [q_r; k_r; v_r] split over dp are a layout
+            # no DTensor placement describes; the weight avoids that with fsdp_shard_placement.
+            placement = _StridedShard(0, split_factor=self.parts) if pname == "weight" else Replicate()
             dist_param = distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank)
             module.register_parameter(pname, nn.Parameter(dist_param, requires_grad=param.requires_grad))
 
