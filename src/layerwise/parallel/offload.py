@@ -4,10 +4,9 @@
 ``torch.autograd.graph.save_on_cpu``: every tensor autograd saves for the backward is copied to
 host memory as it is saved and copied back when the backward needs it, so a GPU holds only the
 activations of the layer being computed (ZeRO-Offload and ZeRO-Infinity do the same for
-activations; Ren et al., 2021). With pinned
-memory the copies are asynchronous. Tensors that share a parameter's storage (the weight a matmul
-saves) stay where they are: the parameter lives on the device anyway, and copying it for every
-microbatch would be pure traffic.
+activations; Ren et al., 2021). With pinned memory the copies are asynchronous. Tensors that share
+a parameter's storage (the weight a matmul saves) stay where they are: the parameter lives on the
+device anyway, and copying it for every microbatch would be pure traffic.
 
 On a CPU-only machine the tensors are already in host memory: ``save_on_cpu`` hands them back
 unchanged, so the results are identical; it still runs, and :class:`OffloadStats` counts what
