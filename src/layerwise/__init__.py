@@ -6,14 +6,18 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_RUNTIME = {"Pipeline", "LayeredModel", "launch", "run", "LaunchError", "PipelineError", "ConfigError", "StageError", "PeerLostError"}
+_RUNTIME = {"LayeredModel", "launch", "run", "LaunchError", "PipelineError", "ConfigError", "StageError", "PeerLostError"}
 
-__all__ = sorted(_RUNTIME | {"partition"})
+__all__ = sorted(_RUNTIME | {"Pipeline", "partition"})
 
 
 def __getattr__(name: str) -> Any:
     # The runtime needs torch; the schedule and partition solvers do not. Import it on first use
     # so that `layerwise simulate` and the pure packages start fast and without torch.
+    if name == "Pipeline":  # the runtime's pipeline on a dp x pp x tp mesh
+        from .parallel.pipeline import Pipeline
+
+        return Pipeline
     if name in _RUNTIME:
         from . import runtime
 
