@@ -9,7 +9,7 @@ that a balancer can produce it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -30,6 +30,9 @@ class LayeredModel:
     prologue: Sequence[nn.Module] = ()  # run first, e.g. token embedding
     blocks: Sequence[nn.Module] = ()  # the repeated body
     epilogue: Sequence[nn.Module] = ()  # run last, e.g. final norm and LM head
+    materialize: Callable[[int, nn.Module], None] | None = None
+    """Fill meta-device layer i's tensors in place: allocate with to_empty(device='cpu') and
+    load/init. The Pipeline calls it only for the layers its rank owns."""
     names: list[str] = field(default_factory=list, init=False)
 
     def layers(self) -> list[nn.Module]:
