@@ -153,9 +153,13 @@ def save_hf(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for k in range(len(groups)) if shard is None else [shard]:
-        tensors = {n: t.detach().to("cpu").contiguous() for n, (s, t) in owner.items() if s == k}
-        if any(t.is_meta for t in tensors.values()):
-            raise ConfigError(f"save_hf: shard {k} holds layers that are not materialized on this rank")
+        mine = {n: t for n, (s, t) in owner.items() if s == k}
+        if any(t.is_meta for t in mine.values()):
+            raise ConfigError(
+                f"save_hf: shard {k} holds layers that are not materialized on this rank; each rank "
+                "writes only its own shard (pass shard=)"
+            )
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in mine.items()}
         written.append(_save_file(tensors, out / files[k]))
     if shard in (None, 0):
         config.save_pretrained(out)  # writes config.json itself
