@@ -24,14 +24,17 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path: Path) ->
 
 
 def test_the_plan_command_s_keys_are_accepted(tmp_path: Path) -> None:
-    text = ('stages = 4\nschedule = "interleaved"\nmicrobatches = 8\nchunks = 2\ndp = 1\ntp = 1\n'
-            'batch_size = 32\nactivation_checkpointing = "none"\nprecision = "fp32"\n')
+    text = ('stages = 4\nschedule = "interleaved"\nmicrobatches = 8\nchunks = 2\ndp = 2\ntp = 2\n'
+            'batch_size = 32\nactivation_checkpointing = "selective"\nprecision = "bf16"\n')
     cfg = build_config(_toml(tmp_path, text), data="d.txt")
     assert (cfg.stages, cfg.schedule, cfg.microbatches, cfg.chunks, cfg.batch_size) == (4, "interleaved", 8, 2, 32)
+    assert (cfg.dp, cfg.tp, cfg.processes, cfg.precision, cfg.activation_checkpointing) == (2, 2, 16, "bf16", "selective")
+    assert build_config(_toml(tmp_path, "activation_checkpointing = true\n"), data="d").activation_checkpointing == "full"
 
 
 @pytest.mark.parametrize("text, words", [
-    ("dp = 2\n", ["dp", "not supported"]),
+    ("dp = 16\n", ["--batch-size 8", "--dp 16"]),
+    ('precision = "fp16"\n', ["--precision", "bf16"]),
     ("stepz = 3\n", ["unknown setting", "stepz"]),
     ('steps = "ten"\n', ["steps", "int"]),
     ("lr = true\n", ["lr", "float"]),

@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--schedule", choices=SCHEDULES, help="pipeline schedule (default 1f1b)")
     a("--microbatches", type=positive_int, help="microbatches per step (default 4)")
     a("--chunks", type=positive_int, help="stages per rank with --schedule interleaved (default 2)")
+    a("--dp", type=positive_int, help="data-parallel replicas; processes = stages x dp x tp (default 1)")
+    a("--tp", type=positive_int, help="tensor-parallel ranks per stage (default 1)")
+    a("--data-parallel", choices=("fsdp", "ddp"), help="with --dp: FSDP2 (sharded, default) or DDP (replicated)")
+    a("--precision", choices=("fp32", "bf16"), help="bf16: bf16 compute, fp32 master weights (default fp32)")
+    a("--activation-checkpointing", choices=("none", "full", "selective"),
+      help="recompute activations in the backward to save memory (default none)")
     a("--batch-size", type=positive_int, help="sequences per step (default 8)")
     a("--seq-len", type=positive_int, help="tokens per sequence (default 128)")
     a("--steps", type=positive_int, help="optimizer steps in all (default 100)")
@@ -56,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:
     from layerwise.train.config import TrainConfigError, build_config
 
-    names = ("model", "data", "tokenizer", "stages", "schedule", "microbatches", "chunks", "batch_size", "seq_len",
-             "steps", "lr", "warmup", "max_grad_norm", "seed", "eval_every", "out", "save_every", "resume")
+    names = ("model", "data", "tokenizer", "stages", "schedule", "microbatches", "chunks", "dp", "tp", "data_parallel",
+             "precision", "activation_checkpointing", "batch_size", "seq_len", "steps", "lr", "warmup",
+             "max_grad_norm", "seed", "eval_every", "out", "save_every", "resume")
     try:
         return build_config(args.config, **{n: getattr(args, n) for n in names})
     except TrainConfigError as e:
@@ -81,6 +88,14 @@ def _check_paths(cfg: Any) -> None:
     found = latest(root)
     if cfg.resume and found is None:
         raise UsageError(f"--resume: no complete checkpoint under {root}; run without --resume to start")
+    if cfg.resume and found is not None:
+        from layerwise.train.checkpoint import CheckpointError
+        from layerwise.train.loop import check_resumable
+
+        try:
+            check_resumable(cfg, found[1])
+        except CheckpointError as e:
+            raise UsageError(str(e)) from None
     if not cfg.resume and found is not None:
         raise UsageError(f"{cfg.out} already holds a checkpoint ({found[1]}): pass --resume to continue it, or choose another --out")
 
@@ -100,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))  # torchrun sets 1 thread
         if int(os.environ["WORLD_SIZE"]) != cfg.processes:
-            raise UsageError(f"torchrun started {os.environ['WORLD_SIZE']} processes but --stages is {cfg.stages}: "
-                             f"give --nproc-per-node {cfg.processes} or --stages {os.environ['WORLD_SIZE']}")
+            raise UsageError(f"torchrun started {os.environ['WORLD_SIZE']} processes but --stages x --dp x --tp is "
+                             f"{cfg.processes}: give --nproc-per-node {cfg.processes} or change --stages")
         summary = _in_rank(train_rank, cfg)
         if rank != 0:
             return 0

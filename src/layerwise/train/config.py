@@ -18,6 +18,12 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+CHOICES = {
+    "schedule": SCHEDULES,
+    "data_parallel": ("fsdp", "ddp"),
+    "precision": ("fp32", "bf16"),
+    "activation_checkpointing": ("none", "full", "selective"),
+}
 
 
 class TrainConfigError(ValueError):
@@ -35,12 +41,11 @@ class TrainConfig:
     schedule: str = "1f1b"
     microbatches: int = 4
     chunks: int = 2  # stages per rank with the interleaved schedule
-    # The plan's keys for parallelism this version's Pipeline does not take yet: only the
-    # values that mean "off" are accepted, so a plan asking for more fails loudly.
-    dp: int = 1
-    tp: int = 1
-    precision: str = "fp32"
-    activation_checkpointing: str = "none"
+    dp: int = 1  # data-parallel replicas (processes = stages x dp x tp)
+    tp: int = 1  # tensor-parallel ranks per stage
+    data_parallel: str = "fsdp"  # with dp > 1: "fsdp" (FSDP2, sharded) or "ddp" (replicated)
+    precision: str = "fp32"  # or "bf16": bf16 compute, fp32 master weights and reductions
+    activation_checkpointing: str = "none"  # "full" or "selective": recompute in the backward
     # -- the optimization ------------------------------------------------------------------
     batch_size: int = 8  # sequences per step
     seq_len: int = 128  # tokens per sequence
@@ -71,8 +76,6 @@ class TrainConfig:
         for name in ("warmup", "eval_every", "save_every", "eval_max_sequences"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        if self.schedule not in SCHEDULES:
-            raise TrainConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not self.lr > 0:
             raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -83,13 +86,12 @@ class TrainConfig:
             raise TrainConfigError(f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if not 0 < self.eval_fraction < 1:
             raise TrainConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        off = {"dp": 1, "tp": 1, "precision": "fp32", "activation_checkpointing": "none"}
-        for name, value in off.items():
-            if getattr(self, name) != value:
-                raise TrainConfigError(
-                    f"{name} = {getattr(self, name)!r} is not supported by this version of layerwise train "
-                    f"(only {value!r}); remove it from the config file"
-                )
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise TrainConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.batch_size < self.dp:
+            raise TrainConfigError(f"--batch-size {self.batch_size} cannot be split over --dp {self.dp} replicas: "
+                                   f"use a batch of at least {self.dp}")
 
     @property
     def clip(self) -> float | None:
@@ -145,6 +147,8 @@ def read_toml(path: str) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name not in _NAMES:
             raise TrainConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(_NAMES))}")
+        if name == "activation_checkpointing" and isinstance(value, bool):  # a plan may write true/false
+            value = "full" if value else "none"
         out[name] = value
     return out
 

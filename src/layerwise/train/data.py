@@ -180,11 +180,15 @@ class PackedData:
         self.position += self.batch_size
         return out
 
-    def eval_batches(self) -> Iterator[torch.Tensor]:
-        """The held-out windows in order, ``batch_size`` at a time (the last batch may be shorter)."""
+    def eval_batches(self, min_rows: int = 1) -> Iterator[torch.Tensor]:
+        """The held-out windows in order, ``batch_size`` at a time. The last batch may be shorter;
+        one shorter than ``min_rows`` (data-parallel replicas need a row each) joins the one before."""
         idx = self.split.eval.tolist()
-        for i in range(0, len(idx), self.batch_size):
-            yield torch.stack([self.window(j) for j in idx[i : i + self.batch_size]])
+        cuts = list(range(0, len(idx), self.batch_size)) + [len(idx)]
+        if len(cuts) > 2 and cuts[-1] - cuts[-2] < min_rows:
+            del cuts[-2]
+        for a, b in zip(cuts, cuts[1:]):
+            yield torch.stack([self.window(j) for j in idx[a:b]])
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "seed": self.seed, "train_sequences": self.train_sequences}

@@ -20,14 +20,15 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import PackedData, load_tokenizer, tokenize
-from .model import TrainModel, build, full_names, load_stage_weights, save_stage_weights
+from .model import INDEX, ModelError, TrainModel, build, save_gpt_shard
 from .optim import adamw, set_current_lr, warmup_cosine
 
 # Settings a resumed run must share with the checkpoint for its loss curve to be the one an
 # uninterrupted run would have drawn. (--steps may grow: a finished run can be extended.)
 MUST_MATCH = (
     "model", "data", "tokenizer", "seq_len", "batch_size", "seed", "stages", "schedule", "microbatches",
-    "chunks", "lr", "warmup", "min_lr_ratio", "weight_decay", "max_grad_norm", "dp", "tp", "precision",
+    "chunks", "lr", "warmup", "min_lr_ratio", "weight_decay", "max_grad_norm", "dp", "tp", "data_parallel",
+    "precision", "activation_checkpointing",
 )  # fmt: skip
 
 
@@ -46,16 +47,20 @@ def train_rank(cfg_dict: dict[str, Any], stop_after: int | None = None) -> dict[
         eval_fraction=cfg.eval_fraction, eval_max=cfg.eval_max_sequences,
     )  # fmt: skip
     tm = build(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len, seed=cfg.seed)
+    if tm.kind == "hf" and (cfg.tp > 1 or (cfg.dp > 1 and cfg.data_parallel == "fsdp")):
+        # save_hf writes each rank's tensors as they are; sharded ones would need gathering first
+        raise ModelError("the final HuggingFace export needs whole tensors on each pipeline rank: "
+                         "use --data-parallel ddp (not fsdp) and --tp 1 with a HuggingFace model")
     pipe = layerwise.Pipeline(
         tm.model, stages=cfg.stages, schedule=cfg.schedule, microbatches=cfg.microbatches, chunks=cfg.chunks,
+        dp=cfg.dp, tp=cfg.tp, data_parallel=cfg.data_parallel, precision=cfg.precision,
+        activation_checkpointing=cfg.activation_checkpointing,
         loss_fn=tm.loss_fn, optimizer=lambda p: adamw(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
         max_grad_norm=cfg.clip,
     )  # fmt: skip
     rank = dist.get_rank()
     main = rank == 0
     module = ckpt.stage_module(pipe.stages)
-    if tm.weights is not None:  # continue from trained weights: each rank reads only its own
-        load_stage_weights(tm.weights, full_names(tm, pipe.named_parameters()), tm.ties)
     sched = warmup_cosine(pipe.optimizer, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio) if pipe.optimizer else None
     root = os.path.join(cfg.out, "checkpoints")
     start = _resume(cfg, root, module, pipe, sched, data, rank) if cfg.resume else _fresh(cfg, root)
@@ -102,7 +107,7 @@ def train_rank(cfg_dict: dict[str, Any], stop_after: int | None = None) -> dict[
         eval_loss = evaluate(pipe, data, tm)
     final = os.path.join(cfg.out, "final")
     if end == cfg.steps:
-        save_final(final, tm, pipe, rank, dist.get_world_size())
+        save_final(final, tm, pipe, module, rank)
     pipe.close()
     if not main:
         return {"rank": rank}
@@ -137,7 +142,7 @@ def evaluate(pipe: Any, data: PackedData, tm: TrainModel) -> float | None:
     for layer in layers:
         layer.eval()
     total, rows = 0.0, 0
-    for window in data.eval_batches():
+    for window in data.eval_batches(min_rows=getattr(getattr(pipe, "dims", None), "dp", 1)):
         x, y = tm.inputs_targets(window)
         total += pipe.forward_backward(x, y) * window.shape[0]
         rows += window.shape[0]
@@ -173,6 +178,19 @@ def _fresh(cfg: TrainConfig, root: str) -> int:
     return 0
 
 
+def check_resumable(cfg: TrainConfig, path: str) -> dict[str, Any]:
+    """The checkpoint's metadata, if it was written with the settings that shape the loss curve."""
+    meta = ckpt.read_meta(path)
+    changed = [k for k in MUST_MATCH if meta["settings"].get(k) != getattr(cfg, k)]
+    if changed:
+        diffs = ", ".join(f"{k} {meta['settings'].get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ckpt.CheckpointError(
+            f"--resume: {path} was written with other settings ({diffs}); resume with the same settings "
+            "or start a new run with another --out"
+        )
+    return meta
+
+
 def _resume(cfg: TrainConfig, root: str, module: Any, pipe: Any, sched: Any, data: PackedData, rank: int) -> int:
     # Rank 0 picks the checkpoint and tells the others, so all read the same one even if a
     # save is committed while they look.
@@ -183,14 +201,7 @@ def _resume(cfg: TrainConfig, root: str, module: Any, pipe: Any, sched: Any, dat
     if step < 0:
         raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {root}; run without --resume to start")
     path = os.path.join(root, ckpt.folder_name(step))
-    meta = ckpt.read_meta(path)
-    changed = [k for k in MUST_MATCH if meta["settings"].get(k) != getattr(cfg, k)]
-    if changed:
-        diffs = ", ".join(f"{k} {meta['settings'].get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise ckpt.CheckpointError(
-            f"--resume: {path} was written with other settings ({diffs}); resume with the same settings "
-            "or start a new run with another --out"
-        )
+    meta = check_resumable(cfg, path)
     ckpt.restore(module, pipe.optimizer, rank, path)
     if sched is not None and meta["lr_schedule"] is not None:
         sched.load_state_dict(meta["lr_schedule"])
@@ -200,29 +211,43 @@ def _resume(cfg: TrainConfig, root: str, module: Any, pipe: Any, sched: Any, dat
 
 
 # -- the final model ----------------------------------------------------------------------------
-def save_final(folder: str, tm: TrainModel, pipe: Any, rank: int, world: int) -> None:
-    """Each rank writes its own shard; rank 0 writes the config and the index, then commits."""
+def save_final(folder: str, tm: TrainModel, pipe: Any, module: Any, rank: int) -> None:
+    """The trained model in ``folder``: one safetensors shard per pipeline rank (written by its
+    first data- and tensor-parallel replica), the config and the index; HF format for a
+    HuggingFace model (``save_hf``). Written beside the folder, then renamed into place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ..models.hf_weights import pipeline_shards, save_hf
+
+    dims = getattr(pipe, "dims", None)
+    d, _, t = dims.coords(rank) if dims is not None else (0, 0, 0)
+    writer = d == 0 and t == 0
+    shards, shard = pipeline_shards(pipe)
     tmp = folder + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    named = full_names(tm, pipe.named_parameters())
-    # A tied weight is saved once, under its source name, by the rank that holds the source.
-    part = save_stage_weights(tmp, named, rank=rank, world=world, skip=set(tm.ties))
-    with open(os.path.join(tmp, f".weights-rank{rank}.json"), "w") as f:
-        json.dump(part, f)
+    if tm.kind == "gpt":
+        # whole tensors: gathered from data- or tensor-parallel shards (a collective), else as they are
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+        if writer:
+            part = save_gpt_shard(tmp, tm, full, shard, len(shards))
+            with open(os.path.join(tmp, f".weights-{shard}.json"), "w") as f:
+                json.dump(part, f)
+    elif writer:
+        save_hf(tm.model, tmp, shards=shards, shard=shard)
     dist.barrier()
     if rank == 0:
-        weight_map: dict[str, str] = {}
-        for r in range(world):
-            piece = os.path.join(tmp, f".weights-rank{r}.json")
-            with open(piece) as f:
-                weight_map.update(json.load(f))
-            os.remove(piece)
-        ckpt.write_json_atomic(os.path.join(tmp, "model.safetensors.index.json"),
-                               {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
-        ckpt.write_json_atomic(os.path.join(tmp, "config.json"), tm.config)
+        if tm.kind == "gpt":
+            weight_map: dict[str, str] = {}
+            for k in range(len(shards)):
+                piece = os.path.join(tmp, f".weights-{k}.json")
+                with open(piece) as f:
+                    weight_map.update(json.load(f))
+                os.remove(piece)
+            ckpt.write_json_atomic(os.path.join(tmp, INDEX), {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
+            ckpt.write_json_atomic(os.path.join(tmp, "config.json"), tm.config)
         old = folder + ".old"
         if os.path.exists(folder):
             os.rename(folder, old)
