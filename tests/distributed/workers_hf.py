@@ -21,7 +21,7 @@ def hf_case_key(case: list[Any]) -> str:
     return "/".join([family, "tied" if tied else "untied", padding, source, schedule, targets])
 
 
-def hf_equivalence(cases: list[list[Any]], dirs: dict[str, str]) -> dict[str, Any]:
+def hf_equivalence(cases: list[list[Any]], dirs: dict[str, str], saves: list[list[Any]]) -> dict[str, Any]:
     """For each (family, tied, padding, source, schedule, targets): one pipeline step of the
     from_hf model next to HF's own forward + loss + backward in this process; return the loss
     and largest gradient differences, the HF names of the parameters compared on this rank and,
@@ -74,4 +74,31 @@ def hf_equivalence(cases: list[list[Any]], dirs: dict[str, str]) -> dict[str, An
             "grad_norm": sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()) ** 0.5,
         }
         pipe.close()
+    for family, tied, target in saves:
+        out[f"save/{family}/{tied}"] = hf_train_and_save(dirs[f"{family}/{tied}"], target, 2, 0.5)
     return out
+
+
+def hf_train_and_save(source: str, out: str, steps: int, lr: float) -> list[float]:
+    """Read this rank's layers from ``source``, train ``steps`` SGD steps in a pipeline, and save
+    HF format to ``out``: each rank its own shard, the first rank also config and index."""
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    lm = layerwise.from_hf(source, attn_implementation="eager")
+    layers = lm.layers()
+    a, b = stage_bounds(resolve_partition("uniform", len(layers), world))[rank]
+    for i in range(a, b):
+        lm.materialize(i, layers[i])
+    for layer in layers:
+        layer.eval()
+    pipe = layerwise.Pipeline(
+        lm, microbatches=MICROBATCHES, loss_fn=layerwise.causal_lm_loss,
+        optimizer=lambda p: torch.optim.SGD(p, lr=lr),
+    )  # fmt: skip
+    losses = []
+    for step in range(steps):
+        inputs, labels = batch("right", ROWS, SEQ, seed=100 + step)
+        losses.append(pipe.step(inputs, layerwise.causal_lm_targets(labels)))
+    layerwise.save_hf(lm, out, pipeline=pipe)
+    pipe.close()
+    return losses

@@ -124,18 +124,23 @@ def save_hf(
     *,
     shards: Sequence[Sequence[int]] | None = None,
     shard: int | None = None,
+    pipeline: Any = None,
 ) -> list[Path]:
     """Write ``model`` in HF format, loadable by ``AutoModelForCausalLM.from_pretrained``.
 
     ``shards`` groups layer indices into files (default: one file, ``model.safetensors``);
-    ``shard`` is the group this call writes (default: all). In a pipeline, pass
-    ``*pipeline_shards(pipe)`` on every rank: each rank writes its own layers, the rank writing
-    shard 0 also writes ``config.json`` and the index, and the directory is complete once every
-    rank has returned (barrier before reading it). A tensor shared by several layers (tied
+    ``shard`` is the group this call writes (default: all). In a pipeline, call
+    ``save_hf(model, dir, pipeline=pipe)`` on every rank: each rank writes a shard with its own
+    layers, rank 0 also writes ``config.json`` and the index, and the directory is complete once
+    every rank has returned (barrier before reading it). A tensor shared by several layers (tied
     embeddings) is written once, by the first shard that holds it, under its first name, as
     ``save_pretrained`` does. Returns the files this call wrote; each is written to a temporary
     name first and renamed, so a crash never leaves a half-written file under the final name.
     """
+    if pipeline is not None:
+        if shards is not None or shard is not None:
+            raise ConfigError("save_hf: pass either pipeline= or shards= and shard=, not both")
+        shards, shard = pipeline_shards(pipeline)
     layers = model.layers()
     config = getattr(layers[0], "hf_config", None)
     if config is None:
