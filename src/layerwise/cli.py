@@ -22,6 +22,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "layerwise.commands.demo", "train a small GPT in a local 4-process pipeline, check it"),
     ("partition", "layerwise.commands.partition", "balance a model's layers over pipeline stages and devices"),
     ("simulate", "layerwise.commands.simulate", "simulate a pipeline schedule: time, bubble, memory"),
+    ("swarm", "layerwise.commands.swarm", "train across peers that fail, join and leave (zenoh)"),
 ]
 
 
