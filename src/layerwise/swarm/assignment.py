@@ -78,7 +78,8 @@ def assign(spec: SwarmSpec, peers: Sequence[PeerInfo], *, epoch: int, max_stages
     times, memory = layer_costs(spec)
     n = min(len(peers), spec.layers, max_stages or len(peers))
     by_id = {p.id: p for p in peers}
-    ranked = [p for p in order if p in by_id] + sorted(set(by_id) - set(order))
+    kept = list(dict.fromkeys(p for p in order if p in by_id))  # a peer may hold two stages now
+    ranked = kept + sorted(set(by_id) - set(kept))
     # the fastest peers hold stages, in their current order where they had one
     chosen = set(sorted(ranked, key=lambda p: -by_id[p].speed)[:n])
     holders = [p for p in ranked if p in chosen]

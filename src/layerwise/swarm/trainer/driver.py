@@ -37,7 +37,6 @@ def run_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
     tr.cache = cache
     schedule = build(tr.spec.schedule, stages=stages, microbatches=m)
     _in_threads(cache, [lambda s=s: _run_stage(tr, cache, s, schedule.ranks[s]) for s in range(stages)])
-    tr.phase = "commit"
     _in_threads(cache, [lambda s=s: _commit(tr, cache, s) for s in range(stages)])
     tr.cache = None
     return sum(cache.losses[mb] for mb in range(m))
@@ -73,7 +72,6 @@ def _run_stage(tr: Trainer, cache: StepCache, s: int, actions: Any) -> None:
     for a in actions:
         kind = "forward" if a.kind == Kind.F else "backward"
         msg = _message(tr, cache, s, kind, a.microbatch)
-        tr.phase = kind
         out = call_stage(tr, cache, s, msg)
         if kind == "forward" and last:
             cache.losses[a.microbatch] = float(out.tensors[0])
@@ -94,7 +92,7 @@ def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message) -> Message:
             msg.epoch = tr.epoch
             return tr.node.request(holder, msg, tr.opts.request_timeout)
         except PeerLost as e:
-            tr.recover(s, e.peer, cache)
+            tr.recover(s, e.peer, cache, msg.kind)
 
 
 def _replay(tr: Trainer, cache: StepCache, s: int, holder: str) -> None:

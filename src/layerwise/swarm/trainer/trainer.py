@@ -124,15 +124,21 @@ class Trainer:
                 f"{self.opts.wait_s:.0f} s: start more with 'layerwise swarm serve --join ENDPOINT'"
             )
         self._measure_new()
+        if not self.peers():
+            raise SwarmError(f"no peer of swarm {self.opts.swarm!r} answered: check that they run the same version")
         self._reconfigure(states=None)
 
     def _measure_new(self) -> None:
         for peer in sorted(self.membership.snapshot()):
             if peer in self.block_s:
                 continue
-            try:
-                r = self.node.request(peer, Message("hello", meta={"spec": self.spec.to_json()}), 60.0)
-            except PeerLost:
+            for _attempt in range(3):  # a peer's queryable may reach us a moment after its token
+                try:
+                    r = self.node.request(peer, Message("hello", meta={"spec": self.spec.to_json()}), 60.0)
+                    break
+                except PeerLost:
+                    time.sleep(0.2)
+            else:
                 continue
             self.block_s[peer] = float(r.meta["block_s"])
             self.memory[peer] = float(r.meta["memory_bytes"])
@@ -221,12 +227,12 @@ class Trainer:
         self.node.request(peer, Message("install", stage=span.stage, epoch=epoch, meta=meta, tensors=tensors or []))
 
     # -- failures ------------------------------------------------------------------------------
-    def note_lost(self, peer: str) -> Failure:
+    def note_lost(self, peer: str, phase: str = "relay") -> Failure:
         with self._lock:
             for f in self.failures:
                 if f.peer == peer:
                     return f
-            f = Failure(peer=peer, step=len(self.losses), phase=self.phase, noticed_at=time.time(),
+            f = Failure(peer=peer, step=len(self.losses), phase=phase, noticed_at=time.time(),
                         left_at=self.membership.left_at(peer))  # fmt: skip
             self.failures.append(f)
             return f
@@ -247,15 +253,16 @@ class Trainer:
             f"stage has a copy, and keep a peer's holder and copy from failing together."
         )
 
-    def recover(self, s: int, dead: str, cache: StepCache | None) -> None:
+    def recover(self, s: int, dead: str, cache: StepCache | None, phase: str = "boundary") -> None:
         """Give stage ``s`` a live holder again after ``dead`` was lost; mark it for replay."""
         with self._lock:
             span = self.assignment.stages[s]
             if span.holder != dead and self.membership.is_alive(span.holder):
                 return  # another thread already recovered this stage
-            failure = self.note_lost(dead)
+            failure = self.note_lost(dead, phase)
             failure.stages.append(s)
             self.membership.wait_gone(dead, self.opts.lease_ms / 1000 * 3 + 2)  # a hung peer: wait out its lease
+            failure.left_at = failure.left_at or self.membership.left_at(dead)
             if span.copy is None or not self.membership.is_alive(span.copy):
                 raise self._lost(span)
             busy = {x.holder for x in self.assignment.stages} | {x.copy for x in self.assignment.stages}
