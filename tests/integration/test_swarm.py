@@ -22,6 +22,7 @@ import pytest
 from layerwise.swarm.errors import StageLost
 from layerwise.swarm.reference import max_diff, reference
 from layerwise.swarm.spec import SwarmSpec
+from layerwise.swarm.status import query_status
 from layerwise.swarm.trainer import Trainer, TrainerOptions
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -139,6 +140,10 @@ def test_a_joining_peer_gets_layers_at_a_step_boundary(swarm: LocalSwarm, churn:
         if step == 2:
             swarm.start("j1")
             assert tr.membership.wait_for(5, 90), "the new peer did not join"
+        if step == 3:  # `layerwise swarm status` sees the trainer and every peer
+            got = query_status(swarm.name, [swarm.endpoint])
+            assert got["trainer"]["step"] == 3 and len(got["trainer"]["stages"]) == len(tr.assignment.stages)
+            assert "j1" in got["peers"] and all("spans" in p for p in got["peers"].values())
 
     with swarm.trainer(SPEC, 4) as tr:
         params, committed = _run(tr, 6, hook)

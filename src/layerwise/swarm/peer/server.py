@@ -78,7 +78,7 @@ class Peer:
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
-        if msg.kind in ("install", "reset") and msg.epoch < self.epoch:
+        if msg.kind not in ("hello", "status", "get_state") and msg.epoch < self.epoch:
             return error(f"stale assignment epoch {msg.epoch} (peer is at {self.epoch})", msg)
         fn = getattr(self, f"_on_{msg.kind}", None)
         if fn is None:

@@ -141,6 +141,7 @@ class Trainer:
             else:
                 continue
             self.block_s[peer] = float(r.meta["block_s"])
+            self.epoch = max(self.epoch, int(r.meta["epoch"]))  # peers remember an earlier trainer's epochs
             self.memory[peer] = float(r.meta["memory_bytes"])
 
     def peers(self) -> list[PeerInfo]:
@@ -260,6 +261,8 @@ class Trainer:
             if span.holder != dead and self.membership.is_alive(span.holder):
                 return  # another thread already recovered this stage
             failure = self.note_lost(dead, phase)
+            if failure.phase in ("relay", "boundary"):  # first seen as a copy; it failed serving as holder
+                failure.phase = phase
             failure.stages.append(s)
             self.membership.wait_gone(dead, self.opts.lease_ms / 1000 * 3 + 2)  # a hung peer: wait out its lease
             failure.left_at = failure.left_at or self.membership.left_at(dead)
