@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("plan", "layerwise.commands.plan", "choose dp x tp x pp, schedule, ZeRO and recomputation for a model on a cluster"),
     ("simulate", "layerwise.commands.simulate", "simulate a pipeline schedule: time, bubble, memory"),
     ("train", "layerwise.commands.train", "train a model on local text in a pipeline, with checkpoints and resume"),
+    ("swarm", "layerwise.commands.swarm", "train across peers that fail, join and leave (zenoh)"),
 ]
 
 
