@@ -36,7 +36,6 @@ CASES_4 = [
     # tensor parallelism (the fused qkv split per q, k, v; the head's logits gathered over the vocab)
     dict(stages=2, tp=2, microbatches=3),
     dict(stages=2, tp=2, microbatches=3, schedule="interleaved", sequence_parallel=True),
-    dict(stages=1, dp=2, tp=2, microbatches=3, data_parallel="ddp", meta=True),
 ]  # fmt: skip
 CASES_8 = [
     dict(stages=2, dp=2, tp=2, microbatches=3),
