@@ -116,9 +116,9 @@ class Pipeline(_PipelineBase):
 
             apply_precision(mine, o["precision"])
         if o["offload"] in ("activations", "all"):
-            from .offload import apply_offload
+            from .offload import apply_activation_offload
 
-            apply_offload(mine)
+            apply_activation_offload(mine)
         if self.dims.dp > 1:
             self._dp_sync = self._apply_dp(mine)
 
@@ -132,9 +132,9 @@ class Pipeline(_PipelineBase):
 
             mp = fsdp_mixed_precision(o["precision"], self.device)
         if o["offload"] in ("params", "all"):
-            from .offload import fsdp_offload_policy
+            from .offload import fsdp_cpu_offload
 
-            offload = fsdp_offload_policy(True)
+            offload = fsdp_cpu_offload()
         dp_mesh = self.mesh["dp"]
         units, shared = apply_dp(layers, dp_mesh, mode=o["data_parallel"],
                                  reshard_after_forward=o["reshard_after_forward"], mp_policy=mp, offload_policy=offload)
