@@ -77,6 +77,11 @@ def test_errors(results: list[dict[str, Any]]) -> None:
     assert all("\n" not in e for e in errors.values()), "errors are one line"
 
 
+def test_vocab_parallel_cross_entropy(results: list[dict[str, Any]]) -> None:
+    for rank, r in enumerate(results):
+        assert r["vocab_loss"]["loss_diff"] <= TOL and r["vocab_loss"]["grad_diff"] <= TOL, f"rank {rank}: {r['vocab_loss']}"
+
+
 def test_dp2_tp2_fsdp_matches_single_process() -> None:
     """2-D: FSDP2 over dp on top of tp; the fused qkv weight sharded by FSDP on dim 1 (see
     fsdp_shard_placement), so full_tensor() and checkpoints stay right."""

@@ -207,7 +207,27 @@ def tp_equivalence(cases: list[list[Any]]) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
     out: dict[str, Any] = {case_key(c): _case(*c, mesh) for c in cases}
     out["errors"] = _errors(mesh)
+    out["vocab_loss"] = _vocab_loss(mesh)
     return out
+
+
+def _vocab_loss(mesh: DeviceMesh) -> dict[str, float]:
+    """vocab_parallel_cross_entropy on this rank's vocab columns against F.cross_entropy on all of
+    them, with ignored targets (-100) and logits far from zero (the max subtraction matters)."""
+    from layerwise.parallel.tp_loss import vocab_parallel_cross_entropy
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 5, 48, generator=g) * 30).requires_grad_()
+    target = torch.randint(0, 48, (2, 5), generator=g)
+    target[0, :2] = -100
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 48), target.reshape(-1))
+    ref.backward()
+    r, tp = mesh.get_local_rank(), mesh.size()
+    local = logits.detach()[..., r * 48 // tp : (r + 1) * 48 // tp].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, mesh)
+    (2 * loss).backward()  # an upstream gradient other than 1
+    want = 2 * logits.grad[..., r * 48 // tp : (r + 1) * 48 // tp]
+    return {"loss_diff": abs(loss.item() - ref.item()), "grad_diff": (local.grad - want).abs().max().item()}
 
 
 def tp_dp_equivalence(sequence_parallel: list[bool]) -> dict[str, Any]:
