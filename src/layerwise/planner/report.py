@@ -79,7 +79,7 @@ def why(e: Estimate) -> str:
             "selective": "selective recomputation (attention scores again)"}.get(e.strategy.recompute)
     second = (f"Step {step:.3g} s: compute {p.get('compute', 0.0):.3g} s per device "
               f"({p.get('compute', 0.0) / step:.0%}), bubble {e.bubble_fraction:.1%} of the pipeline, "
-              f"{e.tflops_per_device:.0f} TFLOP/s per device, MFU {e.mfu:.0%}.")
+              f"{e.tflops_per_device:.3g} TFLOP/s per device, MFU {e.mfu:.0%}.")
     name, worst = max(costs.items(), key=lambda kv: kv[1])
     if e.feasible and mem["total"] > 0.9 * e.budget:
         binds = "Memory binds: it is over 90% full, so a larger microbatch or less recomputation would not fit"
@@ -99,7 +99,10 @@ def _inflight(e: Estimate) -> str:
 
 
 def _g(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def format_table(result: PlanResult, *, title: str = "") -> Any:
@@ -109,7 +112,7 @@ def format_table(result: PlanResult, *, title: str = "") -> Any:
     table = Table(title=title or None, show_lines=False)
     for col, just in [("#", "right"), ("dp", "right"), ("tp", "right"), ("pp", "right"), ("schedule", "left"),
                       ("mb", "right"), ("m", "right"), ("zero", "right"), ("recompute", "left"),
-                      ("offload", "left"), ("GiB/dev", "right"), ("step s", "right"), ("TFLOP/s", "right"),
+                      ("offload", "left"), ("mem/dev", "right"), ("step s", "right"), ("TFLOP/s", "right"),
                       ("MFU", "right"), ("bubble", "right"), ("fits", "left")]:  # fmt: skip
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for k, e in enumerate(result.candidates):
@@ -117,8 +120,8 @@ def format_table(result: PlanResult, *, title: str = "") -> Any:
         sched = f"{s.schedule} x{s.chunks}" if s.chunks > 1 else s.schedule
         table.add_row(
             str(k + 1), str(s.dp), str(s.tp), str(s.pp), sched, str(s.micro), str(e.microbatches),
-            str(s.zero_stage), s.recompute, "yes" if s.offload else "no", f"{e.memory.get('total', 0.0) / GIB:.1f}",
-            f"{e.step_time:.3g}", f"{e.tflops_per_device:.0f}", f"{e.mfu:.0%}", f"{e.bubble_fraction:.1%}",
+            str(s.zero_stage), s.recompute, "yes" if s.offload else "no", _g(e.memory.get("total", 0.0)),
+            f"{e.step_time:.3g}", f"{e.tflops_per_device:.3g}", f"{e.mfu:.0%}", f"{e.bubble_fraction:.1%}",
             "yes" if e.feasible else "NO",
         )  # fmt: skip
     return table
