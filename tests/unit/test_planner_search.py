@@ -107,6 +107,8 @@ def test_a_pin_that_breaks_a_rule_says_which(llama: ModelSpec, h100x64: Cluster)
     out = to_json(result)
     assert out["best"]["feasible"] is False
     assert "inside a node" in out["best"]["why"]
+    none = to_json(plan(llama, h100x64, 512, pins=Pins(dp=3)))
+    assert none["best"]["feasible"] is False and "no dp x tp x pp makes 64 devices" in none["best"]["why"]
     with pytest.raises(StrategyError, match="multiple of dp x microbatch"):
         estimate(llama, h100x64, Strategy(dp=64, tp=1, pp=1, micro=3), 512)
 
