@@ -150,8 +150,10 @@ def backward_input(
 
 def backward_weight(pending: Pending) -> None:
     """W: accumulate the parameters' gradients from what I kept, without recomputing I."""
+    # autograd.backward(..., inputs=params) accumulates through the parameters' own gradient
+    # accumulators, in place as the fused backward does, instead of adding copies here.
     for outs, gs, params in pending.whole:
-        _accumulate(params, torch.autograd.grad(outs, params, gs, retain_graph=True, allow_unused=True))
+        torch.autograd.backward(outs, gs, retain_graph=True, inputs=params)
     for b in pending.boundaries:
         if b.grads is None:  # I never reached it (its gradient was not needed for the inputs)
             continue
@@ -162,16 +164,9 @@ def backward_weight(pending: Pending) -> None:
         blocks = [c.register_prehook(lambda go: tuple(None if g is None else torch.zeros_like(g) for g in go))
                   for c in b.conflict]  # fmt: skip
         try:
-            got = torch.autograd.grad(edges, b.targets, gs, retain_graph=True, allow_unused=True)
+            torch.autograd.backward(edges, gs, retain_graph=True, inputs=b.targets)
         finally:
             for h in blocks:
                 h.remove()
-        _accumulate(b.targets, got)
     pending.boundaries.clear()
     pending.whole.clear()
-
-
-def _accumulate(params: Sequence[torch.Tensor], got: Sequence[torch.Tensor | None]) -> None:
-    for p, g in zip(params, got):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
