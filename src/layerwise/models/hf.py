@@ -91,10 +91,14 @@ class DecoderBlock(HFLayer):
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hidden, pos = x["hidden_states"], x["position_ids"]
-        mask = _make_mask(self.hf_config, hidden, x.get("attention_mask"), pos, self.sliding)
+        # The mask and the rotary module read only the batch and sequence sizes, dtype and device
+        # of this tensor. Take the sizes from the position ids, which always span the whole
+        # sequence: with sequence parallelism the hidden state here is this rank's chunk of it.
+        probe = hidden.new_empty((pos.shape[0], pos.shape[1], 0))  # (batch, seq, 0): no memory
+        mask = _make_mask(self.hf_config, probe, x.get("attention_mask"), pos, self.sliding)
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": pos}
         if self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(hidden, position_ids=pos)
+            kwargs["position_embeddings"] = self.rotary(probe, position_ids=pos)
         out = self.layer(hidden, **kwargs)
         if isinstance(out, tuple):  # older layers return (hidden, attn_weights, ...)
             out = out[0]
