@@ -140,6 +140,11 @@ def from_hf(
     Inputs: a tensor of token ids, or a dict with ``input_ids`` and optional ``attention_mask``
     (2-D padding mask) and ``position_ids`` (batch, seq). Outputs: logits; train with
     :func:`layerwise.causal_lm_loss`. Tied input and output embeddings stay one parameter.
+
+    ``dtype``: the parameters' dtype for a model built here (default: the config's ``dtype``, as
+    in transformers, e.g. bf16 for a bf16 checkpoint; pass ``torch.float32`` for fp32 training).
+    ``attn_implementation``: "eager", "sdpa", ... (default: transformers' choice). The models'
+    dropout is as configured; call ``.eval()`` on the layers for exact comparisons.
     """
     materialize = None
     if isinstance(source, (str, os.PathLike)):
