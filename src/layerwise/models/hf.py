@@ -20,6 +20,7 @@ packed sequences from the position ids only when there is no mask.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Callable
@@ -154,8 +155,9 @@ def from_hf(
     elif hasattr(source, "model_type") and hasattr(source, "to_dict"):  # a PretrainedConfig
         from transformers import AutoModelForCausalLM
 
-        _prepare_config(source, attn_implementation)
-        model = AutoModelForCausalLM.from_config(source, **_dtype_kwargs(dtype))
+        config = copy.deepcopy(source)  # the caller's config stays as it was
+        _prepare_config(config, attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(dtype))
     else:
         raise ConfigError(
             f"layerwise.from_hf takes a HuggingFace causal LM, its config or a local directory, got "
