@@ -70,3 +70,16 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_and_resume_matches(
     assert resumed["resumed_from"] == 2
     assert resumed["losses"] == runs["full"]["losses"][2:]
     assert not (root / ".tmp-step-00000004").exists(), "the next save cleared what the crash left"
+
+
+def test_resume_with_fsdp_data_parallel_replicas(folder: Path) -> None:
+    """dp 2 x pp 2 (4 processes, FSDP2): each rank saves its parameter and AdamW shards (DTensors)
+    and its RNG; stopped after 3 of 6 steps and resumed, the losses are the uninterrupted run's."""
+    a = settings(str(folder), "dp-full", dp=2, steps=6, save_every=3)
+    b = settings(str(folder), "dp-stopped", dp=2, steps=6, save_every=3)
+    r = layerwise.launch(uninterrupted_then_stopped_and_resumed, 4, a, b, timeout=300)[0]
+    full = r["full"]["losses"]
+    assert len(set(full)) == 6 and r["first"]["losses"] + r["rest"]["losses"] == full
+    assert r["rest"]["eval_loss"] == r["full"]["eval_loss"]
+    shards = sorted(f for f in os.listdir(folder / "dp-full" / "checkpoints" / "step-00000006") if f.endswith(".distcp"))
+    assert len(shards) == 4, "every rank wrote its own part"

@@ -39,9 +39,9 @@ def settings(folder: str, out: str, **extra: Any) -> dict[str, Any]:
 
 
 def uninterrupted_then_stopped_and_resumed(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Run ``a`` straight through; run ``b`` (the same settings) to step 5, then resume it."""
+    """Run ``a`` straight through; run ``b`` (the same settings) to its first save, then resume it."""
     full = train_rank(a)
-    first = train_rank(b, stop_after=5)
+    first = train_rank(b, stop_after=b["save_every"])
     rest = train_rank({**b, "resume": True})
     return {"full": full, "first": first, "rest": rest}
 
