@@ -19,7 +19,7 @@ from torch import nn
 
 from layerwise.models import lm_loss
 from layerwise.parallel.checkpointing import apply_ac
-from layerwise.parallel.offload import apply_offload
+from layerwise.parallel.offload import apply_activation_offload
 from layerwise.parallel.precision import BF16_GRAD_RTOL, BF16_LOSS_RTOL, apply_precision
 from layerwise.runtime.microbatch import split_batch
 from layerwise.runtime.stage import Stage
@@ -69,8 +69,8 @@ EXACT: dict[str, Tools] = {
     "full": lambda layers: apply_ac(layers, "full"),
     "every-2": lambda layers: apply_ac(layers, "full", every=2),
     "selective": lambda layers: apply_ac(layers, "selective"),
-    "offload": lambda layers: apply_offload(layers),
-    "selective+offload": lambda layers: (apply_ac(layers, "selective"), apply_offload(layers)),
+    "offload": lambda layers: apply_activation_offload(layers),
+    "selective+offload": lambda layers: (apply_ac(layers, "selective"), apply_activation_offload(layers)),
 }
 MODELS = {"gpt": (gpt, gpt_batch), "structured": (structured, structured_batch)}
 

@@ -13,7 +13,7 @@ import torch
 
 from layerwise.parallel import _wrap
 from layerwise.parallel.checkpointing import apply_ac
-from layerwise.parallel.offload import apply_offload, fsdp_offload_policy
+from layerwise.parallel.offload import apply_activation_offload, fsdp_cpu_offload
 from layerwise.parallel.precision import apply_precision
 
 from .memory_models import gpt, gpt_batch, layers_of, loss_of, prepared, step, structured, structured_batch
@@ -41,7 +41,7 @@ def test_offload_equals_none_and_packs_every_saved_activation(make, batch, pin: 
     base = make()
     x, y = batch()
     want_loss, want = step(copy.deepcopy(base), x, y)
-    model, stats = prepared(base, lambda layers: apply_offload(layers, pin_memory=pin))
+    model, stats = prepared(base, lambda layers: apply_activation_offload(layers, pin_memory=pin))
     loss, got = step(model, x, y)
     assert torch.equal(loss, want_loss)
     assert all(torch.equal(got[n], want[n]) for n in want)
@@ -57,16 +57,16 @@ def test_offload_composes_with_bf16_and_checkpointing() -> None:
     x, y = gpt_batch()
     bf16, _ = prepared(base, lambda layers: apply_precision(layers, "bf16"))
     want_loss, want = step(bf16, x, y)
-    model, stats = prepared(base, lambda layers: (apply_precision(layers, "bf16"), apply_offload(layers))[1])
+    model, stats = prepared(base, lambda layers: (apply_precision(layers, "bf16"), apply_activation_offload(layers))[1])
     loss, got = step(model, x, y)
     assert torch.equal(loss, want_loss) and all(torch.equal(got[n], want[n]) for n in want)
     assert stats.packed > 0
     # bf16 activations go through the hooks as bf16: half the bytes of some fp32 ones
-    fp32, fp32_stats = prepared(base, lambda layers: apply_offload(layers))
+    fp32, fp32_stats = prepared(base, lambda layers: apply_activation_offload(layers))
     step(fp32, x, y)
     assert stats.packed_bytes < fp32_stats.packed_bytes
     # a checkpointed layer saves only its input, through the offload hooks: one tensor per layer
-    model, stats = prepared(base, lambda layers: (apply_ac(layers, "full"), apply_offload(layers))[1])
+    model, stats = prepared(base, lambda layers: (apply_ac(layers, "full"), apply_activation_offload(layers))[1])
     loss, got = step(model, x, y)
     assert stats.packed == len(layers_of(model)) and stats.kept == 0
     want_loss, want = step(copy.deepcopy(base), x, y)
@@ -76,8 +76,8 @@ def test_offload_composes_with_bf16_and_checkpointing() -> None:
 def test_disable_restores_the_layer() -> None:
     model = structured()
     layers = layers_of(model)
-    stats = apply_offload(layers)
-    apply_offload(layers, False)
+    stats = apply_activation_offload(layers)
+    apply_activation_offload(layers, False)
     assert all(not _wrap.tools(layer) and "forward" not in layer.__dict__ for layer in layers)
     x, y = structured_batch()
     loss_of(model, x, y).backward()
@@ -87,6 +87,6 @@ def test_disable_restores_the_layer() -> None:
 def test_fsdp_offload_policy() -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
-    on, off = fsdp_offload_policy(True), fsdp_offload_policy(False)
+    on, off = fsdp_cpu_offload(True), fsdp_cpu_offload(False)
     assert isinstance(on, CPUOffloadPolicy) and on.pin_memory == torch.cuda.is_available()
     assert type(off) is OffloadPolicy

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,17 @@ class Checkpoint:
         self.read: list[str] = []
         self._files: dict[str, Any] = {}
         self._layers: list[nn.Module] = []
+        # tensors this reader loaded, by identity (a WeakSet would compare tensors with ==)
+        self._filled: dict[int, weakref.ref[torch.Tensor]] = {}
 
     def bind(self, layers: list[nn.Module]) -> None:
         """The model's layers, so a layer's index can be checked against the one it is given."""
         self._layers = list(layers)
 
     def __call__(self, index: int, layer: nn.Module) -> None:
-        """Fill layer ``index``'s meta tensors in place from the checkpoint (others stay as they
-        are, so calling it twice, or on a layer already loaded, reads nothing).
+        """Fill layer ``index``'s tensors in place from the checkpoint. Tensors it filled before
+        are skipped, so calling it twice, or for a weight tied to a layer already loaded, reads
+        nothing; a tensor already allocated (``to_empty``) but not loaded is filled.
 
         Parameters keep their identity (``torch.utils.swap_tensors``): a weight tied across two
         layers stays one parameter however the ranks materialize, as the Pipeline's tie
@@ -72,8 +76,9 @@ class Checkpoint:
         if self._layers and (index >= len(self._layers) or self._layers[index] is not layer):
             raise ConfigError(f"materialize({index}, ...) got a layer that is not layer {index} of this model")
         for local, t in [*layer.named_parameters(), *layer.named_buffers()]:
-            if not t.is_meta:
-                continue
+            done = self._filled.get(id(t))
+            if (done is not None and done() is t) or (local not in names and not t.is_meta):
+                continue  # loaded already, or computed by the adapter (rotary inv_freq)
             if local not in names:
                 raise ConfigError(
                     f"layer {index}: tensor {local!r} is not in the checkpoint and is not computed by "
@@ -90,6 +95,7 @@ class Checkpoint:
                 torch.utils.swap_tensors(t, nn.Parameter(value, requires_grad=t.requires_grad))
             else:
                 torch.utils.swap_tensors(t, value)
+            self._filled[id(t)] = weakref.ref(t)  # the same object, now holding the loaded data
 
     def _get(self, names: tuple[str, ...], index: int) -> torch.Tensor:
         for name in names:  # a tied head is stored under the embedding's name only
@@ -118,18 +124,23 @@ def save_hf(
     *,
     shards: Sequence[Sequence[int]] | None = None,
     shard: int | None = None,
+    pipeline: Any = None,
 ) -> list[Path]:
     """Write ``model`` in HF format, loadable by ``AutoModelForCausalLM.from_pretrained``.
 
     ``shards`` groups layer indices into files (default: one file, ``model.safetensors``);
-    ``shard`` is the group this call writes (default: all). In a pipeline, pass
-    ``*pipeline_shards(pipe)`` on every rank: each rank writes its own layers, the rank writing
-    shard 0 also writes ``config.json`` and the index, and the directory is complete once every
-    rank has returned (barrier before reading it). A tensor shared by several layers (tied
+    ``shard`` is the group this call writes (default: all). In a pipeline, call
+    ``save_hf(model, dir, pipeline=pipe)`` on every rank: each rank writes a shard with its own
+    layers, rank 0 also writes ``config.json`` and the index, and the directory is complete once
+    every rank has returned (barrier before reading it). A tensor shared by several layers (tied
     embeddings) is written once, by the first shard that holds it, under its first name, as
     ``save_pretrained`` does. Returns the files this call wrote; each is written to a temporary
     name first and renamed, so a crash never leaves a half-written file under the final name.
     """
+    if pipeline is not None:
+        if shards is not None or shard is not None:
+            raise ConfigError("save_hf: pass either pipeline= or shards= and shard=, not both")
+        shards, shard = pipeline_shards(pipeline)
     layers = model.layers()
     config = getattr(layers[0], "hf_config", None)
     if config is None:

@@ -53,6 +53,7 @@ def apply_dp(
     reshard_after_forward: bool = False,
     mp_policy: Any = None,
     offload_policy: Any = None,
+    shard_placement_fn: Any = None,
 ) -> tuple[list[Any], list[nn.Parameter]]:
     """Shard (FSDP) or replicate (DDP) each layer over ``dp_mesh``. Returns the FSDP units and the
     parameters left outside them (shared by two of the layers)."""
@@ -74,8 +75,8 @@ def apply_dp(
     shared = shared_params(layers)
     kwargs["ignored_params"] = set(shared)
     for layer in layers:
-        if mode == "fsdp":
-            fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+        if mode == "fsdp":  # shard_placement_fn: which dim FSDP cuts (tensor.fsdp_shard_placement)
+            fully_shard(layer, reshard_after_forward=reshard_after_forward, shard_placement_fn=shard_placement_fn, **kwargs)
         else:
             from torch.distributed._composable.replicate_with_fsdp import replicate
 

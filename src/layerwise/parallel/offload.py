@@ -1,12 +1,12 @@
 """Activation offload to host memory, and FSDP2's offload of parameters, gradients and optimizer state.
 
-``apply_offload(layers)`` runs each layer's forward inside ``torch.autograd.graph.save_on_cpu``:
-every tensor autograd saves for the backward is copied to host memory as it is saved and copied
-back when the backward needs it, so a GPU holds only the activations of the layer being computed
-(ZeRO-Offload and ZeRO-Infinity do the same for activations; Ren et al., 2021). With pinned
-memory the copies are asynchronous. Tensors that share a parameter's storage (the weight a matmul
-saves) stay where they are: the parameter lives on the device anyway, and copying it for every
-microbatch would be pure traffic.
+``apply_activation_offload(layers)`` runs each layer's forward inside
+``torch.autograd.graph.save_on_cpu``: every tensor autograd saves for the backward is copied to
+host memory as it is saved and copied back when the backward needs it, so a GPU holds only the
+activations of the layer being computed (ZeRO-Offload and ZeRO-Infinity do the same for
+activations; Ren et al., 2021). With pinned memory the copies are asynchronous. Tensors that share
+a parameter's storage (the weight a matmul saves) stay where they are: the parameter lives on the
+device anyway, and copying it for every microbatch would be pure traffic.
 
 On a CPU-only machine the tensors are already in host memory: ``save_on_cpu`` hands them back
 unchanged, so the results are identical; it still runs, and :class:`OffloadStats` counts what
@@ -19,7 +19,7 @@ then keeps no activations of the layer between its forward and its backward. Eve
 recomputation saves during the backward stays on the device, as it must.
 
 For the parameters, gradients and optimizer state, FSDP2 offloads them itself: pass
-:func:`fsdp_offload_policy` to ``fully_shard``.
+:func:`fsdp_cpu_offload` to ``fully_shard``.
 """
 
 from __future__ import annotations
@@ -87,12 +87,12 @@ def _run(layer: nn.Module, spec: _Spec, call: Any, args: tuple[Any, ...], kwargs
 _wrap.register("offload", _run)
 
 
-def apply_offload(
+def apply_activation_offload(
     layers: Sequence[nn.Module], enabled: bool = True, *, pin_memory: bool | None = None
 ) -> OffloadStats:
     """Offload the activations ``layers`` save for the backward to host memory, in place.
 
-    ``enabled=False`` removes an earlier ``apply_offload``. ``pin_memory`` defaults to whether CUDA
+    ``enabled=False`` removes an earlier ``apply_activation_offload``. ``pin_memory`` defaults to whether CUDA
     is available (pinned host memory makes the copies asynchronous). Returns the counters the
     layers' hooks update.
     """
@@ -103,7 +103,7 @@ def apply_offload(
     return stats
 
 
-def fsdp_offload_policy(enabled: bool) -> Any:
+def fsdp_cpu_offload(enabled: bool = True) -> Any:
     """FSDP2's policy for parameters, gradients and optimizer state: ``CPUOffloadPolicy`` keeps
     the sharded parameters and gradients in host memory (the optimizer step then runs on the CPU,
     so its states live there too) and copies a layer's shard to the device only for its
