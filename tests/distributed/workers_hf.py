@@ -37,21 +37,22 @@ def hf_equivalence(cases: list[list[Any]], dirs: dict[str, str], saves: list[lis
         if source == "dir":  # the same weights, saved by the test; this rank reads its own layers
             lm = layerwise.from_hf(dirs[f"{family}/{tied}"], attn_implementation="eager")
             layers = lm.layers()
-            a, b = stage_bounds(resolve_partition("uniform", len(layers), world))[rank]
-            for i in range(a, b):  # what the Pipeline does with lm.materialize for the layers it owns
-                lm.materialize(i, layers[i])
-            reads = list(lm.materialize.read)
-            stored = set(lm.materialize.weight_map)
-            for i in range(a, b):  # each of this rank's tensors under the one name it is stored as
-                expected |= {next(n for n in names if n in stored) for names in layers[i].hf_names.values()}
             for layer in layers:
                 layer.eval()
         else:
             lm = layerwise.from_hf(copy.deepcopy(ref))
             layers = lm.layers()
+        # a meta model: the Pipeline calls lm.materialize for the layers this rank owns
         pipe = layerwise.Pipeline(
             lm, schedule=schedule, microbatches=MICROBATCHES, chunks=2, loss_fn=layerwise.causal_lm_loss
         )
+        if source == "dir":
+            assert schedule == "1f1b"  # stage s on rank s
+            reads = list(lm.materialize.read)
+            stored = set(lm.materialize.weight_map)
+            a, b = stage_bounds(resolve_partition("uniform", len(layers), world))[rank]
+            for i in range(a, b):  # each of this rank's tensors under the one name it is stored as
+                expected |= {next(n for n in names if n in stored) for names in layers[i].hf_names.values()}
         inputs, labels = batch(padding, ROWS, SEQ, seed=7)
         ref_loss = reference(ref, inputs, labels)
         y = layerwise.causal_lm_targets(labels) if targets == "weighted" else labels
@@ -83,12 +84,8 @@ def hf_train_and_save(source: str, out: str, steps: int, lr: float) -> list[floa
     """Read this rank's layers from ``source``, train ``steps`` SGD steps in a pipeline, and save
     HF format to ``out``: each rank its own shard, the first rank also config and index."""
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     lm = layerwise.from_hf(source, attn_implementation="eager")
     layers = lm.layers()
-    a, b = stage_bounds(resolve_partition("uniform", len(layers), world))[rank]
-    for i in range(a, b):
-        lm.materialize(i, layers[i])
     for layer in layers:
         layer.eval()
     pipe = layerwise.Pipeline(
