@@ -15,7 +15,7 @@ import pytest
 import layerwise
 from layerwise.train import checkpoint as ckpt
 
-from .train_workers import killed_while_saving, resume, settings, uninterrupted_then_stopped_and_resumed
+from .train_workers import killed_while_saving, resume, settings, several, uninterrupted_then_stopped_and_resumed
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
 
@@ -72,14 +72,16 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_and_resume_matches(
     assert not (root / ".tmp-step-00000004").exists(), "the next save cleared what the crash left"
 
 
-def test_resume_with_fsdp_data_parallel_replicas(folder: Path) -> None:
-    """dp 2 x pp 2 (4 processes, FSDP2): each rank saves its parameter and AdamW shards (DTensors)
-    and its RNG; stopped after 3 of 6 steps and resumed, the losses are the uninterrupted run's."""
-    a = settings(str(folder), "dp-full", dp=2, steps=6, save_every=3)
-    b = settings(str(folder), "dp-stopped", dp=2, steps=6, save_every=3)
-    r = layerwise.launch(uninterrupted_then_stopped_and_resumed, 4, a, b, timeout=300)[0]
-    full = r["full"]["losses"]
-    assert len(set(full)) == 6 and r["first"]["losses"] + r["rest"]["losses"] == full
-    assert r["rest"]["eval_loss"] == r["full"]["eval_loss"]
-    shards = sorted(f for f in os.listdir(folder / "dp-full" / "checkpoints" / "step-00000006") if f.endswith(".distcp"))
-    assert len(shards) == 4, "every rank wrote its own part"
+def test_resume_with_fsdp_replicas_and_with_tensor_parallel_ranks(folder: Path) -> None:
+    """dp 2 x pp 2 (FSDP2) and pp 2 x tp 2, in the same 4 processes: each rank saves its own shards
+    of the parameters and AdamW state (DTensors; a fused qkv split per tp rank) and its RNG;
+    stopped after 3 of 6 steps and resumed, the losses are the uninterrupted run's."""
+    cases = {name: [settings(str(folder), f"{name}-{run}", steps=6, save_every=3, **extra) for run in ("full", "stopped")]
+             for name, extra in (("dp", {"dp": 2}), ("tp", {"tp": 2}))}
+    results = layerwise.launch(several, 4, cases, timeout=400)[0]
+    for name, r in results.items():
+        full = r["full"]["losses"]
+        assert len(set(full)) == 6 and r["first"]["losses"] + r["rest"]["losses"] == full, name
+        assert r["rest"]["eval_loss"] == r["full"]["eval_loss"], name
+        shards = [f for f in os.listdir(folder / f"{name}-full" / "checkpoints" / "step-00000006") if f.endswith(".distcp")]
+        assert len(shards) == 4, "every rank wrote its own part"

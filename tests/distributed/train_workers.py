@@ -15,7 +15,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from layerwise.train import checkpoint as ckpt
 from layerwise.train.loop import train_rank
 
-TINY_GPT = {"model_type": "layerwise-gpt", "vocab": 257, "context": 32, "width": 32, "heads": 2, "blocks": 3}
+TINY_GPT = {"model_type": "layerwise-gpt", "vocab": 260, "context": 32, "width": 32, "heads": 2, "blocks": 3}
 
 
 def write_inputs(folder: str) -> dict[str, str]:
@@ -44,6 +44,11 @@ def uninterrupted_then_stopped_and_resumed(a: dict[str, Any], b: dict[str, Any])
     first = train_rank(b, stop_after=b["save_every"])
     rest = train_rank({**b, "resume": True})
     return {"full": full, "first": first, "rest": rest}
+
+
+def several(cases: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """:func:`uninterrupted_then_stopped_and_resumed` for each named pair of settings."""
+    return {name: uninterrupted_then_stopped_and_resumed(a, b) for name, (a, b) in cases.items()}
 
 
 class _KilledWhileWriting(FileSystemWriter):

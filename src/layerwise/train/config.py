@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+from ..schedule.generators import SCHEDULES
 CHOICES = {
     "schedule": SCHEDULES,
     "data_parallel": ("fsdp", "ddp"),
