@@ -46,9 +46,23 @@ def uninterrupted_then_stopped_and_resumed(a: dict[str, Any], b: dict[str, Any])
     return {"full": full, "first": first, "rest": rest}
 
 
-def several(cases: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """:func:`uninterrupted_then_stopped_and_resumed` for each named pair of settings."""
-    return {name: uninterrupted_then_stopped_and_resumed(a, b) for name, (a, b) in cases.items()}
+def several(cases: dict[str, list[dict[str, Any]]], exports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """:func:`uninterrupted_then_stopped_and_resumed` for each named pair of settings, then a
+    plain run for each of ``exports``."""
+    out = {name: uninterrupted_then_stopped_and_resumed(a, b) for name, (a, b) in cases.items()}
+    return {**out, **{name: train_rank(cfg) for name, cfg in exports.items()}}
+
+
+def tiny_llama(folder: str) -> str:
+    """A tiny Llama directory in HF format (random weights from a config)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+    from tiny_llama import main
+
+    path = os.path.join(folder, "tiny-llama")
+    main(path)
+    return path
 
 
 class _KilledWhileWriting(FileSystemWriter):
