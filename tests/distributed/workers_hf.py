@@ -99,3 +99,28 @@ def hf_train_and_save(source: str, out: str, steps: int, lr: float) -> list[floa
     layerwise.save_hf(lm, out, pipeline=pipe)
     pipe.close()
     return losses
+
+
+def hf_tensor_parallel(cases: list[list[Any]]) -> dict[str, Any]:
+    """For each (family, sequence_parallel): one step of a from_hf model on a tp=2 mesh (one
+    pipeline stage) next to HF's own; loss and largest gradient difference (full tensors)."""
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {}
+    for family, sp in cases:
+        ref = tiny(family, tied=False)
+        lm = layerwise.from_hf(copy.deepcopy(ref))
+        pipe = layerwise.Pipeline(lm, stages=1, tp=2, sequence_parallel=sp, microbatches=2,
+                                  loss_fn=layerwise.causal_lm_loss)  # fmt: skip
+        inputs, labels = batch("left", 4, SEQ, seed=8)  # SEQ divides by tp, as sequence parallelism needs
+        loss = pipe.forward_backward(inputs, layerwise.causal_lm_targets(labels))
+        ref_loss = reference(ref, inputs, labels)
+        ref_params, layers, worst, sharded = dict(ref.named_parameters()), lm.layers(), 0.0, 0
+        for name, p in pipe.named_parameters().items():
+            index, _, local = name.partition(".")
+            grad = p.grad
+            if hasattr(grad, "full_tensor"):
+                grad, sharded = grad.full_tensor(), sharded + 1
+            worst = max(worst, (grad - ref_params[layers[int(index)].hf_names[local][0]].grad).abs().max().item())
+        out[f"{family}/{'sp' if sp else 'tp'}"] = {"loss_diff": abs(loss - ref_loss.item()), "grad_diff": worst, "sharded": sharded}
+        pipe.close()
+    return out

@@ -20,6 +20,7 @@ packed sequences from the position ids only when there is no mask.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Callable
@@ -91,10 +92,14 @@ class DecoderBlock(HFLayer):
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hidden, pos = x["hidden_states"], x["position_ids"]
-        mask = _make_mask(self.hf_config, hidden, x.get("attention_mask"), pos, self.sliding)
+        # The mask and the rotary module read only the batch and sequence sizes, dtype and device
+        # of this tensor. Take the sizes from the position ids, which always span the whole
+        # sequence: with sequence parallelism the hidden state here is this rank's chunk of it.
+        probe = hidden.new_empty((pos.shape[0], pos.shape[1], 0))  # (batch, seq, 0): no memory
+        mask = _make_mask(self.hf_config, probe, x.get("attention_mask"), pos, self.sliding)
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": pos}
         if self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(hidden, position_ids=pos)
+            kwargs["position_embeddings"] = self.rotary(probe, position_ids=pos)
         out = self.layer(hidden, **kwargs)
         if isinstance(out, tuple):  # older layers return (hidden, attn_weights, ...)
             out = out[0]
@@ -136,6 +141,11 @@ def from_hf(
     Inputs: a tensor of token ids, or a dict with ``input_ids`` and optional ``attention_mask``
     (2-D padding mask) and ``position_ids`` (batch, seq). Outputs: logits; train with
     :func:`layerwise.causal_lm_loss`. Tied input and output embeddings stay one parameter.
+
+    ``dtype``: the parameters' dtype for a model built here (default: the config's ``dtype``, as
+    in transformers, e.g. bf16 for a bf16 checkpoint; pass ``torch.float32`` for fp32 training).
+    ``attn_implementation``: "eager", "sdpa", ... (default: transformers' choice). The models'
+    dropout is as configured; call ``.eval()`` on the layers for exact comparisons.
     """
     materialize = None
     if isinstance(source, (str, os.PathLike)):
@@ -145,8 +155,9 @@ def from_hf(
     elif hasattr(source, "model_type") and hasattr(source, "to_dict"):  # a PretrainedConfig
         from transformers import AutoModelForCausalLM
 
-        _prepare_config(source, attn_implementation)
-        model = AutoModelForCausalLM.from_config(source, **_dtype_kwargs(dtype))
+        config = copy.deepcopy(source)  # the caller's config stays as it was
+        _prepare_config(config, attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(dtype))
     else:
         raise ConfigError(
             f"layerwise.from_hf takes a HuggingFace causal LM, its config or a local directory, got "
