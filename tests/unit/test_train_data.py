@@ -114,3 +114,20 @@ def test_a_local_huggingface_tokenizer_directory(tmp_path: Path) -> None:
     assert tokenize(str(tmp_path / "docs"), tok).tolist() == [2, 3, 4, 1, 4, 2, 0, 1]
     with pytest.raises(DataError, match="--tokenizer"):
         HFTokenizer(str(tmp_path / "docs"))
+
+
+def test_the_token_stream_is_cached_and_refreshed_when_the_text_changes(tmp_path: Path) -> None:
+    from layerwise.train.data import cached_tokens
+
+    text = tmp_path / "t.txt"
+    text.write_text("abc")
+    calls: list[int] = []
+    get = lambda write: cached_tokens(str(text), ByteTokenizer(), None, str(tmp_path / "cache"), write=write,  # noqa: E731
+                                      wait=lambda: calls.append(1))
+    assert get(True).tolist() == [97, 98, 99, 256] and len(calls) == 1
+    (cache,) = (tmp_path / "cache").iterdir()
+    assert cache.suffix == ".npy"
+    assert get(False).tolist() == [97, 98, 99, 256]  # another rank: reads, never writes
+    text.write_text("abcd")
+    assert get(True).tolist() == [97, 98, 99, 100, 256]
+    assert len(list((tmp_path / "cache").iterdir())) == 2

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import PackedData, load_tokenizer, tokenize
+from .data import PackedData, cached_tokens, load_tokenizer
 from .model import INDEX, TrainModel, build, save_gpt_shard
 from .optim import adamw, set_current_lr, warmup_cosine
 
@@ -42,10 +42,6 @@ def train_rank(cfg_dict: dict[str, Any], stop_after: int | None = None) -> dict[
 
     cfg = TrainConfig(**cfg_dict)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    data = PackedData(
-        tokenize(cfg.data, tokenizer), seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-        eval_fraction=cfg.eval_fraction, eval_max=cfg.eval_max_sequences,
-    )  # fmt: skip
     tm = build(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len, seed=cfg.seed)
     pipe = layerwise.Pipeline(
         tm.model, stages=cfg.stages, schedule=cfg.schedule, microbatches=cfg.microbatches, chunks=cfg.chunks,
@@ -56,6 +52,13 @@ def train_rank(cfg_dict: dict[str, Any], stop_after: int | None = None) -> dict[
     )  # fmt: skip
     rank = dist.get_rank()
     main = rank == 0
+    # rank 0 tokenizes (once: the stream is cached under DIR/data-cache/), the others read it
+    stream = cached_tokens(cfg.data, tokenizer, cfg.tokenizer, os.path.join(cfg.out, "data-cache"),
+                           write=main, wait=dist.barrier)
+    data = PackedData(
+        stream, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+        eval_fraction=cfg.eval_fraction, eval_max=cfg.eval_max_sequences,
+    )  # fmt: skip
     module = ckpt.stage_module(pipe.stages)
     sched = warmup_cosine(pipe.optimizer, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio) if pipe.optimizer else None
     root = os.path.join(cfg.out, "checkpoints")
