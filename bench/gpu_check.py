@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from layerwise.models import GPT, GPTConfig, lm_loss  # noqa: E402
 
