@@ -8,7 +8,9 @@ __version__ = "0.1.0"
 
 _RUNTIME = {"LayeredModel", "launch", "run", "LaunchError", "PipelineError", "ConfigError", "StageError", "PeerLostError"}
 
-__all__ = sorted(_RUNTIME | {"Pipeline", "partition"})
+_HF = {"from_hf": "hf", "save_hf": "hf_weights", "causal_lm_loss": "hf_loss", "causal_lm_targets": "hf_loss"}
+
+__all__ = sorted(_RUNTIME | set(_HF) | {"Pipeline", "partition"})
 
 
 def __getattr__(name: str) -> Any:
@@ -22,6 +24,10 @@ def __getattr__(name: str) -> Any:
         from . import runtime
 
         return getattr(runtime, name)
+    if name in _HF:  # transformers is imported only when a HuggingFace model is used
+        import importlib
+
+        return getattr(importlib.import_module(f".models.{_HF[name]}", __name__), name)
     if name == "partition":  # the package, callable as layerwise.partition(model, stages, ...)
         import importlib
 

@@ -21,8 +21,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else t
 
 
-def _batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = int(torch.randint(8, CFG.context + 1, (1,), generator=g))
+def _batch(n: int, g: torch.Generator, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    seq = int(torch.randint(8, CFG.context + 1, (1,), generator=g)) // multiple * multiple  # changes per step
     tokens = torch.randint(0, CFG.vocab, (n, seq + 1), generator=g)
     return tokens[:, :-1], tokens[:, 1:]
 
@@ -45,6 +45,10 @@ def mesh_equivalence(cases: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             model = GPT(CFG)
         ref_layers = as_layers(ref)
+        if kw.get("precision", "fp32") != "fp32":  # the reference computes in the same precision
+            from layerwise.parallel.precision import apply_precision
+
+            apply_precision(ref_layers, kw["precision"])
         # SGD with momentum is linear in the gradients, so rounding (sums in another order) stays
         # at rounding size; Adam divides by sqrt(v) and can amplify it for tiny gradients.
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
@@ -54,10 +58,11 @@ def mesh_equivalence(cases: list[dict[str, Any]]) -> dict[str, Any]:
         )  # fmt: skip
         ref_params = {f"{i}.{n}": p for i, layer in enumerate(ref_layers) for n, p in layer.named_parameters()}
         g = torch.Generator().manual_seed(99)
-        loss_diff = grad_diff = 0.0
+        loss_diff = grad_diff = grad_rel = 0.0
         losses = []
         for n in BATCHES:
-            x, y = _batch(n, g)
+            # sequence parallelism splits the sequence over the tp ranks
+            x, y = _batch(n, g, kw.get("tp", 1) if kw.get("sequence_parallel") else 1)
             loss = pipe.forward_backward(x, y)
             ref_opt.zero_grad()
             h = x
@@ -66,7 +71,9 @@ def mesh_equivalence(cases: list[dict[str, Any]]) -> dict[str, Any]:
             ref_loss = lm_loss(h, y)
             ref_loss.backward()
             for name, p in pipe.named_parameters().items():
-                grad_diff = max(grad_diff, (ref_params[name].grad - _full(p.grad)).abs().max().item())
+                delta = ref_params[name].grad - _full(p.grad)
+                grad_diff = max(grad_diff, delta.abs().max().item())
+                grad_rel = max(grad_rel, (delta.norm() / ref_params[name].grad.norm().clamp_min(1e-12)).item())
             if clip is not None:
                 norm = pipe.clip_grad_norm_(clip)
                 ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip))
@@ -80,7 +87,7 @@ def mesh_equivalence(cases: list[dict[str, Any]]) -> dict[str, Any]:
             param_diff = max(param_diff, (ref_params[name] - _full(p.detach())).abs().max().item())
             compared.append(name)
         out[mesh_key(case)] = {
-            "loss_diff": loss_diff, "grad_diff": grad_diff, "param_diff": param_diff, "losses": losses,
+            "loss_diff": loss_diff, "grad_diff": grad_diff, "grad_rel": grad_rel, "param_diff": param_diff, "losses": losses,
             "compared": compared, "all_params": sorted(ref_params),
             "sharded": any(hasattr(p, "full_tensor") for p in pipe.parameters()),
         }  # fmt: skip

@@ -54,12 +54,16 @@ class Block(nn.Module):
         self.out = nn.Linear(4 * cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        # Shapes come from the qkv output, not from x: under tensor parallelism (parallel/tp_plans.py)
+        # it holds this rank's heads only, [q_r, k_r, v_r], and with sequence parallelism x is a
+        # chunk of the sequence while qkv sees all of it.
+        qkv = self.qkv(self.ln1(x))  # (batch, seq, 3 * width), or 3 * width / tp
+        b, t, _ = qkv.shape
+        q, k, v = qkv.chunk(3, dim=2)
         # (batch, heads, seq, head_dim)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        q, k, v = (z.view(b, t, -1, self.qkv.in_features // self.heads).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, q.shape[1] * q.shape[3]))
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
@@ -135,4 +139,5 @@ class GPT(nn.Module):
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy; logits (batch, seq, vocab), targets (batch, seq)."""
+    logits = logits.float()  # the loss in fp32 even when the logits come from bf16 compute
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

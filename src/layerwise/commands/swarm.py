@@ -1,0 +1,176 @@
+"""``layerwise swarm``: serve layers as a peer, train through peers, run a local demo, show status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from layerwise.commands import UsageError, positive_int
+
+
+def _common(p: argparse.ArgumentParser, *, listen: bool = True) -> None:
+    p.add_argument("--join", action="append", default=[], metavar="ENDPOINT",
+                   help="a seed endpoint of the swarm, e.g. tcp/127.0.0.1:7447 (repeatable)")
+    if listen:
+        p.add_argument("--listen", action="append", default=[], metavar="ENDPOINT",
+                       help="listen here (the first process of a swarm), e.g. tcp/127.0.0.1:7447")
+    p.add_argument("--swarm", default="layerwise", help="the swarm's name (default layerwise)")
+    p.add_argument("--lease-ms", type=positive_int, default=1000,
+                   help="zenoh link lease: a hung peer is dropped after about this long (default 1000)")
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", choices=("tiny", "small"),
+                   help="the demo GPT: tiny (width 64, 4 blocks) or small (width 128, 6 blocks)")
+    p.add_argument("--data", default="stdlib", help="'stdlib' (Python's own source) or a text file")
+    p.add_argument("--steps", type=positive_int, default=20, help="training steps (default 20)")
+    p.add_argument("--microbatches", type=positive_int, default=4, help="microbatches per step (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="gpipe", help="stage order (default gpipe)")
+    p.add_argument("--seed", type=int, default=0, help="weights and data seed")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="swarm_command", metavar="SUBCOMMAND", required=True)
+    serve = sub.add_parser("serve", help="serve layers as a peer of a swarm")
+    _common(serve)
+    serve.add_argument("--memory", type=float, default=None, metavar="GiB", help="memory budget (default half the RAM)")
+    serve.add_argument("--speed", type=float, default=1.0, help="emulated speed, 0.5 = twice as slow (default 1)")
+    serve.add_argument("--latency-ms", type=float, default=0.0, help="emulated one-way latency per message")
+    serve.add_argument("--bandwidth-mbit", type=float, default=None, help="emulated bandwidth cap, Mbit/s")
+    serve.add_argument("--name", default=None, help="peer id (default host-pid-random)")
+    train = sub.add_parser("train", help="train the model through the swarm's peers")
+    _common(train)
+    _spec_args(train)
+    train.add_argument("--peers", type=positive_int, default=1, help="wait for this many peers (default 1)")
+    train.add_argument("--wait", type=float, default=120.0, help="seconds to wait for them (default 120)")
+    demo = sub.add_parser("demo", help="a local swarm: N peers, K killed, J joining, checked against one process")
+    demo.add_argument("--peers", type=positive_int, default=4, help="peer processes (default 4)")
+    demo.add_argument("--kill", type=int, default=1, help="peers to SIGKILL at random moments (default 1)")
+    demo.add_argument("--join", type=int, default=0, help="peers to start mid-run (default 0)")
+    demo.add_argument("--port", type=int, default=17447, help="the seed's port on 127.0.0.1 (default 17447)")
+    _spec_args(demo)
+    status = sub.add_parser("status", help="peers, spans, step rate and recent failures of a running swarm")
+    _common(status, listen=False)
+    status.add_argument("--json", action="store_true", help="print the status as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"serve": _serve, "train": _train, "demo": _demo, "status": _status}[args.swarm_command](args)
+
+
+def _endpoints(args: argparse.Namespace, listen: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from layerwise.swarm.net import check_endpoint
+
+    try:
+        join = tuple(check_endpoint(e) for e in args.join)
+        lst = tuple(check_endpoint(e) for e in getattr(args, "listen", []))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not join and not lst:
+        raise UsageError("give --join ENDPOINT (or --listen ENDPOINT for the first process of a swarm)")
+    return join, lst
+
+
+def spec_from_args(args: argparse.Namespace) -> Any:
+    from layerwise.swarm.spec import SwarmSpec
+
+    size = {"tiny": {"width": 64, "blocks": 4}, "small": {"width": 128, "blocks": 6}}[args.model]
+    try:
+        return SwarmSpec(**size, batch_size=args.batch_size, microbatches=args.microbatches,
+                         schedule=args.schedule, seed=args.seed, data=args.data)  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from layerwise.swarm.peer import PeerOptions, serve
+
+    join, lst = _endpoints(args)
+    try:
+        opts = PeerOptions(swarm=args.swarm, join=join, listen=lst, name=args.name, memory_gib=args.memory,
+                           speed=args.speed, latency_ms=args.latency_ms, bandwidth_mbit=args.bandwidth_mbit,
+                           lease_ms=args.lease_ms)  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    serve(opts, on_ready=lambda p: print(f"peer {p.id} serving swarm {args.swarm!r}; Ctrl-C to leave", flush=True))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from layerwise.swarm.errors import SwarmError
+    from layerwise.swarm.trainer import Trainer, TrainerOptions
+
+    join, lst = _endpoints(args)
+    spec = spec_from_args(args)
+    opts = TrainerOptions(swarm=args.swarm, join=join, listen=lst, min_peers=args.peers, wait_s=args.wait,
+                          lease_ms=args.lease_ms)  # fmt: skip
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    say(f"waiting for {args.peers} peer(s) of swarm {args.swarm!r} ...")
+
+    def progress(tr: Any, step: int) -> None:
+        if step == 0:
+            say("spans: " + ", ".join(f"stage {s.stage} layers {s.first}-{s.first + s.count - 1} on {s.holder} "
+                                      f"(copy on {s.copy})" for s in tr.assignment.stages))
+        elif tr.losses:
+            say(f"step {step}/{args.steps}  loss {tr.losses[-1]:.4f}  ({tr.step_times[-1][2]:.2f} s)")
+
+    try:
+        with Trainer(spec, opts) as tr:
+            tr.train(args.steps, progress)
+            steps = tr.committed_steps()
+            summary = {"steps": len(tr.losses), "lost_steps": args.steps - min(steps), "final_loss": tr.losses[-1],
+                       "failures": [_failure(f) for f in tr.failures], "rebalances": tr.rebalances}  # fmt: skip
+    except SwarmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    say(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {len(summary['failures'])} failure(s)")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _failure(f: Any) -> dict[str, Any]:
+    start = f.left_at if f.left_at is not None else f.noticed_at
+    return {"peer": f.peer, "step": f.step, "phase": f.phase, "stages": f.stages,
+            "recovered_s": None if f.recovered_at is None else round(f.recovered_at - start, 4)}  # fmt: skip
+
+
+def _status(args: argparse.Namespace) -> int:
+    from layerwise.swarm.status import query_status
+
+    join, _ = _endpoints(args, listen=False)
+    got = query_status(args.swarm, join, args.lease_ms)
+    if args.json:
+        print(json.dumps(got))
+    else:
+        print(format_status(got))
+    return 0 if got.get("trainer") else 1
+
+
+def format_status(got: dict[str, Any]) -> str:
+    lines = [f"swarm {got['swarm']}: {len(got['peers'])} peer(s)"]
+    for p, info in sorted(got["peers"].items()):
+        lines.append(f"  {p}: speed {info.get('speed')}, spans {info.get('spans')}")
+    tr = got.get("trainer")
+    if not tr:
+        lines.append("  no trainer is running")
+        return "\n".join(lines)
+    rate = tr.get("steps_per_s")
+    lines.append(f"trainer: step {tr['step']}, loss {tr['loss']}, {rate and round(rate, 2)} steps/s")
+    for s in tr["stages"]:
+        lines.append(f"  stage {s['stage']} layers {s['layers'][0]}-{s['layers'][1]}: {s['holder']} (copy {s['copy']})")
+    for f in tr["failures"]:
+        lines.append(f"  failure: {f['peer']} at step {f['step']} ({f['phase']}), stages {f['stages']}")
+    return "\n".join(lines)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from layerwise.swarm.demo import run_demo
+
+    if args.kill < 0 or args.join < 0 or args.kill >= args.peers:
+        raise UsageError(f"--kill must be in [0, --peers) and --join >= 0, got --kill {args.kill} --join {args.join}")
+    return run_demo(args, spec_from_args(args))

@@ -1,0 +1,45 @@
+"""Swarm mode: train one model split across peers that differ, fail, join and leave, over zenoh.
+
+Peers (``layerwise swarm serve``) hold contiguous spans of layers; a trainer (``layerwise swarm
+train``) owns the data and the loss, assigns spans with the partition solver from each peer's
+measured speed and memory, drives the microbatches of each step through the holders in the order
+of a pipeline schedule, and commits each step. Training is synchronous and equal to one process:
+a step is committed on every stage or on none, and nothing is lost when a peer dies.
+
+How a step survives a peer's death (the design, with its costs):
+
+- **Every stage has a holder and a copy.** The copy sits on another peer (a spare, else the next
+  stage's holder) and holds the stage's weights and AdamW state as of the last committed step.
+  At each commit the holder applies its AdamW step and returns its gradients; the trainer relays
+  them to the copy, which applies the same update with the same code, so the copy stays
+  bit-identical. Memory: each peer holds about two spans (its own and one copy), i.e. 2 x 16
+  bytes per parameter of a span with fp32 AdamW. Bandwidth per step: the stage's gradients twice
+  (holder -> trainer -> copy), 2 x 4 bytes per parameter, plus what the pipeline already sends.
+- **The trainer keeps the step in flight.** All activations and their gradients pass through the
+  trainer (the hub, as a Petals client is), which keeps, for the current step, each stage's
+  input and output gradient per microbatch (:mod:`.replay`), about two activations per stage
+  boundary per microbatch. When a holder dies mid-step, the copy's state (still the committed
+  one) is moved to a spare peer or promoted, the stage's completed forwards and backwards are
+  replayed from the cache in the same order, and the step goes on. No other stage repeats work.
+- **The commit is idempotent.** Messages carry step, stage, microbatch and epoch; a stage at
+  committed step ``k + 1`` acknowledges a second commit of step ``k`` without applying it, and a
+  copy that already applied step ``k`` ignores it being relayed again. A holder lost during the
+  commit is replaced from its copy, which has either not yet applied the step (then the stage is
+  replayed and committed) or has (then nothing is left to do).
+- **What is not survived**: a stage whose holder and copy are lost together (two peers at once,
+  or one peer holding both after earlier failures) stops the run with :class:`StageLost`, which
+  names the layers; the trainer itself is a single point of failure.
+
+Final parameters equal a failure-free run: the replayed computation is the same sequence of
+operations on the same inputs, so results are bit-identical wherever a failure did not change
+which peer sums what; each peer sums its stage's microbatch gradients in schedule order.
+
+Membership uses zenoh liveliness tokens (:mod:`.membership`): a killed peer is seen in
+milliseconds, a hung one after the zenoh lease (``--lease-ms``). Peers that join are measured at
+the next step boundary and get layers when the solver predicts a gain above a threshold.
+"""
+
+from .errors import PeerLost, StageLost, SwarmError
+from .spec import SwarmSpec
+
+__all__ = ["PeerLost", "StageLost", "SwarmError", "SwarmSpec"]

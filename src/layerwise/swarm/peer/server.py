@@ -1,0 +1,267 @@
+"""A swarm peer: announces itself, holds the spans it is given, and serves them.
+
+One zenoh queryable per peer; requests are served one at a time in arrival order (the peer's
+compute is the bottleneck, and serial handling keeps every span's state changes ordered). What a
+peer does with each kind of message:
+
+- ``hello``: measure capacity for the trainer's spec, reply speed and memory.
+- ``reset`` / ``install`` / ``promote``: drop its spans; build one (from the seed, or from a
+  hand-over of weights and AdamW state); turn a copy into the stage's holder.
+- ``forward`` / ``backward``: one microbatch through a held stage (runtime :class:`Stage`).
+- ``commit``: one AdamW step from the accumulated gradients; the gradients go back to the trainer,
+  which relays them to the stage's copy (``backup_apply``).
+- ``get_state`` / ``status``: hand-over and monitoring.
+
+Stale messages (an older step or assignment epoch) and duplicates (a second backward of one
+microbatch, a second commit of one step) are refused or acknowledged without effect, never applied.
+Test hooks: ``LAYERWISE_SWARM_FAULT=kill:forward:2:1`` makes the peer SIGKILL (``stop:`` SIGSTOP)
+itself while serving that kind of request at that step and microbatch (``*`` matches any).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import zenoh
+
+from ..net import alive_key, config, peer_key
+from ..spec import SwarmSpec
+from ..wire import MAX_MESSAGE, Message, decode_message, encode_message, error
+from .capacity import block_seconds, default_memory_bytes
+from .state import Span
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerOptions:
+    swarm: str = "layerwise"  # the swarm's name: peers and trainers of one swarm share it
+    join: tuple[str, ...] = ()  # seed endpoints to connect to
+    listen: tuple[str, ...] = ()  # endpoints to listen on (default: a free port on 127.0.0.1)
+    name: str | None = None  # peer id; default host-pid-random
+    memory_gib: float | None = None  # memory budget; default half the machine's RAM
+    speed: float = 1.0  # emulated speed: 0.5 makes every compute take twice as long
+    latency_ms: float = 0.0  # emulated one-way latency added to every request and reply
+    bandwidth_mbit: float | None = None  # emulated link cap for this peer's traffic
+    lease_ms: int = 1000  # zenoh link lease: a hung peer is dropped after about this long
+    threads: int = 1  # torch threads
+    max_message: int = MAX_MESSAGE
+
+    def __post_init__(self) -> None:
+        if not self.speed > 0:
+            raise ValueError(f"--speed must be > 0 (1.0 = full speed), got {self.speed}")
+        if self.memory_gib is not None and not self.memory_gib > 0:
+            raise ValueError(f"--memory must be > 0 GiB, got {self.memory_gib}")
+        if self.latency_ms < 0 or (self.bandwidth_mbit is not None and not self.bandwidth_mbit > 0):
+            raise ValueError("--latency-ms must be >= 0 and --bandwidth-mbit > 0")
+        if not self.join and not self.listen:
+            raise ValueError("a peer needs --join ENDPOINT (or --listen ENDPOINT for the first process of a swarm)")
+
+
+class Peer:
+    def __init__(self, opts: PeerOptions) -> None:
+        self.opts = opts
+        self.id = opts.name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.spans: dict[int, Span] = {}
+        self.spec: SwarmSpec | None = None
+        self.epoch = 0
+        self.block_s: dict[str, float] = {}
+        self.fault = _parse_fault(os.environ.get("LAYERWISE_SWARM_FAULT", ""))
+        self.served = 0
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def handle(self, msg: Message) -> Message:
+        if msg.kind not in ("hello", "status", "get_state") and msg.epoch < self.epoch:
+            return error(f"stale assignment epoch {msg.epoch} (peer is at {self.epoch})", msg)
+        fn = getattr(self, f"_on_{msg.kind}", None)
+        if fn is None:
+            return error(f"peer {self.id} does not serve {msg.kind!r}", msg)
+        self._maybe_fault(msg)
+        t0 = time.perf_counter()
+        reply = fn(msg)
+        if msg.kind in ("forward", "backward", "commit", "backup_apply") and self.opts.speed != 1.0:
+            time.sleep((time.perf_counter() - t0) * (1.0 / self.opts.speed - 1.0))  # emulated slower device
+        return reply
+
+    def _maybe_fault(self, msg: Message) -> None:
+        if self.fault is None:
+            return
+        action, kind, step, mb = self.fault
+        if kind == msg.kind and step in (None, msg.step) and mb in (None, msg.mb):
+            os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
+
+    def _span(self, msg: Message, role: str | None = None) -> Span:
+        span = self.spans.get(msg.stage)
+        if span is None or (role is not None and span.role != role):
+            raise _Refuse(f"peer {self.id} holds no {role or 'copy'} of stage {msg.stage} (it has {self._have()})")
+        return span
+
+    def _have(self) -> str:
+        return ", ".join(f"stage {s} as {sp.role}" for s, sp in sorted(self.spans.items())) or "nothing"
+
+    def _on_hello(self, msg: Message) -> Message:
+        spec = SwarmSpec.from_json(msg.meta["spec"])
+        key = repr(spec.to_json())
+        if key not in self.block_s:
+            self.block_s[key] = block_seconds(spec) / self.opts.speed
+        return Message("ok", meta=self._info() | {"block_s": self.block_s[key]})
+
+    def _info(self) -> dict[str, Any]:
+        mem = self.opts.memory_gib * (1 << 30) if self.opts.memory_gib else default_memory_bytes()
+        return {"peer": self.id, "speed": self.opts.speed, "memory_bytes": mem, "epoch": self.epoch,
+                "spans": [s.describe() for s in self.spans.values()], "served": self.served}  # fmt: skip
+
+    def _on_status(self, msg: Message) -> Message:
+        return Message("ok", meta=self._info())
+
+    def _on_reset(self, msg: Message) -> Message:
+        self.spans.clear()
+        self.epoch = msg.epoch
+        return Message("ok")
+
+    def _on_install(self, msg: Message) -> Message:
+        spec = SwarmSpec.from_json(msg.meta["spec"])
+        first, count, role = int(msg.meta["first"]), int(msg.meta["count"]), str(msg.meta["role"])
+        if role not in ("holder", "copy") or not (0 <= first and count >= 1 and first + count <= spec.layers):
+            raise _Refuse(f"bad install: layers {first}+{count} as {role!r} of a {spec.layers}-layer model")
+        self.spec, self.epoch = spec, msg.epoch
+        span = Span(spec, stage=msg.stage, first=first, count=count, role=role, where=f"peer {self.id} (stage {msg.stage})")
+        if msg.tensors:
+            span.load(msg.tensors, int(msg.meta["step"]))
+        self.spans[msg.stage] = span
+        return Message("ok", meta={"step": span.step})
+
+    def _on_promote(self, msg: Message) -> Message:
+        span = self._span(msg)
+        span.make_holder()
+        return Message("ok", meta={"step": span.step})
+
+    def _on_forward(self, msg: Message) -> Message:
+        span = self._span(msg, "holder")
+        self._check_step(span, msg)
+        if msg.mb in span.bwd_done:
+            raise _Refuse(f"duplicate forward of microbatch {msg.mb}: its backward already ran")
+        assert span.runner is not None
+        x = msg.tensors[0]
+        target = msg.tensors[1] if span.runner.is_last else None
+        out = span.runner.forward(msg.mb, x, target, float(msg.meta.get("weight", 1.0)))
+        span.fwd_done.add(msg.mb)
+        return Message("ok", msg.step, msg.stage, msg.mb, tensors=[out.detach()])
+
+    def _on_backward(self, msg: Message) -> Message:
+        span = self._span(msg, "holder")
+        self._check_step(span, msg)
+        if msg.mb not in span.fwd_done or msg.mb in span.bwd_done:
+            raise _Refuse(f"backward of microbatch {msg.mb} without its forward, or a duplicate")
+        assert span.runner is not None
+        grads = span.runner.backward(msg.mb, None if span.runner.is_last else list(msg.tensors))
+        span.bwd_done.add(msg.mb)
+        return Message("ok", msg.step, msg.stage, msg.mb, tensors=list(grads))
+
+    def _on_commit(self, msg: Message) -> Message:
+        span = self._span(msg, "holder")
+        if span.step == msg.step + 1:
+            return Message("ok", msg.step, msg.stage, meta={"already": True})  # a duplicate commit
+        self._check_step(span, msg)
+        want = int(msg.meta["microbatches"])
+        if len(span.bwd_done) != want:
+            raise _Refuse(f"commit of step {msg.step} after {len(span.bwd_done)} of {want} backwards")
+        grads = span.grads()
+        span.apply(grads, float(msg.meta["lr"]))
+        return Message("ok", msg.step, msg.stage, meta={"already": False}, tensors=grads)
+
+    def _on_backup_apply(self, msg: Message) -> Message:
+        span = self._span(msg, "copy")
+        if span.step == msg.step + 1:
+            return Message("ok", meta={"already": True})
+        self._check_step(span, msg)
+        span.apply(list(msg.tensors), float(msg.meta["lr"]))
+        return Message("ok", meta={"already": False})
+
+    def _on_get_state(self, msg: Message) -> Message:
+        span = self._span(msg)
+        return Message("ok", stage=msg.stage, meta=span.describe(), tensors=span.export())
+
+    @staticmethod
+    def _check_step(span: Span, msg: Message) -> None:
+        if msg.step != span.step:
+            raise _Refuse(f"stale or early {msg.describe()}: stage {span.stage} here has committed {span.step} steps")
+
+    # -- serving -------------------------------------------------------------------------------
+    def serve(self, stop: threading.Event | None = None, ready: Any = None) -> None:
+        stop = stop or threading.Event()
+        torch.set_num_threads(self.opts.threads)
+        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms)
+        work: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with zenoh.open(cfg) as session:
+            qbl = session.declare_queryable(peer_key(self.opts.swarm, self.id), zenoh.handlers.Callback(work.put))
+            token = session.liveliness().declare_token(alive_key(self.opts.swarm, self.id))
+            if ready is not None:
+                ready(self)
+            try:
+                while not stop.is_set():
+                    try:
+                        query = work.get(timeout=0.25)
+                    except queue.Empty:
+                        continue
+                    self._serve_one(query)
+            finally:
+                token.undeclare()
+                qbl.undeclare()
+
+    def _serve_one(self, query: Any) -> None:
+        raw = query.payload.to_bytes() if query.payload is not None else b""
+        self._delay(len(raw))
+        try:
+            msg = decode_message(raw, "the trainer", self.opts.max_message)
+            try:
+                reply = self.handle(msg)
+            except _Refuse as r:
+                reply = error(str(r), msg)
+            except (ValueError, KeyError, TypeError) as e:
+                reply = error(f"{type(e).__name__}: {e}", msg)
+        except Exception as e:  # a malformed message: answer with the reason, keep serving
+            reply = error(f"{type(e).__name__}: {e}")
+        self.served += 1
+        try:
+            data = encode_message(reply)
+        except Exception as e:  # a reply that cannot be encoded is answered with why, not a dead peer
+            data = encode_message(error(f"peer {self.id} could not encode its reply: {type(e).__name__}: {e}"))
+        self._delay(len(data))
+        query.reply(query.key_expr, data)
+        query.drop()  # ends the query now: the trainer's get returns without waiting for a timeout
+
+    def _delay(self, nbytes: int) -> None:
+        secs = self.opts.latency_ms / 1000.0
+        if self.opts.bandwidth_mbit:
+            secs += nbytes * 8 / (self.opts.bandwidth_mbit * 1e6)
+        if secs > 0:
+            time.sleep(secs)
+
+
+class _Refuse(Exception):
+    """A request this peer will not apply: stale, duplicate, or for a stage it does not hold."""
+
+
+def _parse_fault(text: str) -> tuple[str, str, int | None, int | None] | None:
+    if not text:
+        return None
+    parts = text.split(":")
+    if len(parts) != 4 or parts[0] not in ("kill", "stop"):
+        raise ValueError(f"LAYERWISE_SWARM_FAULT={text!r}: expected kill|stop:KIND:STEP:MICROBATCH")
+    return parts[0], parts[1], None if parts[2] == "*" else int(parts[2]), None if parts[3] == "*" else int(parts[3])
+
+
+def serve(opts: PeerOptions, *, on_ready: Any = None) -> None:
+    """Run a peer until SIGINT / SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    Peer(opts).serve(stop, on_ready)

@@ -1,0 +1,121 @@
+"""One training step through the swarm: every stage's actions, then the commit.
+
+Each stage gets a thread that runs its actions in the order of the chosen schedule (GPipe or
+1F1B from :mod:`layerwise.schedule`), waiting for its inputs in the :class:`StepCache`. A peer
+lost mid-request is replaced (:meth:`Trainer.recover`) and the stage's completed actions are
+replayed on the replacement before the failed one is retried. The commit then asks every holder
+for one AdamW step; the holder returns the step's gradients, which are relayed to the stage's
+copy so that it applies the very same update.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ...schedule.actions import Kind
+from ...schedule.generators import build
+from ..errors import PeerLost
+from ..replay import StepCache
+from ..wire import Message
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+def run_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
+    m = tr.spec.microbatches
+    stages = len(tr.assignment.stages)
+    cache = StepCache(step, stages, m)
+    xs, ys = x.chunk(m), y.chunk(m)
+    for mb in range(m):
+        cache.inputs[0][mb] = xs[mb]
+    cache.targets = list(ys)
+    tr.cache = cache
+    schedule = build(tr.spec.schedule, stages=stages, microbatches=m)
+    _in_threads(cache, [lambda s=s: _run_stage(tr, cache, s, schedule.ranks[s]) for s in range(stages)])
+    _in_threads(cache, [lambda s=s: _commit(tr, cache, s) for s in range(stages)])
+    tr.cache = None
+    return sum(cache.losses[mb] for mb in range(m))
+
+
+def _in_threads(cache: StepCache, jobs: list[Any]) -> None:
+    def guard(job: Any) -> None:
+        try:
+            job()
+        except BaseException as e:  # the first failure stops every other stage's wait
+            cache.fail(e)
+
+    threads = [threading.Thread(target=guard, args=(j,), daemon=True) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if cache.failed is not None:
+        raise cache.failed
+
+
+def _message(tr: Trainer, cache: StepCache, s: int, kind: str, mb: int) -> Message:
+    last = s == cache.stages - 1
+    if kind == "forward":
+        tensors = [cache.wait(cache.inputs, s, mb)] + ([cache.targets[mb]] if last else [])
+        return Message("forward", cache.step, s, mb, tr.epoch, {"weight": 1.0 / cache.microbatches}, tensors)
+    grads = [] if last else list(cache.wait(cache.grads, s, mb))
+    return Message("backward", cache.step, s, mb, tr.epoch, tensors=grads)
+
+
+def _run_stage(tr: Trainer, cache: StepCache, s: int, actions: Any) -> None:
+    last = s == cache.stages - 1
+    for a in actions:
+        kind = "forward" if a.kind == Kind.F else "backward"
+        msg = _message(tr, cache, s, kind, a.microbatch)
+        out = call_stage(tr, cache, s, msg)
+        if kind == "forward" and last:
+            cache.losses[a.microbatch] = float(out.tensors[0])
+        elif kind == "forward":
+            cache.put(cache.inputs, s + 1, a.microbatch, out.tensors[0])
+        elif s > 0:
+            cache.put(cache.grads, s - 1, a.microbatch, out.tensors)
+        cache.done[s].append((kind, a.microbatch))
+
+
+def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message) -> Message:
+    """Send ``msg`` to stage ``s``'s holder; on a lost holder, recover, replay, and retry."""
+    while True:
+        holder = tr.holder(s)
+        try:
+            if s in tr.replay_needed:
+                _replay(tr, cache, s, holder)
+            msg.epoch = tr.epoch
+            return tr.node.request(holder, msg, tr.opts.request_timeout)
+        except PeerLost as e:
+            tr.recover(s, e.peer, cache, msg.kind)
+
+
+def _replay(tr: Trainer, cache: StepCache, s: int, holder: str) -> None:
+    for kind, mb in list(cache.done[s]):
+        tr.node.request(holder, _message(tr, cache, s, kind, mb), tr.opts.request_timeout)
+    tr.replayed += len(cache.done[s])
+    tr.replay_needed.discard(s)
+    tr.mark_recovered(s)
+
+
+def _commit(tr: Trainer, cache: StepCache, s: int) -> None:
+    lr = tr.spec.lr_at(cache.step)
+    msg = Message("commit", cache.step, s, -1, tr.epoch, {"lr": lr, "microbatches": cache.microbatches})
+    reply = call_stage(tr, cache, s, msg)
+    if reply.meta.get("already"):
+        return  # the new holder's state came from a copy that had already applied this step
+    relay = Message("backup_apply", cache.step, s, -1, tr.epoch, {"lr": lr}, reply.tensors)
+    copy = tr.assignment.stages[s].copy
+    if copy is None:
+        return
+    try:
+        tr.node.request(copy, relay, tr.opts.request_timeout)
+    except PeerLost as e:
+        tr.note_lost(e.peer)
+        tr.recopy(s)  # a fresh copy from the holder, which has just committed this step
+    tr.last_commit = time.time()

@@ -1,0 +1,345 @@
+"""The swarm's trainer: finds peers, assigns spans, runs steps, and keeps every stage alive.
+
+Fault tolerance (see the package docstring for the costs): each stage has a holder and a copy.
+The copy is brought up to date at every commit with the holder's gradients (relayed by the
+trainer), so it always equals the holder's state as of the last committed step. When a holder is
+lost, :meth:`Trainer.recover` moves the stage to a spare peer (handing over the copy's state) or
+promotes the copy, gives the stage a new copy, and marks the stage for replay of the step's
+completed work. At each step boundary, dead copies are replaced, peers that joined are measured,
+and the layers are re-balanced when the solver predicts a gain above the hysteresis threshold.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zenoh
+
+from ..assignment import Assignment, PeerInfo, StageSpan, assign, relative_speeds, worth_moving
+from ..errors import PeerLost, StageLost, SwarmError
+from ..membership import Membership
+from ..net import Node, config, trainer_key
+from ..replay import StepCache
+from ..spec import SwarmSpec, build_layers, load_corpus, step_batch
+from ..wire import Message, encode_message
+from .driver import run_step
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerOptions:
+    swarm: str = "layerwise"
+    join: tuple[str, ...] = ()
+    listen: tuple[str, ...] = ()
+    min_peers: int = 1  # wait for this many peers before the first step
+    wait_s: float = 60.0  # how long to wait for them
+    max_stages: int | None = None  # default: one stage per peer (up to one layer per stage)
+    lease_ms: int = 1000  # zenoh link lease: bounds how long a hung peer goes unnoticed
+    request_timeout: float = 120.0  # a live peer's longest request (a stalled one fails by the lease)
+    rebalance_threshold: float = 0.15  # move layers only for a predicted gain of at least this
+
+    def __post_init__(self) -> None:
+        if not self.join and not self.listen:
+            raise ValueError("the trainer needs --join ENDPOINT (or --listen ENDPOINT if it starts the swarm)")
+        if self.min_peers < 1:
+            raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
+
+
+@dataclass
+class Failure:
+    peer: str
+    step: int
+    phase: str
+    noticed_at: float
+    left_at: float | None
+    stages: list[int] = field(default_factory=list)
+    recovered_at: float | None = None
+
+
+class Trainer:
+    def __init__(self, spec: SwarmSpec, opts: TrainerOptions) -> None:
+        self.spec, self.opts = spec, opts
+        self.epoch = 0
+        self.assignment = Assignment(epoch=0, stages=())
+        self.block_s: dict[str, float] = {}
+        self.memory: dict[str, float] = {}
+        self.failures: list[Failure] = []
+        self.replay_needed: set[int] = set()
+        self.replayed = 0
+        self.cache: StepCache | None = None
+        self.phase = "idle"
+        self.step_times: list[tuple[int, float, float]] = []  # (step, wall end, seconds)
+        self.losses: list[float] = []
+        self.rebalances = 0
+        self.last_commit = 0.0
+        self._lock = threading.RLock()
+        self._counts = [len(list(m.parameters())) for m in build_layers(spec)]
+        self._corpus: Any = None
+
+    # -- session -------------------------------------------------------------------------------
+    def __enter__(self) -> Trainer:
+        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms)
+        self.session = zenoh.open(cfg)
+        self.node = Node(self.session, self.opts.swarm)
+        self.membership = Membership(self.session, self.opts.swarm)
+        self._status = self.session.declare_queryable(trainer_key(self.opts.swarm), self._on_status)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._status.undeclare()
+        self.membership.close()
+        self.session.close()
+
+    def _on_status(self, query: Any) -> None:
+        query.reply(query.key_expr, encode_message(Message("ok", meta=self.status())))
+        query.drop()
+
+    # -- the run -------------------------------------------------------------------------------
+    def train(self, steps: int, on_step: Callable[[Trainer, int], None] | None = None) -> list[float]:
+        if self._corpus is None:
+            self._corpus = load_corpus(self.spec)
+        if not self.assignment.stages:
+            self.start()
+        for step in range(len(self.losses), steps):
+            if on_step is not None:
+                on_step(self, step)
+            self.boundary()
+            x, y = step_batch(self.spec, self._corpus, step)
+            t0 = time.perf_counter()
+            loss = run_step(self, step, x, y)
+            self.phase = "idle"
+            self.losses.append(loss)
+            self.step_times.append((step, time.time(), time.perf_counter() - t0))
+        return self.losses
+
+    def start(self) -> None:
+        if not self.membership.wait_for(self.opts.min_peers, self.opts.wait_s):
+            have = len(self.membership.snapshot())
+            raise SwarmError(
+                f"only {have} of {self.opts.min_peers} peers joined swarm {self.opts.swarm!r} within "
+                f"{self.opts.wait_s:.0f} s: start more with 'layerwise swarm serve --join ENDPOINT'"
+            )
+        self._measure_new()
+        if not self.peers():
+            raise SwarmError(f"no peer of swarm {self.opts.swarm!r} answered: check that they run the same version")
+        self._reconfigure(states=None)
+
+    def _measure_new(self) -> None:
+        for peer in sorted(self.membership.snapshot()):
+            if peer in self.block_s:
+                continue
+            for _attempt in range(3):  # a peer's queryable may reach us a moment after its token
+                try:
+                    r = self.node.request(peer, Message("hello", meta={"spec": self.spec.to_json()}), 60.0)
+                    break
+                except PeerLost:
+                    time.sleep(0.2)
+            else:
+                continue
+            self.block_s[peer] = float(r.meta["block_s"])
+            self.epoch = max(self.epoch, int(r.meta["epoch"]))  # peers remember an earlier trainer's epochs
+            self.memory[peer] = float(r.meta["memory_bytes"])
+
+    def peers(self) -> list[PeerInfo]:
+        alive = self.membership.snapshot()
+        live = {p: s for p, s in self.block_s.items() if p in alive}
+        speeds = relative_speeds(live) if live else {}
+        return [PeerInfo(id=p, speed=speeds[p], memory_bytes=self.memory[p]) for p in sorted(live)]
+
+    def holder(self, s: int) -> str:
+        with self._lock:
+            return self.assignment.stages[s].holder
+
+    # -- step boundary: replace what died, take in who joined ---------------------------------
+    def boundary(self) -> None:
+        for s in range(len(self.assignment.stages)):
+            span = self.assignment.stages[s]
+            if not self.membership.is_alive(span.holder):
+                self.recover(s, span.holder, None)
+                self.mark_recovered(s)
+            elif span.copy is None or not self.membership.is_alive(span.copy):
+                if span.copy is not None:
+                    self.note_lost(span.copy)
+                self.recopy(s)
+        self._measure_new()
+        peers = self.peers()
+        order = [s.holder for s in self.assignment.stages]
+        proposed = assign(self.spec, peers, epoch=self.epoch + 1, max_stages=self.opts.max_stages, order=order)
+        speeds = {p.id: p.speed for p in peers}
+        if worth_moving(self.assignment, proposed, self.spec, speeds, self.opts.rebalance_threshold):
+            self._reconfigure(states=self._gather())
+            self.rebalances += 1
+
+    def _gather(self) -> list[tuple[list[torch.Tensor], int]]:
+        """Every layer's weights and AdamW state, from each stage's holder (or its copy)."""
+        layers: list[tuple[list[torch.Tensor], int]] = []
+        for span in self.assignment.stages:
+            for peer in (span.holder, span.copy):
+                if peer is None:
+                    continue
+                try:
+                    r = self.node.request(peer, Message("get_state", stage=span.stage, epoch=self.epoch))
+                    break
+                except PeerLost as e:
+                    self.note_lost(e.peer)
+            else:
+                raise self._lost(span)
+            pos = 0
+            for i in span.layers:
+                n = 3 * self._counts[i]
+                layers.append((r.tensors[pos : pos + n], int(r.meta["step"])))
+                pos += n
+        return layers
+
+    def _reconfigure(self, states: list[tuple[list[torch.Tensor], int]] | None) -> None:
+        """Install a new assignment on every live peer, from the seed or from gathered states."""
+        for _attempt in range(5):
+            peers = self.peers()
+            order = [s.holder for s in self.assignment.stages]
+            new = assign(self.spec, peers, epoch=self.epoch + 1, max_stages=self.opts.max_stages, order=order)
+            try:
+                for p in sorted(self.membership.snapshot()):
+                    self.node.request(p, Message("reset", epoch=new.epoch))
+                for span in new.stages:
+                    for peer, role in ((span.holder, "holder"), (span.copy, "copy")):
+                        if peer is not None:
+                            self._install(peer, span, role, states, new.epoch)
+            except PeerLost as e:
+                self.note_lost(e.peer)
+                self.membership.wait_gone(e.peer, 5.0)
+                continue
+            with self._lock:
+                self.assignment, self.epoch = new, new.epoch
+            return
+        raise SwarmError("peers kept failing while layers were being assigned; check the peers' logs")
+
+    def _install(self, peer: str, span: StageSpan, role: str, states: Any, epoch: int,
+                 tensors: list[torch.Tensor] | None = None, step: int | None = None) -> None:  # fmt: skip
+        if states is not None:
+            tensors = [t for i in span.layers for t in states[i][0]]
+            step = states[span.first][1]
+        meta: dict[str, Any] = {"spec": self.spec.to_json(), "first": span.first, "count": span.count, "role": role}
+        if tensors is not None:
+            meta["step"] = step
+        self.node.request(peer, Message("install", stage=span.stage, epoch=epoch, meta=meta, tensors=tensors or []))
+
+    # -- failures ------------------------------------------------------------------------------
+    def note_lost(self, peer: str, phase: str = "relay") -> Failure:
+        with self._lock:
+            for f in self.failures:
+                if f.peer == peer:
+                    return f
+            f = Failure(peer=peer, step=len(self.losses), phase=phase, noticed_at=time.time(),
+                        left_at=self.membership.left_at(peer))  # fmt: skip
+            self.failures.append(f)
+            return f
+
+    def mark_recovered(self, s: int) -> None:
+        with self._lock:
+            for f in self.failures:
+                if s in f.stages and f.recovered_at is None:
+                    f.recovered_at = time.time()
+
+    def _lost(self, span: StageSpan) -> StageLost:
+        names = f"{self.spec.layer_name(span.first)} to {self.spec.layer_name(span.first + span.count - 1)}"
+        return StageLost(
+            f"stage {span.stage} (layers {span.first}-{span.first + span.count - 1}: {names}) is lost: its holder "
+            f"{span.holder} and its copy {span.copy or '(none)'} are both gone, at step {len(self.losses)}. "
+            f"No live peer has these weights; the steps before are committed on the other stages only. "
+            f"To resume, start the run again ('layerwise swarm train ...') with at least 2 peers, so every "
+            f"stage has a copy, and keep a peer's holder and copy from failing together."
+        )
+
+    def recover(self, s: int, dead: str, cache: StepCache | None, phase: str = "boundary") -> None:
+        """Give stage ``s`` a live holder again after ``dead`` was lost; mark it for replay."""
+        with self._lock:
+            span = self.assignment.stages[s]
+            if span.holder != dead and self.membership.is_alive(span.holder):
+                return  # another thread already recovered this stage
+            failure = self.note_lost(dead, phase)
+            if failure.phase in ("relay", "boundary"):  # first seen as a copy; it failed serving as holder
+                failure.phase = phase
+            failure.stages.append(s)
+            self.membership.wait_gone(dead, self.opts.lease_ms / 1000 * 3 + 2)  # a hung peer: wait out its lease
+            failure.left_at = failure.left_at or self.membership.left_at(dead)
+            if span.copy is None or not self.membership.is_alive(span.copy):
+                raise self._lost(span)
+            busy = {x.holder for x in self.assignment.stages} | {x.copy for x in self.assignment.stages}
+            spares = [p.id for p in self.peers() if p.id not in busy]
+            try:
+                if spares:  # a peer with nothing to do takes the stage over from the copy
+                    r = self.node.request(span.copy, Message("get_state", stage=s, epoch=self.epoch))
+                    new = StageSpan(stage=s, first=span.first, count=span.count, holder=spares[0], copy=span.copy)
+                    self._install(spares[0], new, "holder", None, self.epoch, r.tensors, int(r.meta["step"]))
+                    step = int(r.meta["step"])
+                    self._set(new)
+                else:  # the copy becomes the holder; a new copy is made from it
+                    r = self.node.request(span.copy, Message("promote", stage=s, epoch=self.epoch))
+                    step = int(r.meta["step"])
+                    self._set(StageSpan(stage=s, first=span.first, count=span.count, holder=span.copy, copy=None))
+                    self.recopy(s)
+            except PeerLost as e:  # the copy died too while taking over
+                self.note_lost(e.peer)
+                raise self._lost(span) from None
+            if cache is not None and step == cache.step and cache.done[s]:
+                self.replay_needed.add(s)
+            else:
+                self.mark_recovered(s)
+
+    def recopy(self, s: int) -> None:
+        """Make a fresh copy of stage ``s`` from its holder on the least busy other live peer."""
+        with self._lock:
+            span = self.assignment.stages[s]
+            load: dict[str, int] = {p.id: 0 for p in self.peers()}
+            for x in self.assignment.stages:
+                for p in (x.holder, x.copy):
+                    if p in load:
+                        load[p] += 1
+            candidates = sorted((n, p) for p, n in load.items() if p != span.holder)
+            new = StageSpan(stage=s, first=span.first, count=span.count, holder=span.holder, copy=None)
+            if candidates:
+                peer = candidates[0][1]
+                r = self.node.request(span.holder, Message("get_state", stage=s, epoch=self.epoch))
+                try:
+                    self._install(peer, new, "copy", None, self.epoch, r.tensors, int(r.meta["step"]))
+                    new = StageSpan(stage=s, first=span.first, count=span.count, holder=span.holder, copy=peer)
+                except PeerLost as e:
+                    self.note_lost(e.peer)  # left without a copy; the next boundary tries again
+            self._set(new)
+
+    def _set(self, span: StageSpan) -> None:
+        stages = list(self.assignment.stages)
+        stages[span.stage] = span
+        self.assignment = Assignment(epoch=self.assignment.epoch, stages=tuple(stages))
+
+    # -- results -------------------------------------------------------------------------------
+    def final_params(self) -> list[torch.Tensor]:
+        """Every parameter, in the model's layer order, as the swarm holds it now."""
+        return [t for i, (ts, _) in enumerate(self._gather()) for t in ts[0::3]]
+
+    def committed_steps(self) -> list[int]:
+        out = []
+        for span in self.assignment.stages:
+            r = self.node.request(span.holder, Message("status"))
+            out += [d["step"] for d in r.meta["spans"] if d["stage"] == span.stage and d["role"] == "holder"]
+        return out
+
+    def status(self) -> dict[str, Any]:
+        recent = [t for _, _, t in self.step_times[-10:]]
+        tokens = self.spec.batch_size * self.spec.seq
+        return {
+            "swarm": self.opts.swarm, "step": len(self.losses), "epoch": self.epoch, "phase": self.phase,
+            "loss": self.losses[-1] if self.losses else None,
+            "steps_per_s": len(recent) / sum(recent) if recent else None,
+            "tokens_per_s": tokens * len(recent) / sum(recent) if recent else None,
+            "peers": {p: {"block_s": self.block_s.get(p), "memory_bytes": self.memory.get(p)}
+                      for p in self.membership.snapshot()},
+            "stages": [{"stage": s.stage, "layers": [s.first, s.first + s.count - 1], "holder": s.holder,
+                        "copy": s.copy} for s in self.assignment.stages],
+            "failures": [vars(f) for f in self.failures[-10:]],
+            "rebalances": self.rebalances,
+        }  # fmt: skip

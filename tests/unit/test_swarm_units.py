@@ -1,0 +1,75 @@
+"""Swarm pieces without processes: the wire format, the assignment and the spec."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+from layerwise.swarm.assignment import PeerInfo, assign, relative_speeds, step_time, worth_moving
+from layerwise.swarm.errors import WireError
+from layerwise.swarm.spec import SwarmSpec
+from layerwise.swarm.wire import GROUP, Message, decode_message, encode_message
+
+
+def test_a_message_round_trips_with_many_tensors_of_mixed_dtypes() -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, i + 1, generator=g) for i in range(2 * GROUP + 5)] + [torch.arange(7)]
+    msg = Message("install", step=4, stage=2, mb=-1, epoch=9, meta={"first": 3, "role": "copy"}, tensors=tensors)
+    got = decode_message(encode_message(msg), "test")
+    assert (got.kind, got.step, got.stage, got.mb, got.epoch, got.meta) == ("install", 4, 2, -1, 9, msg.meta)
+    assert len(got.tensors) == len(tensors)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got.tensors, tensors))
+
+
+def test_malformed_messages_are_refused_not_decoded() -> None:
+    good = encode_message(Message("forward", 1, 0, 0, tensors=[torch.ones(4)]))
+    with pytest.raises(WireError, match="over the limit"):
+        decode_message(good, "peer x", limit=len(good) - 1)
+    with pytest.raises(WireError, match="truncated"):
+        decode_message(good[:10], "peer x")
+    with pytest.raises(WireError, match="not layerwise"):
+        decode_message(b"PICK" + good[4:], "peer x")
+    with pytest.raises(WireError):
+        decode_message(good[:-3], "peer x")  # payload shorter than its header says
+    bad_kind = bytearray(good)
+    struct.pack_into("<H", bad_kind, 6, 999)
+    with pytest.raises(WireError, match="malformed"):
+        decode_message(bytes(bad_kind), "peer x")
+    with pytest.raises(WireError):
+        encode_message(Message("exec"))
+
+
+def test_spans_follow_speeds_and_every_stage_gets_a_copy_elsewhere() -> None:
+    spec = SwarmSpec(blocks=6)
+    peers = [PeerInfo(id="fast", speed=1.0, memory_bytes=1e12), PeerInfo(id="slow", speed=0.5, memory_bytes=1e12)]
+    a = assign(spec, peers, epoch=1)
+    counts = a.counts()
+    assert sum(counts) == spec.layers and counts[0] > counts[1]  # the fast peer takes more layers
+    assert all(s.copy is not None and s.copy != s.holder for s in a.stages)
+    blind = assign(spec, [PeerInfo(id=p.id, speed=1.0, memory_bytes=1e12) for p in peers], epoch=1)
+    speeds = {"fast": 1.0, "slow": 0.5}
+    assert step_time(a, spec, speeds) < step_time(blind, spec, speeds)
+
+
+def test_rebalancing_needs_a_real_gain() -> None:
+    spec = SwarmSpec(blocks=4)
+    peers = [PeerInfo(id=f"p{i}", speed=1.0, memory_bytes=1e12) for i in range(4)]
+    three = assign(spec, peers[:3], epoch=1)
+    four = assign(spec, peers, epoch=2, order=[s.holder for s in three.stages])
+    assert worth_moving(three, four, spec, {}) and not worth_moving(four, four, spec, {})
+    assert [s.holder for s in four.stages][:3] == [s.holder for s in three.stages]  # kept in place
+
+
+def test_measured_speeds_are_rounded_so_noise_does_not_move_layers() -> None:
+    assert relative_speeds({"a": 0.010, "b": 0.0105, "c": 0.021}) == {"a": 1.0, "b": 1.0, "c": 0.5}
+
+
+def test_spec_is_validated_and_survives_json() -> None:
+    spec = SwarmSpec(width=32, heads=2, batch_size=6, microbatches=3)
+    assert SwarmSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ValueError, match="divide"):
+        SwarmSpec(batch_size=7, microbatches=2)
+    with pytest.raises(ValueError, match="not a swarm spec"):
+        SwarmSpec.from_json({"width": 8, "__class__": "os.system"})
