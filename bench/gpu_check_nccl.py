@@ -190,6 +190,7 @@ def _cases(world: int, dry: bool) -> list[tuple[int, list[dict[str, Any]]]]:
             {"name": "pp1 bf16 selective offload", "pipeline": {"stages": 1, "precision": "bf16",
              "activation_checkpointing": "selective", "offload": "activations", **mb}},
             {"name": "pp1 meta", "meta": True, "pipeline": {"stages": 1, **mb}},
+            {"kind": "fsdp_offload", "name": "fsdp_offload_memory 1 rank"},
         ]))  # fmt: skip
     if world == 1:
         return groups
