@@ -34,7 +34,7 @@ import torch
 import zenoh
 
 from ..net import alive_key, config, peer_key
-from ..spec import SwarmSpec
+from ..spec import SwarmSpec, init_checksum
 from ..wire import MAX_MESSAGE, Message, decode_message, encode_message, error
 from .capacity import block_seconds, default_memory_bytes
 from .state import Span
@@ -73,6 +73,7 @@ class Peer:
         self.spec: SwarmSpec | None = None
         self.epoch = 0
         self.block_s: dict[str, float] = {}
+        self.checksum: dict[str, float] = {}
         self.fault = _parse_fault(os.environ.get("LAYERWISE_SWARM_FAULT", ""))
         self.served = 0
 
@@ -111,7 +112,8 @@ class Peer:
         key = repr(spec.to_json())
         if key not in self.block_s:
             self.block_s[key] = block_seconds(spec) / self.opts.speed
-        return Message("ok", meta=self._info() | {"block_s": self.block_s[key]})
+            self.checksum[key] = init_checksum(spec)
+        return Message("ok", meta=self._info() | {"block_s": self.block_s[key], "checksum": self.checksum[key]})
 
     def _info(self) -> dict[str, Any]:
         mem = self.opts.memory_gib * (1 << 30) if self.opts.memory_gib else default_memory_bytes()
@@ -264,4 +266,6 @@ def serve(opts: PeerOptions, *, on_ready: Any = None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    Peer(opts).serve(stop, on_ready)
+    peer = Peer(opts)
+    peer.serve(stop, on_ready)
+    print(f"peer {peer.id} left swarm {opts.swarm!r}", flush=True)

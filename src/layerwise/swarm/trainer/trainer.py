@@ -11,6 +11,7 @@ and the layers are re-balanced when the solver predicts a gain above the hystere
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from ..errors import PeerLost, StageLost, SwarmError
 from ..membership import Membership
 from ..net import Node, config, trainer_key
 from ..replay import StepCache
-from ..spec import SwarmSpec, build_layers, load_corpus, step_batch
+from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_batch
 from ..wire import Message, encode_message
 from .driver import run_step
 
@@ -41,6 +42,7 @@ class TrainerOptions:
     lease_ms: int = 1000  # zenoh link lease: bounds how long a hung peer goes unnoticed
     request_timeout: float = 120.0  # a live peer's longest request (a stalled one fails by the lease)
     rebalance_threshold: float = 0.15  # move layers only for a predicted gain of at least this
+    capacity_aware: bool = True  # False: every peer counts as speed 1 (the blind baseline of bench/swarm.py)
 
     def __post_init__(self) -> None:
         if not self.join and not self.listen:
@@ -70,6 +72,7 @@ class Trainer:
         self.failures: list[Failure] = []
         self.replay_needed: set[int] = set()
         self.replayed = 0
+        self.request_times: list[tuple[int, str, float]] = []  # (stage, kind, seconds) of each request
         self.cache: StepCache | None = None
         self.phase = "idle"
         self.step_times: list[tuple[int, float, float]] = []  # (step, wall end, seconds)
@@ -78,6 +81,8 @@ class Trainer:
         self.last_commit = 0.0
         self._lock = threading.RLock()
         self._counts = [len(list(m.parameters())) for m in build_layers(spec)]
+        self._checksum = init_checksum(spec)
+        self.refused: set[str] = set()
         self._corpus: Any = None
 
     # -- session -------------------------------------------------------------------------------
@@ -123,6 +128,8 @@ class Trainer:
                 f"only {have} of {self.opts.min_peers} peers joined swarm {self.opts.swarm!r} within "
                 f"{self.opts.wait_s:.0f} s: start more with 'layerwise swarm serve --join ENDPOINT'"
             )
+        # gossip makes direct links after the first ones through the seed; tokens may flap meanwhile
+        self.membership.settle(quiet_s=1.0, timeout=10.0)
         self._measure_new()
         if not self.peers():
             raise SwarmError(f"no peer of swarm {self.opts.swarm!r} answered: check that they run the same version")
@@ -130,7 +137,7 @@ class Trainer:
 
     def _measure_new(self) -> None:
         for peer in sorted(self.membership.snapshot()):
-            if peer in self.block_s:
+            if peer in self.block_s or peer in self.refused:
                 continue
             for _attempt in range(3):  # a peer's queryable may reach us a moment after its token
                 try:
@@ -140,6 +147,12 @@ class Trainer:
                     time.sleep(0.2)
             else:
                 continue
+            if r.meta.get("checksum") != self._checksum:
+                if peer not in self.refused:
+                    self.refused.add(peer)
+                    print(f"warning: peer {peer} builds other initial weights from the same spec (another "
+                          f"layerwise version?); it is left out", file=sys.stderr, flush=True)
+                continue
             self.block_s[peer] = float(r.meta["block_s"])
             self.epoch = max(self.epoch, int(r.meta["epoch"]))  # peers remember an earlier trainer's epochs
             self.memory[peer] = float(r.meta["memory_bytes"])
@@ -147,7 +160,7 @@ class Trainer:
     def peers(self) -> list[PeerInfo]:
         alive = self.membership.snapshot()
         live = {p: s for p, s in self.block_s.items() if p in alive}
-        speeds = relative_speeds(live) if live else {}
+        speeds = relative_speeds(live) if live and self.opts.capacity_aware else dict.fromkeys(live, 1.0)
         return [PeerInfo(id=p, speed=speeds[p], memory_bytes=self.memory[p]) for p in sorted(live)]
 
     def holder(self, s: int) -> str:
