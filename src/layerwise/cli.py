@@ -21,7 +21,9 @@ from layerwise.commands import UsageError
 COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "layerwise.commands.demo", "train a small GPT in a local 4-process pipeline, check it"),
     ("partition", "layerwise.commands.partition", "balance a model's layers over pipeline stages and devices"),
+    ("plan", "layerwise.commands.plan", "choose dp x tp x pp, schedule, ZeRO and recomputation for a model on a cluster"),
     ("simulate", "layerwise.commands.simulate", "simulate a pipeline schedule: time, bubble, memory"),
+    ("train", "layerwise.commands.train", "train a model on local text in a pipeline, with checkpoints and resume"),
     ("swarm", "layerwise.commands.swarm", "train across peers that fail, join and leave (zenoh)"),
 ]
 

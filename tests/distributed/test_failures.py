@@ -50,7 +50,7 @@ def test_stage_boundary_that_does_not_fit_names_layer_and_stage() -> None:
 def test_wrong_world_size_says_what_to_change() -> None:
     with pytest.raises(layerwise.LaunchError) as info:
         layerwise.launch(make_pipeline, 2, {"stages": 4}, timeout=120)
-    assert "Pipeline(stages=4) but the process group has 2 ranks" in str(info.value)
+    assert "dp x pp x tp = 1 x 4 x 1 = 4, but there are 2 processes: start 4 processes" in str(info.value)
     assert "--nproc-per-node 4" in str(info.value)
 
 

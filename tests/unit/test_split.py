@@ -14,8 +14,8 @@ from layerwise.runtime.split import (
     LayeredModel,
     as_layers,
     resolve_partition,
-    shared_param_objects,
     stage_bounds,
+    tie_slots,
     tied_parameters,
 )
 
@@ -197,21 +197,21 @@ def test_tied_embedding_is_shared_by_the_first_and_last_stage(counts: list[int])
     bounds = stage_bounds(counts)
     last = len(counts) - 1
     assert tied_parameters(layers, bounds) == [[0, last]]
-    shared = shared_param_objects(layers, bounds)
-    assert len(shared) == 1
-    p, stages = shared[0]
-    assert p is model.embed.tok.weight and p is model.head.lm.weight
+    ties = tie_slots(layers, bounds)
+    assert len(ties) == 1
+    stages, slots = ties[0]
     assert stages == [0, last]
+    assert slots[0] == (model.embed.tok, "weight") and slots[last] == (model.head.lm, "weight")
 
 
 def test_no_shared_parameter_on_a_single_stage_or_without_tying() -> None:
     layers = as_layers(_gpt(tie=True))
     assert tied_parameters(layers, stage_bounds([4])) == []
-    assert shared_param_objects(layers, stage_bounds([4])) == []
+    assert tie_slots(layers, stage_bounds([4])) == []
     untied = as_layers(_gpt(tie=False))
     for counts in ([1, 2, 1], [2, 2], [1, 1, 1, 1]):
         assert tied_parameters(untied, stage_bounds(counts)) == []
-        assert shared_param_objects(untied, stage_bounds(counts)) == []
+        assert tie_slots(untied, stage_bounds(counts)) == []
 
 
 def test_a_module_reused_by_three_stages_is_one_shared_parameter() -> None:
@@ -219,9 +219,9 @@ def test_a_module_reused_by_three_stages_is_one_shared_parameter() -> None:
     layers = [shared, nn.Linear(4, 4), shared, nn.Linear(4, 4), shared]
     bounds = stage_bounds([1, 1, 1, 1, 1])
     assert tied_parameters(layers, bounds) == [[0, 2, 4], [0, 2, 4]]  # weight and bias
-    objs = shared_param_objects(layers, bounds)
-    assert [p for p, _ in objs][0] is shared.weight and [p for p, _ in objs][1] is shared.bias
-    assert [st for _, st in objs] == [[0, 2, 4], [0, 2, 4]]
+    ties = tie_slots(layers, bounds)
+    assert [slots[2] for _, slots in ties] == [(shared, "weight"), (shared, "bias")]
+    assert [st for st, _ in ties] == [[0, 2, 4], [0, 2, 4]]
     # reuse inside one stage is not a tie between stages
     assert tied_parameters(layers, stage_bounds([3, 2])) == [[0, 1], [0, 1]]
     assert tied_parameters([shared, shared, nn.Linear(4, 4)], stage_bounds([2, 1])) == []

@@ -30,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="balanced: measured per-layer time (default); uniform: equal layer counts")
     parser.add_argument("--png", default="layerwise-demo-timeline.png", help="timeline picture to write")
     parser.add_argument("--trace", default=None, help="also write a Chrome trace (open in ui.perfetto.dev)")
+    parser.add_argument("--dp", type=positive_int, default=1, help="data-parallel replicas (processes = stages x dp x tp)")
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks per stage (must divide the 4 heads)")
+    parser.add_argument("--data-parallel", choices=("fsdp", "ddp"), default="fsdp", help="with --dp: FSDP2 sharding or DDP")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: bf16 compute with fp32 master weights and reductions")
+    parser.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default="none",
+                        help="recompute each block's activations in the backward")
     parser.add_argument("--no-reference", action="store_true", help="skip the single-process comparison")
     parser.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
 
@@ -43,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(
         stages=args.stages, schedule=args.schedule, microbatches=args.microbatches, chunks=args.chunks,
         steps=args.steps, batch_size=args.batch_size, png=args.png or None, trace=args.trace,
-        progress=True,
+        progress=True, dp=args.dp, tp=args.tp, data_parallel=args.data_parallel, precision=args.precision,
+        activation_checkpointing=args.activation_checkpointing,
     )  # fmt: skip
+    _check_mesh(cfg)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     partition_table = ""
     if args.partition == "balanced":
@@ -59,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                 f"cores, so each runs about {cfg.stages / cores:.0f}x slower)")
     start = time.perf_counter()
     try:
-        results = layerwise.launch(pipeline_rank, cfg.stages, config_dict(cfg), timeout=1800)
+        results = layerwise.launch(pipeline_rank, cfg.processes, config_dict(cfg), timeout=1800)
     except layerwise.PipelineError as err:
         raise UsageError(f"the pipeline failed:\n{err}") from None
     pipe_seconds = time.perf_counter() - start
@@ -90,6 +99,19 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def _check_mesh(cfg: Any) -> None:
+    """Refuse at once what the processes would only find out after starting."""
+    if cfg.heads % cfg.tp:
+        raise UsageError(f"--tp {cfg.tp} does not divide the model's {cfg.heads} attention heads: use --tp 1, 2 or 4")
+    per_replica = cfg.batch_size // cfg.dp
+    if per_replica < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} cannot be split over --dp {cfg.dp} replicas: "
+                         f"use a batch of at least {cfg.dp}")
+    if cfg.processes > 64:
+        raise UsageError(f"--stages x --dp x --tp = {cfg.processes} processes is more than this demo starts on "
+                         "one machine (64); use fewer")
 
 
 def _balanced(cfg: Any) -> tuple[Any, str]:

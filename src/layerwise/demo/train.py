@@ -35,6 +35,15 @@ class DemoConfig:
     trace: str | None = None
     record_steps: int = 5  # the last steps whose timelines measure the bubble
     progress: bool = True
+    dp: int = 1  # data-parallel replicas
+    tp: int = 1  # tensor-parallel ranks per stage
+    data_parallel: str = "fsdp"
+    precision: str = "fp32"
+    activation_checkpointing: str = "none"
+
+    @property
+    def processes(self) -> int:
+        return self.stages * self.dp * self.tp
 
     def model(self) -> GPT:
         torch.manual_seed(self.seed)
@@ -60,6 +69,8 @@ def pipeline_rank(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         cfg.model(), stages=cfg.stages, schedule=cfg.schedule, microbatches=cfg.microbatches,
         chunks=cfg.chunks, partition=cfg.partition, loss_fn=lm_loss,
         optimizer=lambda p: _optimizer(p, cfg.lr), max_grad_norm=cfg.max_grad_norm, record=True,
+        dp=cfg.dp, tp=cfg.tp, data_parallel=cfg.data_parallel, precision=cfg.precision,
+        activation_checkpointing=cfg.activation_checkpointing,
     )  # fmt: skip
     sched = _warmup(pipe.optimizer, cfg.warmup)
     rank = int(os.environ.get("RANK", "0"))
@@ -116,7 +127,10 @@ def reference(cfg: DemoConfig) -> list[float]:
     for step in range(cfg.steps):
         x, y = batch(corpus, step, cfg.batch_size, cfg.seq, cfg.seed)
         opt.zero_grad(set_to_none=True)
-        loss = lm_loss(model(x), y)
+        # the same precision as the pipeline: bf16 compute, fp32 weights (checkpointing is exact)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits = model(x)
+        loss = lm_loss(logits.float(), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()

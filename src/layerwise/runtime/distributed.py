@@ -29,7 +29,9 @@ def ensure_initialized(timeout_s: float, backend: str | None = None) -> None:
             "or initialize torch.distributed yourself"
         )
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # NCCL for CUDA tensors and gloo for CPU ones: the runtime's small bookkeeping collectives
+        # (batch size, loss, gradient norm) use CPU tensors, which a plain "nccl" group rejects
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     # We created the group, so we tear it down. Ranks leave at different moments; one that closes
     # its connections while a peer is still talking to it can make the peer's gloo thread abort

@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .executor import KINDS, StepData, channel_of, run_step
 from .microbatch import split_batch
 from .shm import Channel, make_transport
-from .split import ModelLike, Partition, as_layers, resolve_partition, shared_param_objects, stage_bounds
+from .split import ModelLike, Partition, TieSlots, as_layers, local_tensor, resolve_partition, stage_bounds, tie_slots
 from .stage import Stage
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -90,6 +90,10 @@ class Pipeline:
         self.speed = speed
         self.max_grad_norm = max_grad_norm  # clip the global gradient norm (all stages) before the step
         self.device = device or default_device()
+        # What one microbatch's loss is multiplied by, besides its share of the batch: 1 in a plain
+        # pipeline; a data-parallel subclass sets it so that averaging over replicas gives the
+        # global batch's loss even when replicas hold different numbers of rows.
+        self._loss_scale = 1.0
         self._schedules: dict[int, Schedule] = {}
         base = self._schedule(microbatches)  # validates schedule arguments early, on every rank
         num_stages = base.num_stages
@@ -103,12 +107,13 @@ class Pipeline:
         self.partition = counts
         self.stage_to_rank = base.stage_to_rank
         bounds = stage_bounds(counts)
+        ties = tie_slots(layers, bounds)  # found by identity, before layers are built or wrapped
+        owned = [i for s, (a, b) in enumerate(bounds) if self.stage_to_rank[s] == self.rank for i in range(a, b)]
+        self._prepare_layers(model, layers, owned)
         self.stages: dict[int, Stage] = {}
         for s, (a, b) in enumerate(bounds):
             if self.stage_to_rank[s] != self.rank:
                 continue
-            for layer in layers[a:b]:
-                layer.to(self.device)
             self.stages[s] = Stage(
                 index=s,
                 layers=layers[a:b],
@@ -120,7 +125,7 @@ class Pipeline:
                 where=self.describe(self.rank),
             )
         self._layer_ranges = {s: bounds[s] for s in self.stages}
-        self._ties = self._tie_groups(layers, bounds)
+        self._ties = self._tie_groups(ties)
         try:
             self.transport = make_transport(transport, group, self.describe, self.device,
                                             _channels(self.stage_to_rank), timeout)
@@ -156,25 +161,34 @@ class Pipeline:
         word = "stage" if len(stages) == 1 else "stages"
         return f"rank {rank} ({word} {', '.join(map(str, stages))})"
 
-    def _tie_groups(
-        self, layers: list[nn.Module], bounds: list[tuple[int, int]]
-    ) -> list[tuple[nn.Parameter | None, Any, list[int]]]:
-        """Process groups over the ranks sharing each tied parameter (e.g. embedding and head).
+    def _prepare_layers(self, model: ModelLike, layers: list[nn.Module], owned: list[int]) -> None:
+        """Make this rank's layers ready to run (here: move them to the device). Subclasses
+        materialize meta-device layers and apply tensor / data parallelism here."""
+        for i in owned:
+            layers[i].to(self.device)
 
-        Every rank calls new_group for every tie in the same order, as torch.distributed requires.
-        """
-        ties = []
-        for p, stages in shared_param_objects(layers, bounds):
+    def _new_group(self, ranks: list[int]) -> Any:
+        """A process group over these ranks of the pipeline group. Every rank of the job calls it,
+        for every tie in the same order, as torch.distributed requires."""
+        return dist.new_group([to_global(self.group, r) for r in ranks])
+
+    def _tie_groups(self, ties: list[TieSlots]) -> list[tuple[nn.Parameter | None, Any, list[int]]]:
+        """Process groups over the ranks sharing each tied parameter (e.g. embedding and head)."""
+        out = []
+        for stages, slots in ties:
             ranks = sorted({self.stage_to_rank[s] for s in stages})
             if len(ranks) < 2:
                 continue
-            global_ranks = [to_global(self.group, r) for r in ranks]
-            pg = dist.new_group(global_ranks)
-            if self.rank in ranks:  # start every copy from the lowest rank's, whatever the seeds
-                with torch.no_grad():
-                    dist.broadcast(p.data, global_ranks[0], group=pg)
-            ties.append((p if self.rank in ranks else None, pg, ranks))
-        return ties
+            pg = self._new_group(ranks)
+            mine = [s for s in stages if s in self.stages]
+            p = None
+            if mine:
+                module, name = slots[mine[0]]
+                p = module._parameters[name]  # after _prepare_layers: possibly materialized or sharded
+                with torch.no_grad():  # start every copy from the lowest rank's, whatever the seeds
+                    dist.broadcast(local_tensor(p.data), to_global(self.group, ranks[0]), group=pg)
+            out.append((p, pg, ranks))
+        return out
 
     def _announce(self) -> None:
         """Tell layerwise's launcher which stages this rank holds, for its failure report."""
@@ -243,20 +257,29 @@ class Pipeline:
         mb_tg = split_batch(targets, m, "targets") if self.is_last else [None] * m
         sizes = [_rows(t) for t in mb_tg] if self.is_last else [1] * m
         total = sum(sizes)
-        weights = [n / total for n in sizes] if self.loss_reduction == "mean" else [1.0] * m
+        unit = [n / total for n in sizes] if self.loss_reduction == "mean" else [1.0] * m
+        weights = [w * self._loss_scale for w in unit]
         mb_in = [_to(x, self.device) for x in mb_in]
         mb_tg = [_to(x, self.device) for x in mb_tg]
+        self._begin_step()
         rec = run_step(sch.ranks[self.rank], self.stages, sch.stage_to_rank, self.transport,
                        StepData(mb_in, mb_tg, weights), record=self.record,
                        stretch=1.0 / self.speed)
         self.last_events = rec.events
+        self._end_backward()
         for tied, pg, _ in self._ties:
             if tied is None:
                 continue
             if tied.grad is None:  # this rank's use of the tie got no gradient this step
                 tied.grad = torch.zeros_like(tied)
-            dist.all_reduce(tied.grad, group=pg)  # the tie's gradient is the sum of its uses
+            dist.all_reduce(local_tensor(tied.grad), group=pg)  # the tie's gradient is the sum of its uses
         return self._share_loss(rec.loss)
+
+    def _begin_step(self) -> None:
+        """Before a step's first action (a data-parallel subclass defers its reduction here)."""
+
+    def _end_backward(self) -> None:
+        """After a step's last backward, before tied gradients are summed (reduce over replicas)."""
 
     def close(self) -> None:
         """Wait for communication still in flight (the last step's loss broadcast)."""

@@ -9,7 +9,7 @@ that a balancer can produce it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -30,6 +30,9 @@ class LayeredModel:
     prologue: Sequence[nn.Module] = ()  # run first, e.g. token embedding
     blocks: Sequence[nn.Module] = ()  # the repeated body
     epilogue: Sequence[nn.Module] = ()  # run last, e.g. final norm and LM head
+    # For a model built on the meta device: fill layer i's tensors in place (allocate with
+    # to_empty, then initialize or load). Each rank calls it for its own layers only.
+    materialize: Callable[[int, nn.Module], None] | None = None
     names: list[str] = field(default_factory=list, init=False)
 
     def layers(self) -> list[nn.Module]:
@@ -159,16 +162,31 @@ def tied_parameters(layers: Sequence[nn.Module], bounds: Sequence[tuple[int, int
     return [sorted(owners[k]) for k in order if len(owners[k]) > 1]
 
 
-def shared_param_objects(layers: Sequence[nn.Module], bounds: Sequence[tuple[int, int]]) -> list[tuple[torch.nn.Parameter, list[int]]]:
-    """Like :func:`tied_parameters` but with the parameter objects."""
-    owners: dict[int, tuple[torch.nn.Parameter, list[int]]] = {}
+TieSlots = tuple[list[int], dict[int, tuple[nn.Module, str]]]
+
+
+def tie_slots(layers: Sequence[nn.Module], bounds: Sequence[tuple[int, int]]) -> list[TieSlots]:
+    """For each parameter used by more than one stage: the stages, and per stage the first
+    (module, attribute) slot holding it. Slots survive what replaces a parameter object later
+    (meta-device materialization, sharding), which identity alone would not."""
+    found: dict[int, tuple[list[int], dict[int, tuple[nn.Module, str]]]] = {}
     for s, (a, b) in enumerate(bounds):
         for layer in layers[a:b]:
-            for p in layer.parameters():
-                entry = owners.setdefault(id(p), (p, []))
-                if s not in entry[1]:
-                    entry[1].append(s)
-    return [(p, sorted(st)) for p, st in owners.values() if len(st) > 1]
+            for module in layer.modules():
+                for name, p in module._parameters.items():
+                    if p is None:
+                        continue
+                    stages, slots = found.setdefault(id(p), ([], {}))
+                    if s not in slots:
+                        stages.append(s)
+                        slots[s] = (module, name)
+    return [(sorted(st), sl) for st, sl in found.values() if len(st) > 1]
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local part of a DTensor (a sharded or replicated parameter), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def describe_layer(layers: Sequence[nn.Module], index: int) -> str:

@@ -1,0 +1,159 @@
+"""Search over strategies: everything the pins leave open, ranked by predicted step time.
+
+Two passes keep a 4,096-device search under a few seconds: every strategy that satisfies the
+placement rules gets its memory and a closed-form step time (:func:`.estimate.closed_makespan`),
+and the fastest that fit are replayed exactly by the pipeline simulator, which decides the order.
+Offload only ever adds time, so it is tried only for shapes that do not fit without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .cluster import Cluster
+from .estimate import Estimate, estimate
+from .memory import PRECISIONS, RECOMPUTE, Precision
+from .model import ModelSpec
+from .strategy import SCHEDULES, Strategy, StrategyError
+
+_MAX_MICRO = 64
+_CHUNKS = (2, 4, 8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pins:
+    """Dimensions the user fixed; ``None`` = search it."""
+
+    dp: int | None = None
+    tp: int | None = None
+    pp: int | None = None
+    schedule: str | None = None
+    chunks: int | None = None
+    micro: int | None = None
+    zero_stage: int | None = None
+    recompute: str | None = None
+    offload: bool | None = None
+
+    def any(self) -> bool:
+        return any(getattr(self, k) is not None for k in self.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A pinned strategy that breaks a rule before any memory is counted."""
+
+    strategy: dict[str, Any]
+    reason: str
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    candidates: list[Estimate]  # best first; feasible ones unless nothing fits
+    considered: int  # strategies whose memory was counted
+    simulated: int  # of them, replayed by the simulator
+    rejected: list[Rejected]  # when nothing could be built for the pins
+
+    @property
+    def best(self) -> Estimate | None:
+        return self.candidates[0] if self.candidates else None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_strategies(model: ModelSpec, cluster: Cluster, global_batch: int, pins: Pins) -> list[Strategy]:
+    n, g = cluster.devices, cluster.devices_per_node
+    out = []
+    tps = [pins.tp] if pins.tp else [t for t in _divisors(g) if model.heads % t == 0]
+    for tp in tps:
+        pps = [pins.pp] if pins.pp else [p for p in range(1, min(n // tp, model.layers + 2) + 1) if n % (tp * p) == 0]
+        for pp in pps:
+            if n % (tp * pp):
+                continue
+            dp = n // (tp * pp)
+            if pins.dp and pins.dp != dp:
+                continue
+            per_replica = global_batch // dp if global_batch % dp == 0 else 0
+            if pins.micro:
+                micros = [pins.micro]
+            else:
+                micros = [b for b in _divisors(per_replica) if b <= _MAX_MICRO and b & (b - 1) == 0] if per_replica else []
+            for micro in micros:
+                m = per_replica // micro if per_replica else 0
+                for sched, chunks in _schedules(pp, m, model.layers + 2, pins):
+                    for zero in [pins.zero_stage] if pins.zero_stage is not None else (0, 1, 2, 3):
+                        if zero > 0 and dp == 1 and pins.zero_stage is None:
+                            continue  # nothing to shard over
+                        for rc in [pins.recompute] if pins.recompute else RECOMPUTE:
+                            out.append(Strategy(dp=dp, tp=tp, pp=pp, schedule=sched, chunks=chunks, micro=micro,
+                                                zero_stage=zero, recompute=rc, offload=bool(pins.offload)))
+    return out
+
+
+def _schedules(pp: int, m: int, units: int, pins: Pins) -> list[tuple[str, int]]:
+    if pins.schedule:
+        if pins.schedule == "interleaved":
+            return [("interleaved", c) for c in ([pins.chunks] if pins.chunks else _CHUNKS) if pp * c <= units]
+        return [(pins.schedule, 1)]
+    if pp == 1:
+        return [("1f1b", 1)]
+    # GPipe is left out unless pinned: 1F1B has its bubble and holds fewer microbatches
+    # (Narayanan et al., 2021, Sec. 2.2.1), so it never loses to it.
+    out = [(name, 1) for name in SCHEDULES if name not in ("interleaved", "gpipe")]
+    # Megatron's interleaved schedule needs m a multiple of p (the generator handles any m, at
+    # the cost of a validation per try; the search keeps to the paper's case).
+    if m and m % pp == 0:
+        out += [("interleaved", c) for c in ([pins.chunks] if pins.chunks else _CHUNKS) if pp * c <= units]
+    return out
+
+
+def plan(model: ModelSpec, cluster: Cluster, global_batch: int, *, pins: Pins = Pins(),
+         precision: Precision = PRECISIONS["mixed"], top: int = 5, exact: int = 12) -> PlanResult:
+    """The ``top`` fastest strategies that fit, best first (or, when none fits, the ones that come
+    closest, marked infeasible with the reason)."""
+    strategies = enumerate_strategies(model, cluster, global_batch, pins)
+    fits: list[Estimate] = []
+    misses: list[Estimate] = []
+    rejected: list[Rejected] = []
+    considered = 0
+    fitted: set[Strategy] = set()
+    for s in strategies:
+        # Recomputation only adds time: once a lighter setting fits, the heavier ones cannot win.
+        if s.recompute != "none" and any(replace(s, recompute=r) in fitted for r in RECOMPUTE[:RECOMPUTE.index(s.recompute)]):
+            continue
+        try:
+            e = estimate(model, cluster, s, global_batch, precision=precision, timing="none")
+        except StrategyError as err:
+            rejected.append(Rejected(_pinned_dict(s), str(err)))
+            continue
+        considered += 1
+        if e.feasible:
+            fitted.add(s)
+        if not e.feasible and pins.offload is None:
+            e2 = estimate(model, cluster, replace(s, offload=True), global_batch, precision=precision, timing="none")
+            considered += 1
+            if e2.feasible:
+                e = e2
+        (fits if e.feasible else misses).append(e)
+    # Pass 1: closed-form time for everything that fits; pass 2: simulate the fastest.
+    ranked = sorted(
+        (estimate(model, cluster, e.strategy, global_batch, precision=precision, timing="closed") for e in fits),
+        key=lambda e: e.step_time,
+    )
+    chosen = ranked[: max(exact, top)]
+    simulated = [estimate(model, cluster, e.strategy, global_batch, precision=precision) for e in chosen]
+    simulated.sort(key=lambda e: (e.step_time, e.strategy.label()))
+    if simulated:
+        return PlanResult(simulated[:top], considered, len(simulated), [])
+    # Nothing fits: report the closest misses, with their reasons, never a silent substitute.
+    misses.sort(key=lambda e: e.memory.get("total", 0.0) - e.budget)
+    closest = [estimate(model, cluster, e.strategy, global_batch, precision=precision) for e in misses[:top]]
+    return PlanResult(closest, considered, len(closest), rejected[:top] if not closest else [])
+
+
+def _pinned_dict(s: Strategy) -> dict[str, Any]:
+    return {"dp": s.dp, "tp": s.tp, "pp": s.pp, "schedule": s.schedule, "chunks": s.chunks,
+            "microbatch_size": s.micro, "zero_stage": s.zero_stage, "recompute": s.recompute,
+            "offload": s.offload}

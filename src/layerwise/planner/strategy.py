@@ -1,0 +1,70 @@
+"""One way to run a training step: the degrees of parallelism and the memory-saving options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .memory import RECOMPUTE
+
+SCHEDULES = ("1f1b", "interleaved", "gpipe", "zb-h1")
+
+
+class StrategyError(ValueError):
+    """A strategy that cannot run on this model and cluster; the message says why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Strategy:
+    dp: int  # data-parallel degree
+    tp: int  # tensor-parallel degree (Megatron-style, inside a node)
+    pp: int  # pipeline ranks
+    schedule: str = "1f1b"
+    chunks: int = 1  # stages per pipeline rank (interleaved only)
+    micro: int = 1  # samples per microbatch
+    zero_stage: int = 0  # 0-3 (Rajbhandari et al., 2020); 3 = FSDP
+    recompute: str = "none"  # none, selective, full (Korthikanti et al., 2022)
+    offload: bool = False  # optimizer state in host memory (ZeRO-Offload)
+    sequence_parallel: bool = True  # with tp > 1 (Korthikanti et al., 2022, Sec. 4.2.2)
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "chunks", "micro"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise StrategyError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise StrategyError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.chunks > 1 and self.schedule != "interleaved":
+            raise StrategyError(f"chunks={self.chunks} needs the interleaved schedule, not {self.schedule}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise StrategyError(f"zero stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if self.recompute not in RECOMPUTE:
+            raise StrategyError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def stages(self) -> int:
+        """Model stages: ``chunks`` per pipeline rank."""
+        return self.pp * self.chunks
+
+    @property
+    def sp(self) -> bool:
+        return self.sequence_parallel and self.tp > 1
+
+    def microbatches(self, global_batch: int) -> int:
+        per_replica, rest = divmod(global_batch, self.dp * self.micro)
+        if rest or per_replica < 1:
+            raise StrategyError(
+                f"global batch {global_batch} is not a multiple of dp x microbatch size = "
+                f"{self.dp} x {self.micro}"
+            )
+        return per_replica
+
+    def label(self) -> str:
+        sched = f"{self.schedule}x{self.chunks}" if self.chunks > 1 else self.schedule
+        extra = [f"zero{self.zero_stage}", f"recompute={self.recompute}"]
+        if self.offload:
+            extra.append("offload")
+        return f"dp{self.dp} tp{self.tp} pp{self.pp} {sched} mb{self.micro} " + " ".join(extra)

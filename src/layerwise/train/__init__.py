@@ -1,0 +1,1 @@
+"""``layerwise train``: settings, data, optimizer and schedule, checkpoints, the training loop."""
