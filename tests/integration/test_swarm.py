@@ -8,6 +8,7 @@ gradients in the same order: no failure here changes which peer sums what for an
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -166,3 +167,22 @@ def test_a_stage_lost_for_good_stops_with_a_clear_error(swarm: LocalSwarm, churn
     assert time.monotonic() - started < 60
     text = str(err.value)
     assert "stage 1" in text and "layers" in text and "are both gone" in text and "To resume" in text
+
+
+def test_demo_prints_the_summary_as_json() -> None:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "layerwise", "swarm", "demo", "--peers", "3", "--kill", "1", "--steps", "6",
+           "--port", str(port), "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert s["steps"] == 6 and s["lost_steps"] == 0 and s["max_param_diff"] == 0.0
+    assert s["final_loss"] == s["reference_loss"]
+    assert len(s["failures"]) == 1 and s["failures"][0]["detected_s"] <= s["failures"][0]["recovered_s"]
+
+
+def test_bad_command_lines_get_one_error_line() -> None:
+    for args in (["train"], ["serve", "--join", "localhost"], ["demo", "--peers", "2", "--kill", "2"]):
+        proc = subprocess.run([sys.executable, "-m", "layerwise", "swarm", *args], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
