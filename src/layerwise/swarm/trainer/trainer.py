@@ -316,13 +316,22 @@ class Trainer:
             new = StageSpan(stage=s, first=span.first, count=span.count, holder=span.holder, copy=None)
             if candidates:
                 peer = candidates[0][1]
-                r = self.node.request(span.holder, Message("get_state", stage=s, epoch=self.epoch))
+                try:
+                    r = self.node.request(span.holder, Message("get_state", stage=s, epoch=self.epoch))
+                except PeerLost as e:  # the holder is gone too, and the old copy with it
+                    self.note_lost(e.peer)
+                    raise self._lost(span) from None
                 try:
                     self._install(peer, new, "copy", None, self.epoch, r.tensors, int(r.meta["step"]))
                     new = StageSpan(stage=s, first=span.first, count=span.count, holder=span.holder, copy=peer)
                 except PeerLost as e:
                     self.note_lost(e.peer)  # left without a copy; the next boundary tries again
             self._set(new)
+            if new.copy is not None:  # a lost copy counts as recovered once its stage has a new one
+                for f in self.failures:
+                    if f.peer == span.copy and f.recovered_at is None:
+                        f.stages.append(s)
+                        f.recovered_at = time.time()
 
     def _set(self, span: StageSpan) -> None:
         stages = list(self.assignment.stages)
