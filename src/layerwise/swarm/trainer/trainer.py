@@ -42,11 +42,15 @@ class TrainerOptions:
     lease_ms: int = 1000  # zenoh link lease: bounds how long a hung peer goes unnoticed
     request_timeout: float = 120.0  # a live peer's longest request (a stalled one fails by the lease)
     rebalance_threshold: float = 0.15  # move layers only for a predicted gain of at least this
-    capacity_aware: bool = True  # False: every peer counts as speed 1 (the blind baseline of bench/swarm.py)
+    # how peer speeds are known: "measured" (each peer's block benchmark), "declared" (each peer's
+    # --speed, for emulated peers on one shared machine), or "blind" (all 1: bench/swarm.py's baseline)
+    capacity: str = "measured"
 
     def __post_init__(self) -> None:
         if not self.join and not self.listen:
             raise ValueError("the trainer needs --join ENDPOINT (or --listen ENDPOINT if it starts the swarm)")
+        if self.capacity not in ("measured", "declared", "blind"):
+            raise ValueError(f"capacity must be measured, declared or blind, got {self.capacity!r}")
         if self.min_peers < 1:
             raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
 
@@ -69,6 +73,7 @@ class Trainer:
         self.assignment = Assignment(epoch=0, stages=())
         self.block_s: dict[str, float] = {}
         self.memory: dict[str, float] = {}
+        self.declared: dict[str, float] = {}
         self.failures: list[Failure] = []
         self.replay_needed: set[int] = set()
         self.replayed = 0
@@ -154,13 +159,16 @@ class Trainer:
                           f"layerwise version?); it is left out", file=sys.stderr, flush=True)
                 continue
             self.block_s[peer] = float(r.meta["block_s"])
+            self.declared[peer] = float(r.meta["speed"])
             self.epoch = max(self.epoch, int(r.meta["epoch"]))  # peers remember an earlier trainer's epochs
             self.memory[peer] = float(r.meta["memory_bytes"])
 
     def peers(self) -> list[PeerInfo]:
         alive = self.membership.snapshot()
         live = {p: s for p, s in self.block_s.items() if p in alive}
-        speeds = relative_speeds(live) if live and self.opts.capacity_aware else dict.fromkeys(live, 1.0)
+        if self.opts.capacity == "declared":
+            live = {p: 1.0 / self.declared[p] for p in live}
+        speeds = relative_speeds(live) if live and self.opts.capacity != "blind" else dict.fromkeys(live, 1.0)
         return [PeerInfo(id=p, speed=speeds[p], memory_bytes=self.memory[p]) for p in sorted(live)]
 
     def holder(self, s: int) -> str:
