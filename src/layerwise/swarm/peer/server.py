@@ -5,8 +5,8 @@ compute is the bottleneck, and serial handling keeps every span's state changes 
 peer does with each kind of message:
 
 - ``hello``: measure capacity for the trainer's spec, reply speed and memory.
-- ``reset`` / ``install`` / ``promote``: drop its spans; build one (from the seed, or from a
-  hand-over of weights and AdamW state); turn a copy into the stage's holder.
+- ``reset`` / ``install`` / ``promote`` / ``drop``: drop all its spans; build one (from the seed,
+  or from a hand-over of weights and AdamW state); turn a copy into the stage's holder; drop a copy.
 - ``forward`` / ``backward``: one microbatch through a held stage (runtime :class:`Stage`).
 - ``commit``: one AdamW step from the accumulated gradients; the gradients go back to the trainer,
   which relays them to the stage's copy (``backup_apply``).
@@ -139,6 +139,11 @@ class Peer:
             span.load(msg.tensors, int(msg.meta["step"]))
         self.spans[msg.stage] = span
         return Message("ok", meta={"step": span.step})
+
+    def _on_drop(self, msg: Message) -> Message:
+        span = self._span(msg, "copy")
+        del self.spans[span.stage]
+        return Message("ok")
 
     def _on_promote(self, msg: Message) -> Message:
         span = self._span(msg)

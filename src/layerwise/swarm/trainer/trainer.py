@@ -194,6 +194,24 @@ class Trainer:
         if worth_moving(self.assignment, proposed, self.spec, speeds, self.opts.rebalance_threshold):
             self._reconfigure(states=self._gather())
             self.rebalances += 1
+        else:
+            self._use_idle_peers(peers)
+
+    def _use_idle_peers(self, peers: list[PeerInfo]) -> None:
+        """A peer with nothing to do takes over the copy of a stage from a peer that also holds one."""
+        holders = {x.holder for x in self.assignment.stages}
+        busy = holders | {x.copy for x in self.assignment.stages}
+        for peer in [p.id for p in peers if p.id not in busy]:
+            doubled = [x for x in self.assignment.stages if x.copy in holders]
+            if not doubled:
+                return
+            old = doubled[0]
+            self.recopy(old.stage, to=peer)
+            if old.copy is not None and self.assignment.stages[old.stage].copy == peer:
+                try:  # the old copy is no longer kept up to date: free it
+                    self.node.request(old.copy, Message("drop", stage=old.stage, epoch=self.epoch))
+                except PeerLost as e:
+                    self.note_lost(e.peer)
 
     def _gather(self) -> list[tuple[list[torch.Tensor], int]]:
         """Every layer's weights and AdamW state, from each stage's holder (or its copy)."""
@@ -311,8 +329,8 @@ class Trainer:
             else:
                 self.mark_recovered(s)
 
-    def recopy(self, s: int) -> None:
-        """Make a fresh copy of stage ``s`` from its holder on the least busy other live peer."""
+    def recopy(self, s: int, to: str | None = None) -> None:
+        """Make a fresh copy of stage ``s`` from its holder on ``to`` or the least busy other live peer."""
         with self._lock:
             span = self.assignment.stages[s]
             load: dict[str, int] = {p.id: 0 for p in self.peers()}
@@ -320,7 +338,7 @@ class Trainer:
                 for p in (x.holder, x.copy):
                     if p in load:
                         load[p] += 1
-            candidates = sorted((n, p) for p, n in load.items() if p != span.holder)
+            candidates = [(0, to)] if to else sorted((n, p) for p, n in load.items() if p != span.holder)
             new = StageSpan(stage=s, first=span.first, count=span.count, holder=span.holder, copy=None)
             if candidates:
                 peer = candidates[0][1]
