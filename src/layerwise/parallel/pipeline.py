@@ -111,7 +111,8 @@ class Pipeline(_PipelineBase):
         if o["activation_checkpointing"] != "none":
             from .checkpointing import apply_ac
 
-            apply_ac(mine, o["activation_checkpointing"], every=o["checkpoint_every"])
+            # indices: "every k-th" counts the model's layers, not this rank's
+            apply_ac(mine, o["activation_checkpointing"], every=o["checkpoint_every"], indices=owned)
         if o["precision"] != "fp32":
             from .precision import apply_precision
 
