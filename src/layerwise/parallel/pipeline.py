@@ -148,9 +148,9 @@ class Pipeline(_PipelineBase):
         placement = None
         if self.dims.tp > 1:
             from .tensor import fsdp_shard_placement as placement
-        units, shared = apply_dp(layers, dp_mesh, mode=o["data_parallel"], reshard_after_forward=o["reshard_after_forward"],
-                                 mp_policy=mp, offload_policy=offload, shard_placement_fn=placement)
-        return DataParallel(units, shared, dp_mesh.get_group(), per_microbatch=o["reshard_after_forward"])
+        units, shared, root = apply_dp(layers, dp_mesh, mode=o["data_parallel"], reshard_after_forward=o["reshard_after_forward"],
+                                       mp_policy=mp, offload_policy=offload, shard_placement_fn=placement)
+        return DataParallel(units, shared, root, dp_mesh.get_group(), per_microbatch=o["reshard_after_forward"])
 
     def _new_group(self, ranks: list[int]) -> Any:
         """The tie group of this rank's (dp, tp) coordinate. Every rank creates every coordinate's
