@@ -126,6 +126,7 @@ class Trainer:
             self.boundary()
             x, y = step_batch(self.spec, self._corpus, step)
             t0 = time.perf_counter()
+            self.phase = "step"
             loss = run_step(self, step, x, y)
             self.phase = "idle"
             self.losses.append(loss)
@@ -353,7 +354,7 @@ class Trainer:
         directly, and a request can find no route meanwhile; a dead peer stays gone, a hung one stops
         answering within the lease."""
         if not self.membership.is_alive(peer):
-            time.sleep(0.3)
+            time.sleep(0.1)  # a flapping token comes back within milliseconds; a dead peer does not
             if not self.membership.is_alive(peer):
                 return True
         try:
