@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 
+from layerwise.commands.swarm import format_status
+from layerwise.swarm import checkpoint
 from layerwise.swarm.assignment import PeerInfo, assign, relative_speeds, step_time, worth_moving
-from layerwise.swarm.errors import WireError
+from layerwise.swarm.errors import SwarmError, WireError
 from layerwise.swarm.spec import SwarmSpec
 from layerwise.swarm.wire import GROUP, Message, decode_message, encode_message
 
@@ -73,3 +76,26 @@ def test_spec_is_validated_and_survives_json() -> None:
         SwarmSpec(batch_size=7, microbatches=2)
     with pytest.raises(ValueError, match="not a swarm spec"):
         SwarmSpec.from_json({"width": 8, "__class__": "os.system"})
+
+
+def test_a_checkpoint_round_trips_and_refuses_another_model(tmp_path: Path) -> None:
+    spec = SwarmSpec(width=16, heads=2, blocks=1)
+    g = torch.Generator().manual_seed(1)
+    layers = [([torch.randn(4, 3, generator=g) for _ in range(3 * n)], 7) for n in (2, 3)]
+    checkpoint.save(tmp_path, spec, layers, [5.0, 4.0, 3.5])
+    got, losses = checkpoint.load(tmp_path, spec)
+    assert checkpoint.last_step(tmp_path) == 7 and losses == [5.0, 4.0, 3.5]
+    assert all(torch.equal(a, b) for (x, _), (y, _) in zip(layers, got) for a, b in zip(x, y))
+    with pytest.raises(SwarmError, match="another model"):
+        checkpoint.load(tmp_path, SwarmSpec(width=32, heads=2, blocks=1))
+    assert checkpoint.last_step(tmp_path / "none") is None
+
+
+def test_status_text_names_stages_copies_and_failures() -> None:
+    got = {"swarm": "s", "peers": {"a": {"speed": 1.0, "spans": []}},
+           "trainer": {"step": 4, "loss": 3.2, "steps_per_s": 2.5,
+                       "stages": [{"stage": 0, "layers": [0, 5], "holder": "a", "copy": "b"}],
+                       "failures": [{"peer": "c", "step": 2, "phase": "forward", "stages": [0]}]}}  # fmt: skip
+    text = format_status(got)
+    assert "stage 0 layers 0-5: a (copy b)" in text and "failure: c at step 2 (forward)" in text
+    assert "no trainer" in format_status({"swarm": "s", "peers": {}, "trainer": None})
