@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,45 @@ def test_status_text_names_stages_copies_and_failures() -> None:
     text = format_status(got)
     assert "stage 0 layers 0-5: a (copy b)" in text and "failure: c at step 2 (forward)" in text
     assert "no trainer" in format_status({"swarm": "s", "peers": {}, "trainer": None})
+
+
+def _peer(memory_gib: float = 1.0) -> Any:
+    from layerwise.swarm.peer import Peer, PeerOptions
+
+    return Peer(PeerOptions(listen=("tcp/127.0.0.1:1",), name="t", memory_gib=memory_gib))
+
+
+def _handle(peer: Any, msg: Message) -> Message:
+    from layerwise.swarm.peer.server import _Refuse
+
+    try:
+        return peer.handle(msg)
+    except _Refuse as e:
+        return Message("error", meta={"error": str(e)})
+
+
+def test_a_peer_refuses_stale_duplicate_and_oversized_work() -> None:
+    spec = SwarmSpec(width=16, heads=2, blocks=2, seq=8, batch_size=4, microbatches=2)
+    peer = _peer()
+    meta = {"spec": spec.to_json(), "first": 0, "count": 2, "role": "holder"}
+    assert _handle(peer, Message("install", stage=0, epoch=3, meta=meta)).kind == "ok"
+    x = torch.randint(0, 256, (2, 8))
+    assert _handle(peer, Message("forward", 0, 0, 0, 3, {"weight": 0.5}, [x])).kind == "ok"
+    g = [torch.randn(2, 8, 16)]
+    assert _handle(peer, Message("backward", 0, 0, 0, 3, tensors=g)).kind == "ok"
+    dup = _handle(peer, Message("backward", 0, 0, 0, 3, tensors=g))
+    assert dup.kind == "error" and "duplicate" in dup.meta["error"]
+    early = _handle(peer, Message("forward", 1, 0, 1, 3, {"weight": 0.5}, [x]))
+    assert early.kind == "error" and "stale or early" in early.meta["error"]
+    stale = _handle(peer, Message("forward", 0, 0, 1, 2, {"weight": 0.5}, [x]))
+    assert stale.kind == "error" and "stale assignment epoch 2" in stale.meta["error"]
+    short = _handle(peer, Message("commit", 0, 0, -1, 3, {"lr": 1e-3, "microbatches": 2}))
+    assert short.kind == "error" and "1 of 2 backwards" in short.meta["error"]
+    assert _handle(peer, Message("forward", 0, 0, 1, 3, {"weight": 0.5}, [x])).kind == "ok"
+    assert _handle(peer, Message("backward", 0, 0, 1, 3, tensors=g)).kind == "ok"
+    first = _handle(peer, Message("commit", 0, 0, -1, 3, {"lr": 1e-3, "microbatches": 2}))
+    again = _handle(peer, Message("commit", 0, 0, -1, 3, {"lr": 1e-3, "microbatches": 2}))
+    assert first.meta == {"already": False} and len(first.tensors) == len(peer.spans[0].params)
+    assert again.meta == {"already": True} and peer.spans[0].step == 1  # applied once
+    big = _handle(_peer(1e-6), Message("install", stage=0, epoch=1, meta=meta))
+    assert big.kind == "error" and "memory budget" in big.meta["error"]

@@ -89,7 +89,6 @@ class Trainer:
         self.step_times: list[tuple[int, float, float]] = []  # (step, wall end, seconds)
         self.losses: list[float] = []
         self.rebalances = 0
-        self.last_commit = 0.0
         self._lock = threading.RLock()
         self._counts = [len(list(m.parameters())) for m in build_layers(spec)]
         self._checksum = init_checksum(spec)
@@ -424,4 +423,5 @@ class Trainer:
                         "copy": s.copy} for s in self.assignment.stages],
             "failures": [vars(f) for f in self.failures[-10:]],
             "rebalances": self.rebalances,
+            "bytes_sent": self.node.bytes_sent, "bytes_received": self.node.bytes_received,
         }  # fmt: skip
