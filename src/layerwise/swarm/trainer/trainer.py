@@ -175,8 +175,7 @@ class Trainer:
             self.memory[peer] = float(r.meta["memory_bytes"])
 
     def peers(self) -> list[PeerInfo]:
-        alive = self.membership.snapshot()
-        live = {p: s for p, s in self.block_s.items() if p in alive}
+        live = {p: s for p, s in self.block_s.items() if self.membership.is_alive(p)}
         if self.opts.capacity == "declared":
             live = {p: 1.0 / self.declared[p] for p in live}
         speeds = relative_speeds(live) if live and self.opts.capacity != "blind" else dict.fromkeys(live, 1.0)
@@ -193,7 +192,7 @@ class Trainer:
             if not self.membership.is_alive(span.holder) and self._gone(span.holder):
                 self.recover(s, span.holder, None)
                 self.mark_recovered(s)
-            elif span.copy is None or not self.membership.is_alive(span.copy):
+            elif span.copy is None or (not self.membership.is_alive(span.copy) and self._gone(span.copy)):
                 if span.copy is not None:
                     self.note_lost(span.copy)
                 self.recopy(s)
@@ -249,18 +248,21 @@ class Trainer:
         """Install a new assignment on every live peer, from the seed or from gathered states."""
         for _attempt in range(5):
             peers = self.peers()
+            if not peers:  # every token away at once: gossip re-linking, or really no one left
+                time.sleep(0.5)
+                continue
             order = [s.holder for s in self.assignment.stages]
             new = assign(self.spec, peers, epoch=self.epoch + 1, max_stages=self.opts.max_stages, order=order)
             try:
-                for p in sorted(self.membership.snapshot()):
+                for p in sorted(p.id for p in peers):
                     self.node.request(p, Message("reset", epoch=new.epoch))
                 for span in new.stages:
                     for peer, role in ((span.holder, "holder"), (span.copy, "copy")):
                         if peer is not None:
                             self._install(peer, span, role, states, new.epoch)
             except PeerLost as e:
-                self.note_lost(e.peer)
-                self.membership.wait_gone(e.peer, 5.0)
+                if self._gone(e.peer):  # else a moment without a route: assign again
+                    self.note_lost(e.peer)
                 continue
             with self._lock:
                 self.assignment, self.epoch = new, new.epoch
@@ -322,9 +324,8 @@ class Trainer:
             if failure.phase in ("relay", "boundary"):  # first seen as a copy; it failed serving as holder
                 failure.phase = phase
             failure.stages.append(s)
-            self.membership.wait_gone(dead, self.opts.lease_ms / 1000 * 3 + 2)  # a hung peer: wait out its lease
             failure.left_at = failure.left_at or self.membership.left_at(dead)
-            if span.copy is None or not self.membership.is_alive(span.copy):
+            if span.copy is None or (not self.membership.is_alive(span.copy) and self._gone(span.copy)):
                 raise self._lost(span)
             busy = {x.holder for x in self.assignment.stages} | {x.copy for x in self.assignment.stages}
             spares = [p.id for p in self.peers() if p.id not in busy]
@@ -352,12 +353,10 @@ class Trainer:
         """Is ``peer`` really lost? Liveliness tokens can vanish for a moment while gossip links peers
         directly, and a request can find no route meanwhile; a dead peer stays gone, a hung one stops
         answering within the lease."""
-        if not self.membership.is_alive(peer):
-            time.sleep(0.1)  # a flapping token comes back within milliseconds; a dead peer does not
-            if not self.membership.is_alive(peer):
-                return True
+        if peer not in self.membership.snapshot():
+            return True  # gone for longer than the membership's grace
         try:
-            self.node.request(peer, Message("status"), timeout=self.opts.lease_ms / 1000 * 3 + 1)
+            self.node.request(peer, Message("status"), timeout=self.opts.lease_ms / 1000 + 1)
             return False
         except PeerLost:
             return True
