@@ -104,12 +104,7 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
         for n in BATCHES:
             x, y = _batch(kind, n, g, cfg)
             loss = pipe.forward_backward(x, y)
-            ref_opt.zero_grad()
-            h = x
-            for layer in ref_layers:
-                h = layer(h)
-            ref_loss = loss_fn(h, y)
-            ref_loss.backward()
+            ref_loss = reference_backward(ref_layers, loss_fn, ref_opt, x, y)
             for name, p in pipe.named_parameters().items():
                 grad_diff = max(grad_diff, (ref_params[name].grad - p.grad).abs().max().item())
             if clip is not None:  # the global norm over every stage, tied weights counted once
@@ -135,6 +130,17 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
             "losses": losses,
         }
     return out
+
+
+def reference_backward(layers: list[torch.nn.Module], loss_fn: Any, opt: torch.optim.Optimizer, x: Any, y: Any) -> torch.Tensor:
+    """The unsplit model's loss and gradients on the whole batch (what the pipeline must equal)."""
+    opt.zero_grad()
+    h = x
+    for layer in layers:
+        h = layer(h)
+    loss = loss_fn(h, y)
+    loss.backward()
+    return loss
 
 
 def case_key(case: list[Any]) -> str:
