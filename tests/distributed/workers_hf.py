@@ -101,9 +101,10 @@ def hf_train_and_save(source: str, out: str, steps: int, lr: float) -> list[floa
     return losses
 
 
-def hf_tensor_parallel(cases: list[list[Any]]) -> dict[str, Any]:
+def hf_tensor_parallel(cases: list[list[Any]], out_dir: str) -> dict[str, Any]:
     """For each (family, sequence_parallel): one step of a from_hf model on a tp=2 mesh (one
-    pipeline stage) next to HF's own; loss and largest gradient difference (full tensors)."""
+    pipeline stage) next to HF's own; loss and largest gradient difference (full tensors). Then
+    both tp ranks save (gathering the shards), the first one writing, to ``out_dir/<family>``."""
     torch.set_num_threads(1)
     out: dict[str, Any] = {}
     for family, sp in cases:
@@ -122,5 +123,6 @@ def hf_tensor_parallel(cases: list[list[Any]]) -> dict[str, Any]:
                 grad, sharded = grad.full_tensor(), sharded + 1
             worst = max(worst, (grad - ref_params[layers[int(index)].hf_names[local][0]].grad).abs().max().item())
         out[f"{family}/{'sp' if sp else 'tp'}"] = {"loss_diff": abs(loss - ref_loss.item()), "grad_diff": worst, "sharded": sharded}
+        layerwise.save_hf(lm, os.path.join(out_dir, family), pipeline=pipe, write=int(os.environ["RANK"]) == 0)
         pipe.close()
     return out

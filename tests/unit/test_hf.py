@@ -242,3 +242,22 @@ def test_from_a_config_builds_random_weights() -> None:
     lm = layerwise.from_hf(config)
     assert lm.materialize is None and not any(p.is_meta for layer in lm.layers() for p in layer.parameters())
     assert lm.layers()[0].embed_tokens.weight is lm.layers()[-1].lm_head.weight
+
+
+def test_blocks_of_a_stage_build_masks_and_rotary_once_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the model's forward does once per batch: one mask per kind (Qwen2 here: full and
+    sliding) and one rotary (cos, sin), not one per layer; new inputs build new ones."""
+    from layerwise.models import hf
+
+    built: list[bool] = []
+    real = hf._make_mask
+    monkeypatch.setattr(hf, "_make_mask", lambda *a: built.append(a[-1]) or real(*a))
+    model = tiny("qwen2", tied=False, layers=4)
+    lm = layerwise.from_hf(copy.deepcopy(model))  # its own rotary module, to count its calls
+    rotary_calls = []
+    lm.blocks[0].rotary.register_forward_hook(lambda *a: rotary_calls.append(1))
+    for seed in (1, 2):
+        inputs, _ = batch("left", rows=3, seq=8, seed=seed)
+        with torch.no_grad():
+            assert torch.equal(_run(lm, inputs), model(**inputs).logits)
+    assert sorted(built) == [False, False, True, True] and len(rotary_calls) == 2

@@ -131,6 +131,7 @@ def save_hf(
     shards: Sequence[Sequence[int]] | None = None,
     shard: int | None = None,
     pipeline: Any = None,
+    write: bool = True,
 ) -> list[Path]:
     """Write ``model`` in HF format, loadable by ``AutoModelForCausalLM.from_pretrained``.
 
@@ -142,6 +143,10 @@ def save_hf(
     embeddings) is written once, by the first shard that holds it, under its first name, as
     ``save_pretrained`` does. Returns the files this call wrote; each is written to a temporary
     name first and renamed, so a crash never leaves a half-written file under the final name.
+
+    Sharded parameters (DTensors of tensor parallelism or FSDP2) are gathered whole with
+    ``full_tensor()``, a collective: every replica of the stage (each data- and tensor-parallel
+    rank holding it) must call ``save_hf`` too, with ``write=False`` on all but one.
     """
     if pipeline is not None:
         if shards is not None or shard is not None:
@@ -157,17 +162,16 @@ def save_hf(
     if shard is not None and not 0 <= shard < len(groups):
         raise ConfigError(f"save_hf: shard {shard} is not one of the {len(groups)} shards")
     files = [SINGLE_FILE] if len(groups) == 1 else [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
-    owner: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (shard, tensor), first holder wins
-    seen: set[int] = set()
+    # name -> (shard, tensor): the first shard holding a name writes it. Decided by names, which
+    # every rank sees alike, not by tensor identity, which materialization and retying change.
+    owner: dict[str, tuple[int, torch.Tensor]] = {}
     for k, group in enumerate(groups):
         for i in group:
             names = getattr(layers[i], "hf_names", {})
             for local, t in [*layers[i].named_parameters(), *layers[i].named_buffers()]:
-                if local in names and id(t) not in seen:
-                    seen.add(id(t))
+                if local in names and names[local][0] not in owner:
                     owner[names[local][0]] = (k, t)
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for k in range(len(groups)) if shard is None else [shard]:
         mine = {n: t for n, (s, t) in owner.items() if s == k}
@@ -176,9 +180,12 @@ def save_hf(
                 f"save_hf: shard {k} holds layers that are not materialized on this rank; each rank "
                 "writes only its own shard (pass shard=)"
             )
-        tensors = {n: t.detach().to("cpu").contiguous() for n, t in mine.items()}
-        written.append(_save_file(tensors, out / files[k]))
-    if shard in (None, 0):
+        tensors = {n: _whole(t.detach()).to("cpu").contiguous() for n, t in mine.items()}  # same order on every replica
+        if write:
+            out.mkdir(parents=True, exist_ok=True)
+            written.append(_save_file(tensors, out / files[k]))
+    if write and shard in (None, 0):
+        out.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(out)  # writes config.json itself
         written.append(out / "config.json")
         if len(groups) > 1:
@@ -198,6 +205,12 @@ def pipeline_shards(pipe: Any) -> tuple[list[list[int]], int]:
     for s, (a, b) in enumerate(stage_bounds(pipe.partition)):
         groups[pipe.stage_to_rank[s]].extend(range(a, b))
     return groups, int(pipe.rank)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective over its mesh), else the tensor itself."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> Path:
