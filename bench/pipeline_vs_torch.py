@@ -1,8 +1,8 @@
 """layerwise.Pipeline against torch.distributed.pipelining: same model, split, schedule, microbatches.
 
 Two CPU processes (one pipeline stage each, one thread each) on gloo train the same GPT with
-(a) ``layerwise.Pipeline`` and (b) PyTorch's ``PipelineStage`` + ``ScheduleGPipe`` / ``Schedule1F1B``,
-built by hand from the same stage modules (PyTorch's tracer path is fragile). Runs alternate
+(a) ``layerwise.Pipeline`` and (b) PyTorch's ``PipelineStage`` + ``ScheduleGPipe`` / ``Schedule1F1B`` /
+``ScheduleZBVZeroBubble`` (two stages per rank in a V, split backward), built by hand from the same stage modules (PyTorch's tracer path is fragile). Runs alternate
 (layerwise, torch, layerwise, torch, ...) so that machine noise hits both alike; each run is a fresh
 pair of processes, so the peak RSS it reports belongs to that system alone.
 
@@ -30,7 +30,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "zbv")
+CHUNKS = {"zbv": 2}  # model stages per rank
 SYSTEMS = ("layerwise", "torch")
 
 # Compute dominates (a microbatch's forward + backward is ~90 ms per stage) while each run stays
@@ -44,7 +45,7 @@ TIMEOUT = 60.0  # process-group timeout per rank (s)
 
 
 # -- shared by both systems ----------------------------------------------------------------------
-def _setup(cfg: dict[str, Any]) -> tuple[list[Any], list[int]]:
+def _setup(cfg: dict[str, Any], schedule: str = "1f1b") -> tuple[list[Any], list[int]]:
     """The model's layers (same seed on every rank and system) and the layer counts per stage."""
     import torch
 
@@ -57,8 +58,9 @@ def _setup(cfg: dict[str, Any]) -> tuple[list[Any], list[int]]:
     model = GPT(GPTConfig(vocab=cfg["vocab"], context=cfg["context"], width=cfg["width"],
                           heads=cfg["heads"], blocks=cfg["blocks"], tie_embeddings=False))  # fmt: skip
     layers = model.pipeline_layers()  # [embedding, block x blocks, head]
-    base, extra = divmod(len(layers), STAGES)
-    counts = [base + (1 if s < extra else 0) for s in range(STAGES)]
+    n = STAGES * CHUNKS.get(schedule, 1)
+    base, extra = divmod(len(layers), n)
+    counts = [base + (1 if s < extra else 0) for s in range(n)]
     return layers, counts
 
 
@@ -86,7 +88,7 @@ def run_layerwise(cfg: dict[str, Any], schedule: str) -> dict[str, Any]:
     from layerwise.runtime import measure
 
     rss_start = _rss_mib()
-    layers, counts = _setup(cfg)
+    layers, counts = _setup(cfg, schedule)
     pipe = layerwise.Pipeline(
         layers, stages=STAGES, loss_fn=lm_loss, schedule=schedule, microbatches=cfg["microbatches"],
         partition=counts, timeout=TIMEOUT, record=True,
@@ -141,31 +143,35 @@ def run_torch(cfg: dict[str, Any], schedule: str) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
     from torch import nn
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleZBVZeroBubble
 
     from layerwise.models import lm_loss
 
     rss_start = _rss_mib()
     dist.init_process_group("gloo", timeout=timedelta(seconds=TIMEOUT))
     rank = dist.get_rank()
-    layers, counts = _setup(cfg)
-    a = sum(counts[:rank])
-    module = nn.Sequential(*layers[a : a + counts[rank]])
+    layers, counts = _setup(cfg, schedule)
+    n = len(counts)
+    # ZB-V's V: rank r holds stages r and 2p - 1 - r (layerwise's v_placement, torch's style="v")
+    mine = [rank] if n == STAGES else [rank, n - 1 - rank]
+    modules = [nn.Sequential(*layers[sum(counts[:s]) : sum(counts[: s + 1])]) for s in mine]
     del layers
-    stage = PipelineStage(module, rank, STAGES, torch.device("cpu"))
-    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    stages = [PipelineStage(mod, s, n, torch.device("cpu")) for mod, s in zip(modules, mine)]
+    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "zbv": ScheduleZBVZeroBubble}[schedule]
     # lm_loss is a mean per microbatch; scale_grads=True (default) divides the summed gradients
     # by the microbatch count, the same full-batch mean layerwise computes.
-    sched = cls(stage, n_microbatches=cfg["microbatches"], loss_fn=lm_loss)
-    opt = torch.optim.AdamW(module.parameters(), lr=cfg["lr"])
-    is_first, is_last = rank == 0, rank == STAGES - 1
+    sched = cls(stages if n > STAGES else stages[0], n_microbatches=cfg["microbatches"], loss_fn=lm_loss)
+    opt = torch.optim.AdamW([p for mod in modules for p in mod.parameters()], lr=cfg["lr"])
+    is_first, is_last = 0 in mine, n - 1 in mine
     losses: list[float] = []
 
     def step(i: int) -> None:
         x, y = _batch(cfg, i)
         opt.zero_grad(set_to_none=True)
         mb_losses: list[Any] = []
-        if is_first:
+        if is_first and is_last:  # ZB-V: rank 0 holds the first and the last stage
+            sched.step(x, target=y, losses=mb_losses, return_outputs=False)
+        elif is_first:
             sched.step(x, return_outputs=False)
         elif is_last:
             sched.step(target=y, losses=mb_losses, return_outputs=False)
@@ -369,7 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                             for run in raw[system][sc] for r in run["ranks"])
                                   for system in SYSTEMS}  # fmt: skip
     # same seed, data and split: the losses agree up to float rounding
-    result["first_losses"] = {system: {sc: raw[system][sc][0]["ranks"][-1]["losses"][:3] for sc in SCHEDULES}
+    result["first_losses"] = {system: {sc: next(r["losses"] for r in raw[system][sc][0]["ranks"][::-1] if r["losses"])[:3]
+                                       for sc in SCHEDULES}
                               for system in SYSTEMS}  # fmt: skip
     def slim(run: dict[str, Any]) -> dict[str, Any]:
         return {**run, "ranks": [{k: v for k, v in r.items() if k != "action_ms"} for r in run["ranks"]]}

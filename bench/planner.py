@@ -140,11 +140,20 @@ def run_config(conf: dict[str, Any], warmup: int, steps: int, speed_reps: int) -
 
     torch.set_num_threads(1)
     ensure_initialized(60.0)
-    torch.distributed.barrier()
-    # The device speed, measured now by every rank at once: the machine is shared, and what the
-    # other processes leave us changes from minute to minute.
+    # The device speed, measured by every rank at once between the timed steps: the machine is
+    # shared, and what the other processes leave us changes from second to second.
     micro = BATCH // (conf.get("dp", 1) * conf["microbatches"])
-    speed = measure_speed([micro], speed_reps)[str(micro)]
+    ref = _model()
+    xs, ys = _batch(micro, 0)
+    flops = _spec().step_flops(micro, recompute=False)
+
+    def speed_sample() -> float:
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        lm_loss(ref(xs), ys).backward()
+        return flops / (time.perf_counter() - t0)
+
+    speeds = [speed_sample() for _ in range(1 + speed_reps)][1:]
     opts: dict[str, Any] = {"stages": conf.get("pp", 1), "dp": conf.get("dp", 1), "tp": conf.get("tp", 1),
                             "schedule": conf.get("schedule", "1f1b"), "chunks": conf.get("chunks", 2),
                             "microbatches": conf["microbatches"], "activation_checkpointing": conf.get("recompute", "none")}
@@ -171,6 +180,9 @@ def run_config(conf: dict[str, Any], warmup: int, steps: int, speed_reps: int) -
     times = []
     for k in range(warmup + steps):
         x, y = _batch(BATCH, 100 + k)
+        if k >= warmup:
+            speeds.append(speed_sample())
+        torch.distributed.barrier()
         t0 = time.perf_counter()
         if k == warmup + steps - 1:  # the last step is measured for memory, not timed
             with ActivationTracker() as tr:
@@ -190,7 +202,8 @@ def run_config(conf: dict[str, Any], warmup: int, steps: int, speed_reps: int) -
         "activations": peak[0],
     }
     nbytes["total"] = sum(nbytes.values())
-    return {"step_times": times, "memory": nbytes, "partition": list(pipe.partition), "speed_flops": speed}
+    return {"step_times": times, "memory": nbytes, "partition": list(pipe.partition),
+            "speed_flops": speeds}
 
 
 def _local(t: Any) -> Any:
@@ -225,19 +238,22 @@ def predict(conf: dict[str, Any], speed: float, links: dict[str, float], partiti
 
 
 def fit_links(raw: dict[str, Any]) -> dict[str, float]:
-    """Latency from the smallest message; bandwidth from the all-reduce of the largest (a
-    2-rank ring all-reduce moves n bytes each way: t = 2 latency + n / bandwidth)."""
+    """Latency from the smallest message; bandwidth from the all-reduces' growth between the
+    smallest and the largest (a 2-rank ring all-reduce moves n bytes each way: t = 2 latency +
+    n / bandwidth), or from the messages' if the all-reduces did not grow (noise)."""
     sizes = sorted(int(k) for k in raw["p2p"])
-    small, big = sizes[0], sizes[-1]
-    latency = raw["p2p"][str(small)]
-    bandwidth = big / max(raw["all_reduce"][str(big)] - 2 * latency, 1e-9)
-    return {"latency": latency, "bandwidth": bandwidth}
+    small, big = str(sizes[0]), str(sizes[-1])
+    latency = raw["p2p"][small]
+    grow = raw["all_reduce"][big] - raw["all_reduce"][small]
+    if grow <= 0:
+        grow = raw["p2p"][big] - raw["p2p"][small]
+    return {"latency": latency, "bandwidth": (sizes[-1] - sizes[0]) / max(grow, 1e-6)}
 
 
 def measured_part(quick: bool) -> dict[str, Any]:
     from layerwise import launch
 
-    warmup, steps = (1, 2) if quick else (2, 6)
+    warmup, steps = (1, 2) if quick else (2, 8)
     configs = CONFIGS[:2] if quick else CONFIGS
     load0 = os.getloadavg()[0]
     act = BATCH * MODEL["context"] * MODEL["width"] * 4
@@ -246,7 +262,9 @@ def measured_part(quick: bool) -> dict[str, Any]:
     rows = []
     for conf in configs:
         res = launch(run_config, 2, conf, warmup, steps, 2 if quick else 4, threads=1, timeout=900)
-        speed = statistics.mean(r["speed_flops"] for r in res)
+        # Speed samples interleave with the timed steps, so both see the same share of a shared
+        # machine; the medians of each are compared.
+        speed = statistics.median(x for r in res for x in r["speed_flops"])
         est = predict(conf, speed, links, res[0]["partition"])
         measured_t = statistics.median(res[0]["step_times"])
         measured_m = max(r["memory"]["total"] for r in res)
@@ -258,7 +276,8 @@ def measured_part(quick: bool) -> dict[str, Any]:
             "memory_error": est.memory["total"] / measured_m - 1,
             "predicted_memory": est.memory, "measured_memory": [r["memory"] for r in res],
             "predicted_bubble": est.bubble_fraction, "step_times": res[0]["step_times"], "speed_flops": speed,
-            "loadavg": os.getloadavg()[0],
+            "speed_flops_samples": [r["speed_flops"] for r in res], "loadavg": os.getloadavg()[0],
+            "measured_step_time_min_s": min(res[0]["step_times"]),
         })  # fmt: skip
         print(f"  {conf['name']:<28} step {est.step_time * 1e3:7.1f} ms predicted {measured_t * 1e3:7.1f} measured "
               f"({rows[-1]['step_time_error']:+.0%}); peak {est.memory['total'] / 2**20:6.1f} / {measured_m / 2**20:6.1f} "

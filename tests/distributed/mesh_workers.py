@@ -21,8 +21,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else t
 
 
-def _batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = int(torch.randint(8, CFG.context + 1, (1,), generator=g))
+def _batch(n: int, g: torch.Generator, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    seq = int(torch.randint(8, CFG.context + 1, (1,), generator=g)) // multiple * multiple  # changes per step
     tokens = torch.randint(0, CFG.vocab, (n, seq + 1), generator=g)
     return tokens[:, :-1], tokens[:, 1:]
 
@@ -61,7 +61,8 @@ def mesh_equivalence(cases: list[dict[str, Any]]) -> dict[str, Any]:
         loss_diff = grad_diff = grad_rel = 0.0
         losses = []
         for n in BATCHES:
-            x, y = _batch(n, g)
+            # sequence parallelism splits the sequence over the tp ranks
+            x, y = _batch(n, g, kw.get("tp", 1) if kw.get("sequence_parallel") else 1)
             loss = pipe.forward_backward(x, y)
             ref_opt.zero_grad()
             h = x

@@ -22,6 +22,10 @@ CASES = [[*c, None, "auto"] for c in itertools.product(MODELS, SCHEDULES, MICROB
 CASES += [["skip", s, 3, None, "auto"] for s in SCHEDULES]
 # gradient clipping needs the norm over all stages; 0.05 is below the norm, so it clips
 CASES += [["gpt", s, 3, 0.05, "auto"] for s in SCHEDULES]
+# ZB-H2 and ZB-V (two stages per rank in a V: rank 0 holds the first and the last stage)
+ZERO_BUBBLE = ("zb-h2", "zbv")
+CASES += [[k, s, m, None, "auto"] for k in MODELS for s in ZERO_BUBBLE for m in MICROBATCHES]
+CASES += [["skip", s, 3, None, "auto"] for s in ZERO_BUBBLE]
 # the process group alone, and shared memory whose every payload falls back to the process group
 CASES += [["gpt", s, 8, None, t] for s in SCHEDULES for t in ("dist", "inline")]
 TRANSPORTS = {"auto": "ShmTransport", "inline": "ShmTransport", "dist": "DistTransport"}

@@ -33,7 +33,14 @@ CASES_4 = [
     dict(stages=2, dp=2, microbatches=3, offload="all"),
     dict(stages=2, dp=2, microbatches=3, precision="bf16"),
     dict(stages=4, microbatches=3, precision="bf16", meta=True),
+    # tensor parallelism (the fused qkv split per q, k, v; the head's logits gathered over the vocab)
+    dict(stages=2, tp=2, microbatches=3),
+    dict(stages=2, tp=2, microbatches=3, schedule="interleaved", sequence_parallel=True),
 ]  # fmt: skip
+CASES_8 = [
+    dict(stages=2, dp=2, tp=2, microbatches=3),
+    dict(stages=2, dp=2, tp=2, microbatches=3, schedule="interleaved", data_parallel="ddp"),
+]
 # bf16 against one process computing in the same bf16 autocast: bf16 keeps 8 mantissa bits (unit
 # roundoff 2^-8 = 3.9e-3), and the pipeline rounds the same values in other groupings (microbatch
 # shapes change how matmuls block their sums; replicas sum in another order), so results differ by
@@ -71,3 +78,13 @@ def _check(per_rank: list[dict[str, Any]], case: dict[str, Any]) -> None:
 @pytest.mark.parametrize("case", CASES_4, ids=mesh_key)
 def test_four_processes_match_one(results_4: list[dict[str, Any]], case: dict[str, Any]) -> None:
     _check(results_4, case)
+
+
+@pytest.fixture(scope="module")
+def results_8() -> list[dict[str, Any]]:
+    return layerwise.launch(mesh_equivalence, 8, CASES_8, timeout=540)
+
+
+@pytest.mark.parametrize("case", CASES_8, ids=mesh_key)
+def test_eight_processes_dp_pp_tp_match_one(results_8: list[dict[str, Any]], case: dict[str, Any]) -> None:
+    _check(results_8, case)

@@ -69,6 +69,21 @@ def test_shape_flags_the_builtin_gpt_and_device_groups(tmp_path: Path) -> None:
     assert out["best"]["feasible"]
 
 
+def test_a_partition_profile_gives_the_model_and_its_measured_speed(tmp_path: Path) -> None:
+    # The shape of `layerwise partition --model gpt --json`'s output (only the fields read).
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({
+        "model": "gpt(blocks=4, width=64, context=64, vocab=256, heads=4), microbatch 4 x 64 tokens",
+        "stages": [{"stage": 0, "time_s": 0.01}, {"stage": 1, "time_s": 0.01}]}))
+    out = _json("--model", str(profile), "--devices", "1", "--device-memory", "1", "--global-batch", "16",
+                "--precision", "fp32", "--microbatch-size", "4")
+    best = out["best"]
+    # 4 blocks of width 64 (12h^2 + 13h each), embeddings (256 + 64) x 64, final LayerNorm: tied head.
+    assert best["params"] == 4 * (12 * 64 * 64 + 13 * 64) + (256 + 64) * 64 + 2 * 64
+    # One device at the profile's speed: a microbatch of 4 rows took 0.01 + 0.01 s, 4 of them.
+    assert best["step_time_s"] == pytest.approx(4 * 0.02, rel=1e-9)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

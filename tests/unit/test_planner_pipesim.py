@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from layerwise.planner.estimate import closed_makespan, inflight_closed, interleaved_bound
+from layerwise.planner.closed import closed_makespan, inflight_closed, interleaved_bound
 from layerwise.planner.pipesim import rank_peak_activations, simulate
 from layerwise.schedule.actions import Kind
 from layerwise.schedule.generators import build

@@ -33,6 +33,9 @@ GOLDEN: dict[str, dict[str, int]] = {
     "1f1b_p4_m2": {"stages": 4, "microbatches": 2},
     "interleaved_p2_v2_m4": {"stages": 2, "microbatches": 4, "chunks": 2},
     "zb-h1_p4_m6": {"stages": 4, "microbatches": 6},
+    "zb-h2_p4_m6": {"stages": 4, "microbatches": 6},
+    "zbv_p4_m8": {"stages": 4, "microbatches": 8},
+    "zbv_p2_m3": {"stages": 2, "microbatches": 3},
 }
 
 actions = st.builds(

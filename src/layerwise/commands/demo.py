@@ -14,16 +14,18 @@ import sys
 import time
 from typing import Any
 
-from layerwise.commands import UsageError, positive_int
+from layerwise.commands import UsageError, limits, positive_int
+from layerwise.schedule.generators import SCHEDULES
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+DEMO_LAYERS = 8  # DemoConfig's GPT: embedding, 6 blocks, head (a test checks it); known without torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", type=positive_int, default=4, help="pipeline ranks = processes (default 4)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default 1f1b)")
     parser.add_argument("--microbatches", type=positive_int, default=8, help="microbatches per step (default 8)")
-    parser.add_argument("--chunks", type=positive_int, default=2, help="stages per rank with --schedule interleaved")
+    parser.add_argument("--chunks", type=positive_int, default=None,
+                        help="stages per rank with --schedule interleaved (default 2; zbv always has 2)")
     parser.add_argument("--steps", type=positive_int, default=150, help="training steps (default 150, about a minute)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step (default 32)")
     parser.add_argument("--partition", choices=("balanced", "uniform"), default="balanced",
@@ -41,14 +43,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Refuse a bad combination of options at once, before torch is imported."""
+    limits.check_chunks(args.schedule, args.chunks)
+    limits.check_depth(args.schedule, args.stages, args.chunks, DEMO_LAYERS, "the demo's GPT (embedding, 6 blocks, head)")
+    limits.check_output(args.png, "--png")
+    limits.check_output(args.trace, "--trace")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check(args)
     import torch
 
     import layerwise
     from layerwise.demo.train import DemoConfig, config_dict, pipeline_rank, reference
 
     cfg = DemoConfig(
-        stages=args.stages, schedule=args.schedule, microbatches=args.microbatches, chunks=args.chunks,
+        stages=args.stages, schedule=args.schedule, microbatches=args.microbatches, chunks=args.chunks or 2,
         steps=args.steps, batch_size=args.batch_size, png=args.png or None, trace=args.trace,
         progress=True, dp=args.dp, tp=args.tp, data_parallel=args.data_parallel, precision=args.precision,
         activation_checkpointing=args.activation_checkpointing,
@@ -119,12 +130,16 @@ def _balanced(cfg: Any) -> tuple[Any, str]:
     from dataclasses import replace
 
     from layerwise.demo.data import batch, stdlib_corpus
+    from layerwise.partition import PartitionError
     from layerwise.partition.api import partition
 
     x, _ = batch(stdlib_corpus(), 0, max(1, cfg.batch_size // cfg.microbatches), cfg.seq, cfg.seed)
     model = cfg.model()
-    stages = cfg.stages * (cfg.chunks if cfg.schedule == "interleaved" else 1)
-    plan = partition(model, stages, balance="time", sample=x, schedule=cfg.schedule, microbatches=cfg.microbatches)
+    try:  # ranks, as Pipeline(stages=...): the plan has chunks per rank for interleaved and zbv
+        plan = partition(model, cfg.stages, balance="time", sample=x, schedule=cfg.schedule,
+                         microbatches=cfg.microbatches, chunks=cfg.chunks)  # fmt: skip
+    except PartitionError as err:
+        raise UsageError(str(err)) from None
     from layerwise.partition.report import format_table
 
     return replace(cfg, partition=list(plan)), format_table(plan)

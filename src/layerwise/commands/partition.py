@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from layerwise.commands import UsageError, positive_int
+from layerwise.commands import UsageError, limits, positive_int
 from layerwise.partition import BALANCE_MODES, Device, PartitionError
 from layerwise.schedule.generators import SCHEDULES
 
@@ -56,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
     stages = args.stages if args.stages is not None else len(devices)
     if args.batch < args.microbatches:
         raise UsageError(f"--batch {args.batch} has fewer rows than --microbatches {args.microbatches}")
+    # Checked before torch is imported and the model profiled, so a bad option fails at once.
+    layers, model = _layer_count(args)
+    limits.check_depth(args.schedule, stages, None, layers, model)
+    limits.check_size(args.schedule, stages, args.microbatches, None)
+    limits.check_output(args.png, "--png")
     import torch  # only now: --help and argument errors stay fast
 
     from layerwise.partition import api, profile_layers, report
@@ -118,6 +123,15 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
     width = args.width or _MLP_DEFAULTS["width"]
     return mlp(width=width, depth=depth), torch.randn(rows, width), None, None, \
         f"mlp(depth={depth}, width={width}), microbatch {rows} rows"
+
+
+def _layer_count(args: argparse.Namespace) -> tuple[int, str]:
+    """The built-in model's layers (as Pipeline splits it) and its name, without building it."""
+    if args.model == "gpt":
+        blocks = args.blocks or _GPT_DEFAULTS["blocks"]
+        return blocks + 2, f"--model gpt with {blocks} blocks (embedding, blocks, head)"
+    depth = args.depth or _MLP_DEFAULTS["depth"]
+    return depth, f"--model mlp with --depth {depth}"
 
 
 def _reject(args: argparse.Namespace, other: str, names: list[str]) -> None:

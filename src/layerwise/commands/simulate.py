@@ -11,9 +11,9 @@ import json
 from fractions import Fraction
 from typing import Any
 
-from layerwise.commands import UsageError, positive_int
+from layerwise.commands import UsageError, limits, positive_int
 from layerwise.schedule.actions import TimedAction
-from layerwise.schedule.generators import SCHEDULES, ScheduleConfigError, build
+from layerwise.schedule.generators import SCHEDULES, ScheduleConfigError, build, chunks_per_rank
 from layerwise.schedule.simulate import Costs, SimResult, simulate
 
 _DEFAULT_CHUNKS = 2
@@ -26,13 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--microbatches", required=True, type=positive_int, metavar="M",
                         help="microbatches per training step")
     parser.add_argument("--chunks", type=positive_int, metavar="V",
-                        help=f"model chunks per rank, interleaved only (default {_DEFAULT_CHUNKS})")
+                        help=f"model chunks per rank, interleaved only (default {_DEFAULT_CHUNKS}; zbv always 2)")
     parser.add_argument("--costs", type=_costs, default=(Fraction(1), Fraction(1), None),
                         metavar="F,B[,W]",
                         help="seconds per microbatch on one rank's layers: forward, backward "
                         "(default 1,1). With W, B is the input-gradient part and W the "
-                        "weight-gradient part; without it, B is split evenly. With --chunks V "
-                        "each chunk costs 1/V of this, so schedules compare on the same model")
+                        "weight-gradient part; without it, B is split evenly. With V chunks per rank "
+                        "(interleaved, zbv) each chunk costs 1/V of this, so schedules compare on the same model")
     parser.add_argument("--comm", type=_seconds, default=Fraction(0), metavar="SECONDS",
                         help="latency of each send between ranks (default 0)")
     parser.add_argument("--png", metavar="FILE", help="write a Gantt chart of the timeline")
@@ -41,9 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.chunks is not None and args.schedule != "interleaved":
-        raise UsageError(f"--chunks applies only to --schedule interleaved, not {args.schedule}")
-    chunks = (args.chunks or _DEFAULT_CHUNKS) if args.schedule == "interleaved" else 1
+    limits.check_chunks(args.schedule, args.chunks)
+    limits.check_size(args.schedule, args.stages, args.microbatches, args.chunks)
+    limits.check_output(args.png, "--png")
+    limits.check_output(args.trace, "--trace")
+    chunks = chunks_per_rank(args.schedule, args.chunks or _DEFAULT_CHUNKS)
     try:
         schedule = build(args.schedule, stages=args.stages, microbatches=args.microbatches, chunks=chunks)
     except ScheduleConfigError as err:

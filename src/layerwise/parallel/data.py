@@ -53,9 +53,10 @@ def apply_dp(
     reshard_after_forward: bool = False,
     mp_policy: Any = None,
     offload_policy: Any = None,
-) -> tuple[list[Any], list[nn.Parameter]]:
-    """Shard (FSDP) or replicate (DDP) each layer over ``dp_mesh``. Returns the FSDP units and the
-    parameters left outside them (shared by two of the layers)."""
+    shard_placement_fn: Any = None,
+) -> tuple[list[Any], list[nn.Parameter], Any]:
+    """Shard (FSDP) or replicate (DDP) each layer over ``dp_mesh``. Returns the FSDP units, the
+    parameters left outside them (shared by two of the layers) and the FSDP state of their root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if mode not in MODES:
@@ -74,54 +75,107 @@ def apply_dp(
     shared = shared_params(layers)
     kwargs["ignored_params"] = set(shared)
     for layer in layers:
-        if mode == "fsdp":
-            fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+        if mode == "fsdp":  # shard_placement_fn: which dim FSDP cuts (tensor.fsdp_shard_placement)
+            if reshard_after_forward:
+                # ZeRO-3: what is gathered at once is one unit's parameters and gradients, so the
+                # big matrices get units of their own (a GPT block: 4 units instead of 1; measured
+                # on bench/memory.py's model, the step's peak fell by about 3 such matrices).
+                for sub in _big_submodules(layer, shared):
+                    fully_shard(sub, reshard_after_forward=True, shard_placement_fn=shard_placement_fn, **kwargs)
+            fully_shard(layer, reshard_after_forward=reshard_after_forward, shard_placement_fn=shard_placement_fn, **kwargs)
         else:
-            from torch.distributed._composable.replicate_with_fsdp import replicate
+            _replicate()(layer, **kwargs)
+    # One FSDP root over all of this rank's layers, so that they share FSDP's communication state:
+    # each layer's reduce-scatter then frees the previous layer's buffers, where separate roots
+    # would each keep theirs until the end of the backward (measured: one layer's gradients per
+    # layer, +70 MB a block on bench/memory.py's model). The stage never calls the root's forward,
+    # so its lazy initialization is run here, and DataParallel plays the root's part at the start
+    # and end of each step.
+    root = _Root(layers)
+    if mode == "fsdp":
+        fully_shard(root, reshard_after_forward=reshard_after_forward, **kwargs)
+    else:
+        _replicate()(root, **kwargs)
+    root_state = _state_of(root)
+    root_state._lazy_init()
+    return list(layers), shared, root_state
 
-            replicate(layer, **kwargs)
-    return list(layers), shared
+
+_BIG = 1 << 16  # parameter elements that make a submodule worth its own ZeRO-3 unit
+
+
+def _big_submodules(layer: nn.Module, shared: Sequence[nn.Parameter]) -> list[nn.Module]:
+    """Submodules (not the layer) holding a large parameter of their own, innermost first."""
+    skip = {id(p) for p in shared}
+    out = []
+    for name, m in layer.named_modules():
+        if not name:
+            continue
+        own = [p for p in m.parameters(recurse=False) if id(p) not in skip]
+        if own and sum(p.numel() for p in own) >= _BIG:
+            out.append(m)
+    return out[::-1]
+
+
+class _Root(nn.Module):
+    """Holds a rank's layers for FSDP's root state; the stage runs the layers itself."""
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, *args: Any) -> Any:  # never called: the pipeline stage calls each layer
+        raise RuntimeError("the pipeline runs this rank's layers one by one, not through their FSDP root")
+
+
+def _replicate() -> Any:
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    return replicate
 
 
 class DataParallel:
     """Drives the gradient reduction of a rank's FSDP2 units over one pipeline step."""
 
-    def __init__(self, units: Sequence[Any], shared: Sequence[nn.Parameter], dp_group: Any, *, per_microbatch: bool) -> None:
+    def __init__(self, units: Sequence[Any], shared: Sequence[nn.Parameter], root: Any, dp_group: Any, *,
+                 per_microbatch: bool) -> None:
         self.units = list(units)
         self.shared = list(shared)
+        self.root = root  # the FSDP state over all units (see apply_dp)
         self.dp_group = dp_group
         self.per_microbatch = per_microbatch  # ZeRO-3: FSDP's own hooks reduce after each backward
 
     def begin_step(self) -> None:
-        """Before the step's first forward: accumulate locally, keep parameters gathered."""
+        """Before the step's first forward: what FSDP's root does before an iteration (wait for the
+        optimizer step on GPUs), then accumulate locally and keep parameters gathered, or (ZeRO-3)
+        reduce-scatter after each layer's backward."""
+        self.root._root_pre_forward(self.root._modules[0], (), {})
         for u in self.units:
-            u.set_is_last_backward(self.per_microbatch)
+            u.set_is_last_backward(False)
             u.set_requires_gradient_sync(self.per_microbatch)
             u.set_reshard_after_backward(self.per_microbatch)
 
     def finish_step(self) -> None:
-        """After the step's last backward: reduce the accumulated gradients once and reshard.
+        """After the step's last backward: reduce what is left once, reshard, reset FSDP's state.
 
         FSDP2 would do this in its autograd hooks at the end of a ``loss.backward()`` over the whole
         batch; a pipeline runs many partial backwards (and zero-bubble weight passes outside
         autograd's backward), so it is called explicitly, as PyTorch's pipelining does in
-        ``PipelineStage.perform_reduce_grad`` (FSDP2 has no public call for it yet).
+        ``PipelineStage.perform_reduce_grad`` (FSDP2 has no public call for it yet). With ZeRO-3 only
+        the layers whose backward hook could not fire (an embedding: its inputs need no gradient)
+        still hold gradients to reduce.
         """
         self._average_shared()
-        if self.per_microbatch:
-            return
-        from torch.distributed.fsdp import fully_shard
-
         for u in self.units:
             u.set_is_last_backward(True)
             u.set_reshard_after_backward(True)
             u.set_requires_gradient_sync(True)
-            state = _state_of(u, fully_shard)
-            for s in state._state_ctx.all_states:
+        if not self.per_microbatch:
+            for s in self.root._state_ctx.all_states:
                 for group in s._fsdp_param_groups:
                     group.post_backward()
-            state._root_post_backward_final_callback()
-
+        # also runs post_backward for any group whose hook did not fire, and resets every state
+        self.root._root_post_backward_final_callback()
 
     def _average_shared(self) -> None:
         import torch
@@ -135,7 +189,8 @@ class DataParallel:
             g.div_(dist.get_world_size(self.dp_group))
 
 
-def _state_of(unit: Any, fully_shard: Any) -> Any:
-    from torch.distributed._composable.replicate_with_fsdp import ReplicateModule, replicate
+def _state_of(module: Any) -> Any:
+    from torch.distributed._composable.replicate_with_fsdp import ReplicateModule
+    from torch.distributed.fsdp import fully_shard
 
-    return replicate.state(unit) if isinstance(unit, ReplicateModule) else fully_shard.state(unit)
+    return _replicate().state(module) if isinstance(module, ReplicateModule) else fully_shard.state(module)

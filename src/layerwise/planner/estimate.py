@@ -30,6 +30,7 @@ from ..schedule.simulate import peak_inflight
 from . import memory as mem
 from .cluster import Cluster, DeviceGroup
 from .model import ModelSpec
+from .closed import closed_makespan, inflight_closed, interleaved_bound
 from .pipesim import PipeTiming, rank_peak_activations, simulate
 from .strategy import Strategy, StrategyError
 
@@ -131,27 +132,6 @@ class _Layout:
     hops: tuple[float, ...]  # per boundary, message seconds
     inflight: tuple[int, ...]
     rows: tuple[tuple[float, float, float], ...]  # distinct (params, peak activations, usable bytes) over ranks
-
-
-def inflight_closed(name: str, pp: int, m: int) -> tuple[int, ...] | None:
-    """Per stage, the most microbatches held at once, for the single-chunk schedules (equal to
-    :func:`layerwise.schedule.simulate.peak_inflight`, tested): GPipe all ``m``; 1F1B
-    ``min(m, p - s)`` (Narayanan et al., 2021); ZB-H1 ``min(m, p)`` on every stage, since a
-    stage frees a microbatch only at its W, which trails its I by ``s`` microbatches."""
-    if name == "gpipe":
-        return (m,) * pp
-    if name == "1f1b":
-        return tuple(min(m, pp - s) for s in range(pp))
-    if name == "zb-h1":
-        return (min(m, pp),) * pp
-    return None
-
-
-def interleaved_bound(pp: int, m: int, chunks: int, rank: int) -> int:
-    """Microbatch-chunks rank ``rank`` holds at most under interleaved 1F1B with ``m`` a multiple
-    of ``pp``: its warm-up forwards, ``2 (p - r - 1) + (v - 1) p``, plus the one forward of each
-    steady-state pair that runs before its backward."""
-    return min(2 * (pp - rank - 1) + (chunks - 1) * pp + 1, m * chunks)
 
 
 @lru_cache(maxsize=8192)
@@ -257,10 +237,14 @@ def estimate(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int,
     worst_margin, budget = -float("inf"), 0.0
     for p_rank, peak, usable in lay.rows:
         states = mem.model_states(p_rank, dp=s.dp, zero_stage=s.zero_stage, precision=precision, offload=s.offload)
-        total = states.total + peak + transient
+        # Replicated data parallelism reduces gradients through buffers of their own: PyTorch
+        # DDP's buckets (gradient_as_bucket_view=False, the default) and FSDP2's replicate,
+        # which layerwise.Pipeline's DDP mode uses, both hold a second copy of the gradients.
+        buckets = p_rank * precision.grad if s.zero_stage == 0 and s.dp > 1 else 0.0
+        total = states.total + buckets + peak + transient
         if total - usable > worst_margin:
             worst_margin, budget = total - usable, usable
-            worst = {"params": states.params, "grads": states.grads, "optimizer": states.optimizer,
+            worst = {"params": states.params, "grads": states.grads + buckets, "optimizer": states.optimizer,
                      "activations": peak + transient, "total": total}
     reasons = []
     if worst_margin > 0:
@@ -321,33 +305,6 @@ def estimate(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int,
     })  # fmt: skip
     return Estimate(step_time=step, makespan=float(timing_.makespan), bubble_fraction=timing_.bubble_fraction,
                     parts=parts, **base)
-
-
-def closed_makespan(p: int, m: int, v: int, split: bool, f: list[float], i: list[float], w: list[float],
-                    hops: list[float]) -> PipeTiming:
-    """The makespan in closed form: the busiest rank's work plus the fill and drain.
-
-    With ``p`` ranks, ``v`` chunks, ``m`` microbatches and uniform per-stage times ``F, I, W``:
-    GPipe and 1F1B take ``(m + p - 1)(F + I + W)`` (Narayanan et al., 2021, Sec. 2.2.1),
-    interleaved 1F1B ``(m v + p - 1)(F + I + W)`` with per-chunk times and ``m`` a multiple of
-    ``p`` (Sec. 2.2.2), ZB-H1 ``m (F + I + W) + (p - 1)(F + I - W)`` for ``m >= p`` (Qi et al.,
-    2023, Sec. 3.1). These equal the simulation for uniform stages without messages (tested).
-    Messages add one transfer each way per boundary (the fill and drain; the steady state can
-    stall more), stages that differ are taken from the busiest rank for the steady state and the
-    mean stage for the fill and drain: an estimate the search uses only to choose which
-    strategies to simulate.
-    """
-    n = len(f)
-    work = [sum(f[r::p]) + sum(i[r::p]) + sum(w[r::p]) for r in range(p)]
-    mean_f, mean_i, mean_w = sum(f) / n, sum(i) / n, sum(w) / n
-    if split and m >= p:
-        fill = (p - 1) * max(mean_f + mean_i - mean_w, 0.0)
-    else:
-        fill = (p - 1) * (mean_f + mean_i + mean_w)
-    span = m * max(work) + fill + 2 * sum(hops[: p - 1])
-    busy = tuple(m * x for x in work)
-    tail = max(i) + max(w)
-    return PipeTiming(span, busy, tuple(span for _ in range(p)), tuple(span - tail for _ in range(p)))
 
 
 def _step_time(cluster: Cluster, s: Strategy, precision: mem.Precision, t: PipeTiming,

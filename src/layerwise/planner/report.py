@@ -79,7 +79,7 @@ def why(e: Estimate) -> str:
             "selective": "selective recomputation (attention scores again)"}.get(e.strategy.recompute)
     second = (f"Step {step:.3g} s: compute {p.get('compute', 0.0):.3g} s per device "
               f"({p.get('compute', 0.0) / step:.0%}), bubble {e.bubble_fraction:.1%} of the pipeline, "
-              f"{e.tflops_per_device:.0f} TFLOP/s per device, MFU {e.mfu:.0%}.")
+              f"{e.tflops_per_device:.3g} TFLOP/s per device, MFU {e.mfu:.0%}.")
     name, worst = max(costs.items(), key=lambda kv: kv[1])
     if e.feasible and mem["total"] > 0.9 * e.budget:
         binds = "Memory binds: it is over 90% full, so a larger microbatch or less recomputation would not fit"
@@ -99,7 +99,10 @@ def _inflight(e: Estimate) -> str:
 
 
 def _g(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def format_table(result: PlanResult, *, title: str = "") -> Any:
@@ -109,7 +112,7 @@ def format_table(result: PlanResult, *, title: str = "") -> Any:
     table = Table(title=title or None, show_lines=False)
     for col, just in [("#", "right"), ("dp", "right"), ("tp", "right"), ("pp", "right"), ("schedule", "left"),
                       ("mb", "right"), ("m", "right"), ("zero", "right"), ("recompute", "left"),
-                      ("offload", "left"), ("GiB/dev", "right"), ("step s", "right"), ("TFLOP/s", "right"),
+                      ("offload", "left"), ("mem/dev", "right"), ("step s", "right"), ("TFLOP/s", "right"),
                       ("MFU", "right"), ("bubble", "right"), ("fits", "left")]:  # fmt: skip
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for k, e in enumerate(result.candidates):
@@ -117,8 +120,8 @@ def format_table(result: PlanResult, *, title: str = "") -> Any:
         sched = f"{s.schedule} x{s.chunks}" if s.chunks > 1 else s.schedule
         table.add_row(
             str(k + 1), str(s.dp), str(s.tp), str(s.pp), sched, str(s.micro), str(e.microbatches),
-            str(s.zero_stage), s.recompute, "yes" if s.offload else "no", f"{e.memory.get('total', 0.0) / GIB:.1f}",
-            f"{e.step_time:.3g}", f"{e.tflops_per_device:.0f}", f"{e.mfu:.0%}", f"{e.bubble_fraction:.1%}",
+            str(s.zero_stage), s.recompute, "yes" if s.offload else "no", _g(e.memory.get("total", 0.0)),
+            f"{e.step_time:.3g}", f"{e.tflops_per_device:.3g}", f"{e.mfu:.0%}", f"{e.bubble_fraction:.1%}",
             "yes" if e.feasible else "NO",
         )  # fmt: skip
     return table
@@ -128,14 +131,15 @@ def train_config(e: Estimate, *, seq: int) -> str:
     """A flat TOML file with the keys ``layerwise train`` reads (its ``TrainConfig``):
     stages, schedule, microbatches, chunks, dp, tp, batch_size (sequences per step, all
     replicas together), seq_len, activation_checkpointing (none, selective or full) and precision
-    (bf16 = mixed precision with fp32 master weights, or fp32). The ZeRO stage, offload and the
-    microbatch size are written as comments: train has no keys for them."""
+    (bf16 = mixed precision with fp32 master weights, or fp32), and with dp > 1 data_parallel
+    (ddp for ZeRO-0, fsdp otherwise). The ZeRO stage, offload and the microbatch size are
+    written as comments: train has no keys for them."""
     s = e.strategy
     batch = s.dp * s.micro * e.microbatches
     precision = "fp32" if e.precision == "fp32" else "bf16"
     lines = [
         "# Written by `layerwise plan`; read by `layerwise train --config FILE`.",
-        f"# Predicted: {e.step_time:.4g} s per step, {e.memory.get('total', 0.0) / GIB:.1f} GiB per device, "
+        f"# Predicted: {e.step_time:.4g} s per step, {_g(e.memory.get('total', 0.0))} per device, "
         f"MFU {e.mfu:.0%}.",
         f"# Also chosen (no train key yet): zero_stage = {s.zero_stage}, offload = {str(s.offload).lower()}, "
         f"microbatch_size = {s.micro}.",
@@ -150,4 +154,6 @@ def train_config(e: Estimate, *, seq: int) -> str:
         f'activation_checkpointing = "{s.recompute}"',
         f'precision = "{precision}"',
     ]
+    if s.dp > 1:  # replicas: DDP for ZeRO-0, FSDP2 (sharded states) otherwise
+        lines.append(f'data_parallel = "{"ddp" if s.zero_stage == 0 else "fsdp"}"')
     return "\n".join(lines) + "\n"

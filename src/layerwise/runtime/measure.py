@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 
 from ..schedule.actions import Kind, TimedAction
 from ..schedule.comm import matching
@@ -77,4 +78,24 @@ def costs_from_events(events: Sequence[TimedAction], schedule: Schedule) -> Cost
 def predict(events: Sequence[TimedAction], schedule: Schedule) -> SimResult:
     """Simulate ``schedule`` with the costs measured in ``events``."""
     return simulate(schedule, costs_from_events(events, schedule))
+
+
+def replay(events: Sequence[TimedAction], schedule: Schedule) -> SimResult:
+    """Simulate ``schedule`` with every compute action taking exactly its measured time (plus its
+    send, as in :func:`costs_from_events`), instead of its stage's mean.
+
+    :func:`predict` - :func:`replay` is what the variation of actions around their stage's mean
+    costs (the max-plus dynamics of a pipeline make a slow action cost more than a fast one
+    saves); :func:`replay` - measured is what the simulator's model of waiting leaves out.
+    """
+    costs = costs_from_events(events, schedule)
+    sends = {(e.action.stage, e.action.microbatch, e.action.kind): e.duration
+             for e in events if e.action.kind in _SENDS}  # fmt: skip
+    per_action = {}
+    for e in events:
+        k = e.action.kind
+        if k.is_compute:
+            send = Kind.SEND_F if k is Kind.F else Kind.SEND_B if k in (Kind.B, Kind.I) else None
+            per_action[e.action] = e.duration + sends.get((e.action.stage, e.action.microbatch, send), 0.0)
+    return simulate(schedule, replace(costs, per_action=per_action))
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..schedule.actions import Action, TimedAction
 from ..schedule.core import Schedule
-from ..schedule.generators import ScheduleConfigError, build
+from ..schedule.generators import ScheduleConfigError, build, chunks_per_rank
 from ..schedule.validate import validate
 from .distributed import default_device, ensure_initialized, to_global
 from .errors import ConfigError
@@ -32,7 +32,8 @@ class Pipeline:
 
     Every process builds the same model (same seed) and keeps only its own stages. ``stages`` is
     the number of pipeline ranks (the world size by default); with ``schedule="interleaved"``
-    each rank holds ``chunks`` stages.
+    each rank holds ``chunks`` stages, with ``schedule="zbv"`` two, in a V (rank 0 holds the
+    first and the last stage).
 
     ``transport="auto"`` carries stage-boundary messages through shared memory and pipes when
     every rank is on this host and tensors are on the CPU, and through the process group's
@@ -79,7 +80,7 @@ class Pipeline:
                 f"or layerwise.launch(fn, nprocs={stages})) or pass stages={self.world_size}"
             )
         self.schedule_name = schedule
-        self.chunks = chunks if schedule.startswith("interleaved") else 1
+        self.chunks = chunks_per_rank(schedule, chunks)
         self.microbatches = microbatches
         self.loss_reduction = loss_reduction
         self.record = record
@@ -102,7 +103,7 @@ class Pipeline:
             counts = resolve_partition(partition, len(layers), num_stages)
         except ConfigError as e:
             if self.chunks > 1:
-                raise ConfigError(f"{e} (interleaved: {self.world_size} ranks x {self.chunks} chunks = {num_stages} stages)") from None
+                raise ConfigError(f"{e} ({schedule}: {self.world_size} ranks x {self.chunks} chunks = {num_stages} stages)") from None
             raise
         self.partition = counts
         self.stage_to_rank = base.stage_to_rank

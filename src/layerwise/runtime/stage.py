@@ -3,11 +3,10 @@
 Each stage keeps its own autograd graph per microbatch: inputs that arrive from another stage
 become fresh leaves, so a backward stops at the stage boundary and the input gradient is what is
 sent back. For zero-bubble schedules the backward is split into I (input gradient) and W (weight
-gradient, Qi et al., 2023). The split is done layer by layer: I walks the layers backwards
-computing only input gradients and keeps each layer's output gradient; W then computes each
-layer's weight gradient from its own graph. (PyTorch's pipelining splits inside the autograd graph;
-a per-layer split is simpler and keeps W real work, at the cost of re-walking each layer's
-internals once more.)
+gradient, Qi et al., 2023) inside the stage's one autograd graph: I runs only the nodes on the
+path to the stage's inputs and keeps the gradient at each node where a weight's subgraph branches
+off; W starts there and runs only the weight side. Nothing is computed twice; see
+:mod:`layerwise.runtime.backward_split` for how.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backward_split import Pending, backward_input, backward_weight
 from .errors import StageError
 from .split import describe_layer, sample_shapes
 from .wire import flatten
@@ -79,12 +79,7 @@ class Stage:
             inputs: list[torch.Tensor] = []
         else:
             x, inputs = _as_leaves(x)
-        per_layer: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (inputs, outputs)
-        layer_in = inputs
         for j, layer in enumerate(self.layers):
-            if self.split_backward and j > 0:  # a graph per layer: record the previous one's ends
-                per_layer.append((layer_in, _diff_outputs(x)))
-                x, layer_in = _as_leaves(x)
             x = self._call(layer, j, mb, x)
         if self.is_last:
             loss = self._loss(mb, x, target) * weight
@@ -93,9 +88,7 @@ class Stage:
         else:
             outs = _diff_outputs(x)
             result = x
-        if self.split_backward:
-            per_layer.append((layer_in, outs))
-        self._saved[mb] = (inputs, outs, per_layer)
+        self._saved[mb] = (inputs, outs)
         return result
 
     def _call(self, layer: nn.Module, j: int, mb: int, x: Any) -> Any:
@@ -141,42 +134,25 @@ class Stage:
     # -- backward --------------------------------------------------------------------------
     def backward(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Full backward (B): accumulate weight gradients, return the input gradients."""
-        inputs, outs, _ = self._saved.pop(mb)
+        inputs, outs = self._saved.pop(mb)
         pairs = self._pairs(outs, grads, mb)
         if pairs[0]:
             torch.autograd.backward(pairs[0], pairs[1])
         return [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs]
 
     def backward_input(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        """Input-gradient half (I): walk the layers backwards, keep each layer's output grad."""
-        inputs, outs, per_layer = self._saved[mb]
-        g: list[torch.Tensor] | None = grads
-        stash: list[tuple[list[torch.Tensor], list[torch.Tensor] | None]] = []
-        for j in reversed(range(len(per_layer))):
-            layer_in, layer_out = per_layer[j]
-            o, go = self._pairs(layer_out, g, mb)
-            stash.append((o, go))
-            if layer_in and o:
-                got = torch.autograd.grad(o, layer_in, go, retain_graph=True, allow_unused=True)
-                g = [x if x is not None else torch.zeros_like(t) for x, t in zip(got, layer_in)]
-            else:
-                g = [torch.zeros_like(t) for t in layer_in]
-        stash.reverse()
-        self._saved[mb] = (inputs, outs, stash)
-        return list(g or []) if inputs else []
+        """Input-gradient half (I): only the gradients the previous stage needs; keeps, at every
+        node where a weight's subgraph branches off, the gradient W starts from."""
+        inputs, outs = self._saved.pop(mb)
+        o, go = self._pairs(outs, grads, mb)
+        gin, pending = backward_input(o, go, inputs, self.parameters())
+        self._saved[mb] = pending
+        return gin if inputs else []
 
     def backward_weight(self, mb: int) -> None:
-        """Weight-gradient half (W): each layer's parameter gradients from its kept output grad."""
-        _, _, stash = self._saved.pop(mb)
-        for layer, (o, go) in zip(self.layers, stash):
-            params = [p for p in layer.parameters() if p.requires_grad]
-            if not params or not o:
-                continue
-            got = torch.autograd.grad(o, params, go, allow_unused=True)
-            for p, gp in zip(params, got):
-                if gp is None:
-                    continue
-                p.grad = gp if p.grad is None else p.grad + gp
+        """Weight-gradient half (W): the weight side of the graph, from the gradients I kept."""
+        pending: Pending = self._saved.pop(mb)
+        backward_weight(pending)
 
     def _pairs(
         self, outs: list[torch.Tensor], grads: list[torch.Tensor] | None, mb: int

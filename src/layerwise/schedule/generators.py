@@ -1,4 +1,5 @@
-"""Per-rank action lists for GPipe, 1F1B, interleaved 1F1B and ZB-H1.
+"""Per-rank action lists for GPipe, 1F1B, interleaved 1F1B and ZB-H1 (ZB-H2 and ZB-V, built by a
+list scheduler, are in ``zero_bubble.py``).
 
 Each generator returns a compute-only :class:`Schedule` (F, B or F, I, W); :func:`lower` in
 ``comm.py`` adds the send/receive actions a runtime executes.
@@ -155,21 +156,48 @@ def _single_chunk(name: str, m: int, ranks: list[list[Action]]) -> Schedule:
     )
 
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zbv")
+
+
+def chunks_per_rank(name: str, chunks: int | None = None) -> int:
+    """Model stages each rank holds: ``chunks`` (default 2) for interleaved, 2 for ZB-V, else 1."""
+    key = _key(name)
+    if key == "interleaved":
+        return 2 if chunks is None else chunks
+    return 2 if key == "zbv" else 1
+
+
+def compute_actions(name: str, stages: int, microbatches: int, chunks: int = 1) -> int:
+    """How many compute actions the schedule has (to refuse sizes that take minutes to simulate)."""
+    per = 3 if _key(name) in ("zb-h1", "zb-h2", "zbv") else 2
+    return stages * chunks_per_rank(name, chunks) * microbatches * per
+
+
+def _key(name: str) -> str:
+    key = name.lower().replace("_", "-")
+    return {"pipedream-flush": "1f1b", "interleaved-1f1b": "interleaved", "zbh1": "zb-h1",
+            "zero-bubble": "zb-h1", "zbh2": "zb-h2", "zb-v": "zbv"}.get(key, key)  # fmt: skip
 
 
 def build(name: str, *, stages: int, microbatches: int, chunks: int = 2) -> Schedule:
     """Build a schedule by name. ``stages`` is the number of ranks (pipeline depth).
 
-    For ``interleaved`` there are ``stages * chunks`` model stages, ``chunks`` per rank.
+    For ``interleaved`` there are ``stages * chunks`` model stages, ``chunks`` per rank; for
+    ``zbv`` always two per rank, in a V (``chunks`` is ignored).
     """
-    key = name.lower().replace("_", "-")
+    from .zero_bubble import zb_h2, zbv  # imported here: zero_bubble imports this module
+
+    key = _key(name)
     if key == "gpipe":
         return gpipe(stages, microbatches)
-    if key in ("1f1b", "pipedream-flush"):
+    if key == "1f1b":
         return one_f_one_b(stages, microbatches)
-    if key in ("interleaved", "interleaved-1f1b"):
+    if key == "interleaved":
         return interleaved_1f1b(stages, microbatches, chunks)
-    if key in ("zb-h1", "zbh1", "zero-bubble"):
+    if key == "zb-h1":
         return zb_h1(stages, microbatches)
+    if key == "zb-h2":
+        return zb_h2(stages, microbatches)
+    if key == "zbv":
+        return zbv(stages, microbatches)
     raise ScheduleConfigError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)}")

@@ -11,8 +11,8 @@ so a message can land while the receiver computes; the receive action ends when 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .actions import Action, Kind, TimedAction
@@ -42,6 +42,9 @@ class Costs:
     message_bytes: tuple[float, ...] = ()  # bytes crossing boundary s -> s+1 per microbatch
     bandwidth: float = math.inf  # bytes per second
     rank_speed: tuple[float, ...] = ()  # relative speed per rank (0.5 = twice as slow); empty = 1
+    # Seconds of individual compute actions, overriding the per-stage costs: a measured step
+    # replayed action by action (see layerwise.runtime.measure.replay).
+    per_action: Mapping[Action, Any] = field(default_factory=dict)
 
     @classmethod
     def uniform(
@@ -78,6 +81,8 @@ class Costs:
 
     def duration(self, a: Action, rank: int) -> Any:
         speed = self.rank_speed[rank] if self.rank_speed else 1
+        if a in self.per_action:
+            return self.per_action[a] / speed if speed != 1 else self.per_action[a]
         s = a.stage
         base = {
             Kind.F: self.forward[s],

@@ -1,0 +1,149 @@
+"""Microbenchmark: the zero-bubble backward split (I then W) against the fused backward, per layer kind.
+
+For each layer kind (a linear layer, layer norm, the token + position embedding, the attention half
+of a GPT block, a whole GPT block, the LM head) on one microbatch of the GPT of
+``bench/pipeline_vs_torch.py`` (width 256, context 128, 2 rows): run the forward, then either one
+fused backward or ``backward_input`` followed by ``backward_weight``; time only the backward part.
+Runs alternate fused / split, one thread, median over repetitions. Times are this process's CPU
+time (``time.process_time``): on a shared machine, wall time mostly measures the other processes.
+Checks that both give the same gradients. Writes ``bench/results/backward_split.json`` and prints a table; the target is
+``split_over_fused <= 1.05``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from layerwise.models import GPTConfig  # noqa: E402
+from layerwise.models.gpt import Block, Embedding, Head  # noqa: E402
+from layerwise.runtime.backward_split import backward_input, backward_weight  # noqa: E402
+
+
+class Attention(nn.Module):
+    """The attention half of a GPT block: norm, qkv, causal attention, projection, residual."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.block = Block(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blk = self.block
+        b, t, c = x.shape
+        q, k, v = blk.qkv(blk.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, blk.heads, c // blk.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + blk.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+def _kinds(cfg: GPTConfig, rows: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, cfg.context, cfg.width, generator=g)
+    tokens = torch.randint(0, cfg.vocab, (rows, cfg.context), generator=g)
+    return {
+        "linear": (nn.Linear(cfg.width, 4 * cfg.width), hidden),
+        "layer_norm": (nn.LayerNorm(cfg.width), hidden),
+        "embedding": (Embedding(cfg), tokens),
+        "attention": (Attention(cfg), hidden),
+        "gpt_block": (Block(cfg), hidden),
+        "head": (Head(cfg), hidden),
+    }
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_(x.is_floating_point())
+
+
+def _once(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, split: bool) -> tuple[float, float, float]:
+    """(seconds of I or of the fused backward, seconds of W, seconds of both)."""
+    for p in layer.parameters():
+        p.grad = None
+    xs = _leaf(x)
+    y = layer(xs)
+    params = list(layer.parameters())
+    clock = time.process_time  # CPU seconds of this process (one thread)
+    if not split:
+        t0 = clock()
+        y.backward(gy)
+        t1 = clock()
+        return t1 - t0, 0.0, t1 - t0
+    t0 = clock()
+    _, pending = backward_input([y], [gy], [xs] if xs.requires_grad else [], params)
+    t1 = clock()
+    backward_weight(pending)
+    t2 = clock()
+    return t1 - t0, t2 - t1, t2 - t0
+
+
+def measure(kind: str, layer: nn.Module, x: torch.Tensor, reps: int) -> dict[str, Any]:
+    with torch.no_grad():
+        gy = torch.randn_like(layer(x))
+    fused_grads, split_grads = [], []
+    for split, out in ((False, fused_grads), (True, split_grads)):
+        _once(layer, x, gy, split)
+        out.extend(p.grad.clone() for p in layer.parameters() if p.grad is not None)
+    same = len(fused_grads) == len(split_grads) and all(torch.equal(a, b) for a, b in zip(fused_grads, split_grads))
+    for _ in range(3):  # warm-up
+        _once(layer, x, gy, False)
+        _once(layer, x, gy, True)
+    fused, inp, wgt, both = [], [], [], []
+    for _ in range(reps):  # alternate, so a burst of load hits both sides
+        fused.append(_once(layer, x, gy, False)[2])
+        i, w, t = _once(layer, x, gy, True)
+        inp.append(i)
+        wgt.append(w)
+        both.append(t)
+    f, s = statistics.median(fused), statistics.median(both)
+    return {
+        "fused_ms": 1e3 * f,
+        "input_ms": 1e3 * statistics.median(inp),
+        "weight_ms": 1e3 * statistics.median(wgt),
+        "split_ms": 1e3 * s,
+        "split_over_fused": s / f,
+        "identical_gradients": same,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "backward_split.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab=256, context=128, width=256, heads=4, blocks=1)
+    reps = 5 if args.quick else args.reps
+    results = {kind: measure(kind, layer, x, reps) for kind, (layer, x) in _kinds(cfg, rows=2).items()}
+    out = {
+        "model": "GPT width 256, context 128, microbatch of 2 rows, 1 thread",
+        "reps": reps,
+        "load_average": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+        "kinds": results,
+        "met": [k for k, r in results.items() if r["split_over_fused"] <= 1.05 and r["identical_gradients"]],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"{'layer':<12} {'fused ms':>9} {'I ms':>7} {'W ms':>7} {'I+W ms':>7} {'ratio':>6}  same grads")
+    for k, r in results.items():
+        print(f"{k:<12} {r['fused_ms']:9.3f} {r['input_ms']:7.3f} {r['weight_ms']:7.3f} {r['split_ms']:7.3f} "
+              f"{r['split_over_fused']:6.3f}  {r['identical_gradients']}")
+    print(f"(load average {out['load_average']:.1f} on {out['cpus']} cores; target ratio <= 1.05)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
