@@ -10,8 +10,15 @@
 # Without CUDA (CI) it says so and exits 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
-if [ -x .venv/bin/python ] && [ "${PYTHON}" = python ]; then PYTHON=.venv/bin/python; fi
+# $PYTHON, else this checkout's .venv, else python3 (the GPU machines' torch), else python
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
+  else PYTHON="$(command -v python3 || command -v python)"; fi
+fi
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "gpu_check: $PYTHON cannot import torch: set PYTHON=/path/to/python with torch" >&2
+  exit 2
+fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 # hard stop at 8 minutes; the script itself budgets 7 and skips what would not fit
 exec timeout --kill-after=10 480 "$PYTHON" bench/gpu_check.py "$@"

@@ -17,7 +17,7 @@ import pytest
 import layerwise
 
 from ..hf_tiny import FAMILIES, PADDINGS, batch, tiny
-from .workers_hf import MICROBATCHES, ROWS, SEQ, hf_case_key, hf_equivalence, hf_train_and_save
+from .workers_hf import MICROBATCHES, ROWS, SEQ, hf_case_key, hf_equivalence, hf_tensor_parallel
 
 # (family, tied, padding, source, schedule, targets)
 CASES = [[f, f in ("gpt2", "qwen2"), p, "model", "1f1b", "weighted"] for f in FAMILIES for p in PADDINGS]
@@ -110,3 +110,24 @@ def test_train_save_then_from_pretrained(results: tuple[int, list[dict[str, Any]
         diff = (loaded(**inputs).logits - ref(**inputs).logits).abs().max().item()
         moved = (loaded(**inputs).logits - tiny(family, tied=tied)(**inputs).logits).abs().max().item()
     assert diff <= TOL and moved > 1e-3, (diff, moved)
+
+
+def test_tensor_parallel_blocks(tmp_path: Path) -> None:
+    """parallel.tensor finds the HF decoder layer under each block (.layer) and shards its
+    projections; with sequence parallelism each block rebuilds its mask and rotary embeddings
+    for the whole sequence from the position ids while its hidden state is a sequence chunk.
+    save_hf gathers the shards: transformers loads whole weights with HF's own logits."""
+    import torch
+    import transformers
+
+    cases = [["llama", False], ["qwen2", True]]
+    per_rank = layerwise.launch(hf_tensor_parallel, 2, cases, str(tmp_path), timeout=300)
+    for rank, result in enumerate(per_rank):
+        for key, row in result.items():
+            assert row["sharded"] >= 7 * 3, f"rank {rank} {key}: the decoder layers' projections must be sharded"
+            assert row["loss_diff"] <= TOL and row["grad_diff"] <= TOL, f"rank {rank} {key}: {row}"
+    for family, _ in cases:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / family, attn_implementation="eager").eval()
+        inputs, _ = batch("right", 3, SEQ, seed=9)
+        with torch.no_grad():
+            assert torch.allclose(loaded(**inputs).logits, tiny(family, tied=False)(**inputs).logits, rtol=0, atol=TOL)

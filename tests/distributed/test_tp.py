@@ -26,6 +26,7 @@ CASES = [
     ["llama", True, False, None],
     ["llama", True, False, 1],  # the sequence is cut where the replicated prologue's stage ends
     ["qwen2", True, False, None],
+    ["mistral", False, False, None],
 ]
 TOL = 1e-5
 
@@ -49,7 +50,7 @@ def test_matches_single_process(results: list[dict[str, Any]], case: list[Any]) 
         assert row["grad_placements_ok"] is True, f"rank {rank}: {row['grad_placements_ok']}"
         assert len(set(row["losses"])) == STEPS, "the steps should see different losses"
         # every matmul weight is really split: 4 per GPT block (+ fc.bias) and the embedding, 7 per HF layer
-        assert len(row["sharded"]) >= {"gpt": 16, "llama": 14, "qwen2": 14}[kind], row["sharded"]
+        assert len(row["sharded"]) >= {"gpt": 16, "llama": 14, "qwen2": 14, "mistral": 14}[kind], row["sharded"]
         kinds = {t for t, _ in row["boundaries"]}
         assert kinds == {"Tensor"}, f"a layer boundary carried {kinds}, not a plain tensor"
         seq = [shape[1] for _, shape in row["boundaries"]]  # the last step's sequence length is 8

@@ -15,7 +15,14 @@ import pytest
 import layerwise
 from layerwise.train import checkpoint as ckpt
 
-from .train_workers import killed_while_saving, resume, settings, uninterrupted_then_stopped_and_resumed
+from .train_workers import (
+    killed_while_saving,
+    resume,
+    settings,
+    several,
+    tiny_llama,
+    uninterrupted_then_stopped_and_resumed,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
 
@@ -70,3 +77,30 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_and_resume_matches(
     assert resumed["resumed_from"] == 2
     assert resumed["losses"] == runs["full"]["losses"][2:]
     assert not (root / ".tmp-step-00000004").exists(), "the next save cleared what the crash left"
+
+
+def test_resume_with_fsdp_replicas_and_with_tensor_parallel_ranks(folder: Path) -> None:
+    """dp 2 x pp 2 (FSDP2) and pp 2 x tp 2, in the same 4 processes: each rank saves its own shards
+    of the parameters and AdamW state (DTensors; a fused qkv split per tp rank) and its RNG;
+    stopped after 3 of 6 steps and resumed, the losses are the uninterrupted run's. Then a tiny
+    Llama trained with tp 2 is saved whole, equal to the same model trained with 4 stages."""
+    cases = {name: [settings(str(folder), f"{name}-{run}", steps=6, save_every=3, **extra) for run in ("full", "stopped")]
+             for name, extra in (("dp", {"dp": 2}), ("tp", {"tp": 2}))}
+    llama = tiny_llama(str(folder))
+    exports = {name: settings(str(folder), name, model=llama, steps=4, save_every=0, **extra)
+               for name, extra in (("hf-tp", {"tp": 2}), ("hf-pp", {"stages": 4}))}
+    results = layerwise.launch(several, 4, cases, exports, timeout=400)[0]
+    for name in cases:
+        r = results[name]
+        full = r["full"]["losses"]
+        assert len(set(full)) == 6 and r["first"]["losses"] + r["rest"]["losses"] == full, name
+        assert r["rest"]["eval_loss"] == r["full"]["eval_loss"], name
+        shards = [f for f in os.listdir(folder / f"{name}-full" / "checkpoints" / "step-00000006") if f.endswith(".distcp")]
+        assert len(shards) == 4, "every rank wrote its own part"
+    # a HuggingFace model trained with tp 2 is written whole: the same weights as pp only
+    from transformers import AutoModelForCausalLM
+
+    assert results["hf-tp"]["losses"] == pytest.approx(results["hf-pp"]["losses"], abs=1e-5)
+    tp, pp = (AutoModelForCausalLM.from_pretrained(folder / name / "final").state_dict() for name in ("hf-tp", "hf-pp"))
+    assert sorted(tp) == sorted(pp)
+    assert max(float((tp[k] - pp[k]).abs().max()) for k in tp) < 1e-5

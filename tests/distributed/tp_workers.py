@@ -60,8 +60,11 @@ def _hf_layers(kind: str) -> tuple[nn.Module, list[nn.Module]]:
     """A tiny random HF model (GQA: 4 query heads, 2 kv heads) as [prologue, wrapped layer, bare layer, epilogue]."""
     import transformers
 
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM), "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}
-    config_cls, model_cls = cls[kind]
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),  # q, k, v with biases
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
     cfg = config_cls(
         vocab_size=40, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
         num_hidden_layers=2, max_position_embeddings=32, use_cache=False, attn_implementation="sdpa",

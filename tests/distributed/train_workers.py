@@ -15,7 +15,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from layerwise.train import checkpoint as ckpt
 from layerwise.train.loop import train_rank
 
-TINY_GPT = {"model_type": "layerwise-gpt", "vocab": 257, "context": 32, "width": 32, "heads": 2, "blocks": 3}
+TINY_GPT = {"model_type": "layerwise-gpt", "vocab": 260, "context": 32, "width": 32, "heads": 2, "blocks": 3}
 
 
 def write_inputs(folder: str) -> dict[str, str]:
@@ -39,11 +39,30 @@ def settings(folder: str, out: str, **extra: Any) -> dict[str, Any]:
 
 
 def uninterrupted_then_stopped_and_resumed(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Run ``a`` straight through; run ``b`` (the same settings) to step 5, then resume it."""
+    """Run ``a`` straight through; run ``b`` (the same settings) to its first save, then resume it."""
     full = train_rank(a)
-    first = train_rank(b, stop_after=5)
+    first = train_rank(b, stop_after=b["save_every"])
     rest = train_rank({**b, "resume": True})
     return {"full": full, "first": first, "rest": rest}
+
+
+def several(cases: dict[str, list[dict[str, Any]]], exports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """:func:`uninterrupted_then_stopped_and_resumed` for each named pair of settings, then a
+    plain run for each of ``exports``."""
+    out = {name: uninterrupted_then_stopped_and_resumed(a, b) for name, (a, b) in cases.items()}
+    return {**out, **{name: train_rank(cfg) for name, cfg in exports.items()}}
+
+
+def tiny_llama(folder: str) -> str:
+    """A tiny Llama directory in HF format (random weights from a config)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+    from tiny_llama import main
+
+    path = os.path.join(folder, "tiny-llama")
+    main(path)
+    return path
 
 
 class _KilledWhileWriting(FileSystemWriter):

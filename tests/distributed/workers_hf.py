@@ -37,21 +37,22 @@ def hf_equivalence(cases: list[list[Any]], dirs: dict[str, str], saves: list[lis
         if source == "dir":  # the same weights, saved by the test; this rank reads its own layers
             lm = layerwise.from_hf(dirs[f"{family}/{tied}"], attn_implementation="eager")
             layers = lm.layers()
-            a, b = stage_bounds(resolve_partition("uniform", len(layers), world))[rank]
-            for i in range(a, b):  # what the Pipeline does with lm.materialize for the layers it owns
-                lm.materialize(i, layers[i])
-            reads = list(lm.materialize.read)
-            stored = set(lm.materialize.weight_map)
-            for i in range(a, b):  # each of this rank's tensors under the one name it is stored as
-                expected |= {next(n for n in names if n in stored) for names in layers[i].hf_names.values()}
             for layer in layers:
                 layer.eval()
         else:
             lm = layerwise.from_hf(copy.deepcopy(ref))
             layers = lm.layers()
+        # a meta model: the Pipeline calls lm.materialize for the layers this rank owns
         pipe = layerwise.Pipeline(
             lm, schedule=schedule, microbatches=MICROBATCHES, chunks=2, loss_fn=layerwise.causal_lm_loss
         )
+        if source == "dir":
+            assert schedule == "1f1b"  # stage s on rank s
+            reads = list(lm.materialize.read)
+            stored = set(lm.materialize.weight_map)
+            a, b = stage_bounds(resolve_partition("uniform", len(layers), world))[rank]
+            for i in range(a, b):  # each of this rank's tensors under the one name it is stored as
+                expected |= {next(n for n in names if n in stored) for names in layers[i].hf_names.values()}
         inputs, labels = batch(padding, ROWS, SEQ, seed=7)
         ref_loss = reference(ref, inputs, labels)
         y = layerwise.causal_lm_targets(labels) if targets == "weighted" else labels
@@ -83,12 +84,8 @@ def hf_train_and_save(source: str, out: str, steps: int, lr: float) -> list[floa
     """Read this rank's layers from ``source``, train ``steps`` SGD steps in a pipeline, and save
     HF format to ``out``: each rank its own shard, the first rank also config and index."""
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     lm = layerwise.from_hf(source, attn_implementation="eager")
     layers = lm.layers()
-    a, b = stage_bounds(resolve_partition("uniform", len(layers), world))[rank]
-    for i in range(a, b):
-        lm.materialize(i, layers[i])
     for layer in layers:
         layer.eval()
     pipe = layerwise.Pipeline(
@@ -102,3 +99,30 @@ def hf_train_and_save(source: str, out: str, steps: int, lr: float) -> list[floa
     layerwise.save_hf(lm, out, pipeline=pipe)
     pipe.close()
     return losses
+
+
+def hf_tensor_parallel(cases: list[list[Any]], out_dir: str) -> dict[str, Any]:
+    """For each (family, sequence_parallel): one step of a from_hf model on a tp=2 mesh (one
+    pipeline stage) next to HF's own; loss and largest gradient difference (full tensors). Then
+    both tp ranks save (gathering the shards), the first one writing, to ``out_dir/<family>``."""
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {}
+    for family, sp in cases:
+        ref = tiny(family, tied=False)
+        lm = layerwise.from_hf(copy.deepcopy(ref))
+        pipe = layerwise.Pipeline(lm, stages=1, tp=2, sequence_parallel=sp, microbatches=2,
+                                  loss_fn=layerwise.causal_lm_loss)  # fmt: skip
+        inputs, labels = batch("left", 4, SEQ, seed=8)  # SEQ divides by tp, as sequence parallelism needs
+        loss = pipe.forward_backward(inputs, layerwise.causal_lm_targets(labels))
+        ref_loss = reference(ref, inputs, labels)
+        ref_params, layers, worst, sharded = dict(ref.named_parameters()), lm.layers(), 0.0, 0
+        for name, p in pipe.named_parameters().items():
+            index, _, local = name.partition(".")
+            grad = p.grad
+            if hasattr(grad, "full_tensor"):
+                grad, sharded = grad.full_tensor(), sharded + 1
+            worst = max(worst, (grad - ref_params[layers[int(index)].hf_names[local][0]].grad).abs().max().item())
+        out[f"{family}/{'sp' if sp else 'tp'}"] = {"loss_diff": abs(loss - ref_loss.item()), "grad_diff": worst, "sharded": sharded}
+        layerwise.save_hf(lm, os.path.join(out_dir, family), pipeline=pipe, write=int(os.environ["RANK"]) == 0)
+        pipe.close()
+    return out

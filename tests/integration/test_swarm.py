@@ -8,6 +8,7 @@ gradients in the same order: no failure here changes which peer sums what for an
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -135,11 +136,11 @@ def test_a_hung_peer_is_dropped_after_the_lease(churn: dict[str, Any]) -> None:
     assert max_diff(churn["params"], churn["want"]) == 0.0
 
 
-def test_a_joining_peer_gets_layers_at_a_step_boundary(swarm: LocalSwarm, churn: dict[str, Any]) -> None:
+def test_joining_peers_get_layers_or_a_copy_at_a_step_boundary(swarm: LocalSwarm, churn: dict[str, Any]) -> None:
     def hook(tr: Trainer, step: int) -> None:
-        if step == 2:
-            swarm.start("j1")
-            assert tr.membership.wait_for(5, 90), "the new peer did not join"
+        if step in (2, 4):  # j1 makes a fifth stage worth it (a 23% shorter step), j2 no sixth (2%)
+            swarm.start(f"j{step // 2}")
+            assert tr.membership.wait_for(4 + step // 2, 90), "the new peer did not join"
         if step == 3:  # `layerwise swarm status` sees the trainer and every peer
             got = query_status(swarm.name, [swarm.endpoint])
             assert got["trainer"]["step"] == 3 and len(got["trainer"]["stages"]) == len(tr.assignment.stages)
@@ -148,7 +149,9 @@ def test_a_joining_peer_gets_layers_at_a_step_boundary(swarm: LocalSwarm, churn:
     with swarm.trainer(SPEC, 4) as tr:
         params, committed = _run(tr, 6, hook)
         holders = [s.holder for s in tr.assignment.stages]
-    assert "j1" in holders and tr.rebalances >= 1
+        copies = [s.copy for s in tr.assignment.stages]
+    assert "j1" in holders and tr.rebalances == 1
+    assert "j2" in copies and "j2" not in holders  # an idle peer takes a copy off a busy one
     assert committed == [6] * len(committed)
     assert max_diff(params, reference(SPEC, 6)[0]) == 0.0
 
@@ -166,3 +169,22 @@ def test_a_stage_lost_for_good_stops_with_a_clear_error(swarm: LocalSwarm, churn
     assert time.monotonic() - started < 60
     text = str(err.value)
     assert "stage 1" in text and "layers" in text and "are both gone" in text and "To resume" in text
+
+
+def test_demo_prints_the_summary_as_json() -> None:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "layerwise", "swarm", "demo", "--peers", "2", "--kill", "1", "--steps", "6",
+           "--port", str(port), "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert s["steps"] == 6 and s["lost_steps"] == 0 and s["max_param_diff"] == 0.0
+    assert s["final_loss"] == s["reference_loss"]
+    assert len(s["failures"]) == 1 and s["failures"][0]["detected_s"] <= s["failures"][0]["recovered_s"]
+
+
+def test_bad_command_lines_get_one_error_line() -> None:
+    for args in (["train"], ["serve", "--join", "localhost"], ["demo", "--peers", "2", "--kill", "2"]):
+        proc = subprocess.run([sys.executable, "-m", "layerwise", "swarm", *args], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr

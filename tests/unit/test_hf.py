@@ -15,6 +15,7 @@ import torch
 import layerwise
 from layerwise.models.hf import DecoderBlock
 from layerwise.models.hf_weights import Checkpoint, save_hf
+from layerwise.parallel.meta import materialize as materialize_owned
 
 from ..hf_tiny import FAMILIES, PADDINGS, VOCAB, batch, reference, tiny
 
@@ -27,10 +28,6 @@ def _run(lm: layerwise.LayeredModel, inputs: Any) -> torch.Tensor:
     for layer in lm.layers():
         x = layer(x)
     return x
-
-
-def layers_of(lm: layerwise.LayeredModel) -> list[torch.nn.Module]:
-    return lm.layers()
 
 
 def _grad_diff(lm: layerwise.LayeredModel, ref: torch.nn.Module) -> tuple[float, int]:
@@ -116,41 +113,39 @@ def test_block_exposes_the_hf_decoder_layer() -> None:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_a_stage_reads_only_its_own_tensors(tmp_path: Path, family: str, tied: bool) -> None:
+    """Each stage's rank materializes its layers the way the Pipeline does (layerwise.parallel.meta)
+    and reads exactly its own layers' tensors from the sharded directory, each once."""
     model = tiny(family, tied=tied)
     model.save_pretrained(tmp_path, max_shard_size="20KB")  # many shard files
-    assert (tmp_path / "model.safetensors.index.json").is_file()
     stored = set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"])
-    full = {n for n in model.state_dict()}
-    n = len(layers_of(layerwise.from_hf(tmp_path)))
+    n = len(layerwise.from_hf(tmp_path).layers())
     union: set[str] = set()
     for a, b in [(0, 2), (2, 4), (4, n)]:  # embedding + block 0 | blocks 1-2 | norm + head
         lm = layerwise.from_hf(tmp_path)  # each stage's rank builds its own meta model
         layers = lm.layers()
         assert all(t.is_meta for layer in layers for t in layer.parameters())
         assert isinstance(lm.materialize, Checkpoint)
-        for i in range(a, b):
-            lm.materialize(i, layers[i])
+        shared = {id(p) for i in range(a, b) for p in layers[i].parameters()}  # before: ids change
+        materialize_owned(layers, range(a, b), lm.materialize)
         own = {n for i in range(a, b) for names in layers[i].hf_names.values() for n in names if n in stored}
         assert len(lm.materialize.read) == len(set(lm.materialize.read)) == len(own)
         assert set(lm.materialize.read) == own
-        loaded = {id(t) for i in range(a, b) for t in layers[i].parameters()}
         assert all(not t.is_meta for i in range(a, b) for t in layers[i].parameters())
-        others = [t for i in range(n) if not a <= i < b for t in layers[i].parameters() if id(t) not in loaded]
+        others = [t for i in range(n) if not a <= i < b for t in layers[i].parameters() if id(t) not in shared]
         assert others and all(t.is_meta for t in others)
         union |= own
     assert union == stored
-    if tied:  # the last stage filled its head from the embedding's key; it is still the same parameter
-        assert "lm_head.weight" in full and "lm_head.weight" not in stored
-        assert "model.embed_tokens.weight" in own or "transformer.wte.weight" in own
-        assert layers[0].embed_tokens.weight is layers[-1].lm_head.weight
-    for i in range(a):
-        lm.materialize(i, layers[i])
+    if tied:  # the last stage filled its head from the embedding's key
+        assert "lm_head.weight" in model.state_dict() and "lm_head.weight" not in stored
+        assert torch.equal(layers[-1].lm_head.weight, model.get_input_embeddings().weight)
+    lm = layerwise.from_hf(tmp_path, attn_implementation="eager")
+    materialize_owned(lm.layers(), range(n), lm.materialize)
     lm.materialize.read.clear()
-    lm.materialize(1, layers[1])  # already loaded: reads nothing
+    lm.materialize(1, lm.layers()[1])  # the hook itself: a layer it loaded before reads nothing
     assert lm.materialize.read == []
     inputs, _ = batch("right", rows=3, seq=9, seed=4)
     with torch.no_grad():
-        assert torch.allclose(_run(lm, inputs), model(**inputs).logits, rtol=0, atol=TOL)
+        assert torch.equal(_run(lm, inputs), model(**inputs).logits)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
@@ -247,3 +242,22 @@ def test_from_a_config_builds_random_weights() -> None:
     lm = layerwise.from_hf(config)
     assert lm.materialize is None and not any(p.is_meta for layer in lm.layers() for p in layer.parameters())
     assert lm.layers()[0].embed_tokens.weight is lm.layers()[-1].lm_head.weight
+
+
+def test_blocks_of_a_stage_build_masks_and_rotary_once_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the model's forward does once per batch: one mask per kind (Qwen2 here: full and
+    sliding) and one rotary (cos, sin), not one per layer; new inputs build new ones."""
+    from layerwise.models import hf
+
+    built: list[bool] = []
+    real = hf._make_mask
+    monkeypatch.setattr(hf, "_make_mask", lambda *a: built.append(a[-1]) or real(*a))
+    model = tiny("qwen2", tied=False, layers=4)
+    lm = layerwise.from_hf(copy.deepcopy(model))  # its own rotary module, to count its calls
+    rotary_calls = []
+    lm.blocks[0].rotary.register_forward_hook(lambda *a: rotary_calls.append(1))
+    for seed in (1, 2):
+        inputs, _ = batch("left", rows=3, seq=8, seed=seed)
+        with torch.no_grad():
+            assert torch.equal(_run(lm, inputs), model(**inputs).logits)
+    assert sorted(built) == [False, False, True, True] and len(rotary_calls) == 2

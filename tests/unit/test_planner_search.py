@@ -56,10 +56,11 @@ def test_memory_breakdown_is_zero_states_plus_activations() -> None:
         rows = []
         for r in range(2):
             st = mem.model_states(e.rank_params[r], dp=4, zero_stage=zero)
-            rows.append((st.total + acts[r] + extra, st, acts[r] + extra))
-        total, states, act = max(rows, key=lambda row: row[0])
+            buckets = 2 * e.rank_params[r] if zero == 0 else 0  # DDP's gradient buckets
+            rows.append((st.total + buckets + acts[r] + extra, st, acts[r] + extra, buckets))
+        total, states, act, buckets = max(rows, key=lambda row: row[0])
         assert e.memory["params"] == pytest.approx(states.params)
-        assert e.memory["grads"] == pytest.approx(states.grads)
+        assert e.memory["grads"] == pytest.approx(states.grads + buckets)
         assert e.memory["optimizer"] == pytest.approx(states.optimizer)
         assert e.memory["activations"] == pytest.approx(act)
         assert e.memory["total"] == pytest.approx(total)
@@ -107,6 +108,8 @@ def test_a_pin_that_breaks_a_rule_says_which(llama: ModelSpec, h100x64: Cluster)
     out = to_json(result)
     assert out["best"]["feasible"] is False
     assert "inside a node" in out["best"]["why"]
+    none = to_json(plan(llama, h100x64, 512, pins=Pins(dp=3)))
+    assert none["best"]["feasible"] is False and "no dp x tp x pp makes 64 devices" in none["best"]["why"]
     with pytest.raises(StrategyError, match="multiple of dp x microbatch"):
         estimate(llama, h100x64, Strategy(dp=64, tp=1, pp=1, micro=3), 512)
 
@@ -130,8 +133,9 @@ def test_train_config_is_flat_toml_with_trains_keys(llama: ModelSpec, h100x64: C
     best = plan(llama, h100x64, 512).best
     assert best is not None
     data = tomllib.loads(train_config(best, seq=llama.seq))
-    assert set(data) == {"stages", "schedule", "microbatches", "chunks", "dp", "tp", "batch_size", "seq_len",
-                         "activation_checkpointing", "precision"}
+    keys = {"stages", "schedule", "microbatches", "chunks", "dp", "tp", "batch_size", "seq_len",
+            "activation_checkpointing", "precision"}
+    assert set(data) == keys | ({"data_parallel"} if best.strategy.dp > 1 else set())
     s = best.strategy
     assert (data["stages"], data["dp"], data["tp"], data["schedule"]) == (s.pp, s.dp, s.tp, s.schedule)
     assert data["batch_size"] == 512 and data["microbatches"] == best.microbatches

@@ -91,3 +91,43 @@ def test_text_and_jsonl_files_and_folders(tmp_path: Path) -> None:
         list(documents(str(tmp_path)))
     with pytest.raises(DataError, match="no such file"):
         list(documents(str(tmp_path / "missing")))
+
+
+def test_a_local_huggingface_tokenizer_directory(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, "hello": 2, "pipeline": 3, "world": 4}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>").save_pretrained(tmp_path / "tok")
+    (tmp_path / "a.txt").write_text("hello pipeline world")
+    (tmp_path / "b.txt").write_text("world hello mystery")
+    from layerwise.train.data import HFTokenizer
+
+    tok = HFTokenizer(str(tmp_path / "tok"))
+    assert (tok.vocab_size, tok.eos_id) == (5, 1)
+    assert tokenize(str(tmp_path / "a.txt"), tok).tolist() == [2, 3, 4, 1]
+    (tmp_path / "docs").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).rename(tmp_path / "docs" / name)
+    assert tokenize(str(tmp_path / "docs"), tok).tolist() == [2, 3, 4, 1, 4, 2, 0, 1]
+    with pytest.raises(DataError, match="--tokenizer"):
+        HFTokenizer(str(tmp_path / "docs"))
+
+
+def test_the_token_stream_is_cached_and_refreshed_when_the_text_changes(tmp_path: Path) -> None:
+    from layerwise.train.data import cached_tokens
+
+    text = tmp_path / "t.txt"
+    text.write_text("abc")
+    calls: list[int] = []
+    get = lambda write: cached_tokens(str(text), ByteTokenizer(), None, str(tmp_path / "cache"), write=write,  # noqa: E731
+                                      wait=lambda: calls.append(1))
+    assert get(True).tolist() == [97, 98, 99, 256] and len(calls) == 1
+    (cache,) = (tmp_path / "cache").iterdir()
+    assert cache.suffix == ".npy"
+    assert get(False).tolist() == [97, 98, 99, 256]  # another rank: reads, never writes
+    text.write_text("abcd")
+    assert get(True).tolist() == [97, 98, 99, 100, 256]
+    assert len(list((tmp_path / "cache").iterdir())) == 2

@@ -18,7 +18,9 @@ _GPT = {"layers": 4, "hidden": 64, "heads": 4, "vocab": 256, "seq": 64}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    model = parser.add_argument_group("model (one of --hf-config, --model, or the shape flags)")
+    model = parser.add_argument_group(
+        "model (one of --hf-config, --model, or the shape flags: a GPT-3 layer, with biases, LayerNorm, "
+        "learned positions, tied head and dropout, as Narayanan et al. count it)")
     model.add_argument("--hf-config", metavar="FILE", help="a HuggingFace config.json (Llama, Mistral, GPT-2, ...)")
     model.add_argument("--model", metavar="gpt|FILE",
                        help="gpt: layerwise's built-in GPT (shape flags override its defaults); or the "
@@ -125,7 +127,7 @@ def _model(args: argparse.Namespace) -> tuple[Any, float | None]:
             return load_hf_config(args.hf_config, seq=args.seq), None
         if args.model == "gpt":
             merged = {k: (v if v is not None else _GPT.get(k)) for k, v in shape.items()}
-            return ModelSpec(name="gpt", **merged), None
+            return ModelSpec(name="gpt", dropout=False, **merged), None  # layerwise.models.GPT has no dropout
         if args.model:
             return _profile(args.model, shape)
         missing = [f"--{k}" for k in ("layers", "hidden", "heads", "vocab", "seq") if shape[k] is None]
@@ -154,7 +156,7 @@ def _profile(path: str, shape: dict[str, Any]) -> tuple[Any, float]:
     opts = dict(kv.split("=") for kv in match.group(1).split(", "))
     rows = int(match.group(2))
     spec = ModelSpec(name="gpt (profiled)", layers=int(opts["blocks"]), hidden=int(opts["width"]),
-                     heads=int(opts["heads"]), vocab=int(opts["vocab"]), seq=int(opts["context"]))
+                     heads=int(opts["heads"]), vocab=int(opts["vocab"]), seq=int(opts["context"]), dropout=False)
     if any(v is not None for v in shape.values()):
         raise UsageError("--model FILE describes the model: drop the shape flags")
     times = [st.get("time_s") for st in data.get("stages", [])]

@@ -62,9 +62,16 @@ def run(args: argparse.Namespace) -> int:
     return {"serve": _serve, "train": _train, "demo": _demo, "status": _status}[args.swarm_command](args)
 
 
-def _endpoints(args: argparse.Namespace, listen: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    from layerwise.swarm.net import check_endpoint
+def check_endpoint(text: str) -> str:
+    """``tcp/127.0.0.1:7447``-like, checked here so that bad input costs no torch import."""
+    proto, sep, rest = text.partition("/")
+    host, colon, port = rest.rpartition(":")
+    if not sep or proto not in ("tcp", "udp", "tls", "quic") or not colon or not host or not port.isdigit():
+        raise ValueError(f"endpoint {text!r} is not like tcp/127.0.0.1:7447")
+    return text
 
+
+def _endpoints(args: argparse.Namespace, listen: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
     try:
         join = tuple(check_endpoint(e) for e in args.join)
         lst = tuple(check_endpoint(e) for e in getattr(args, "listen", []))

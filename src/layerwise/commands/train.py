@@ -14,8 +14,7 @@ import sys
 from typing import Any
 
 from layerwise.commands import UsageError, positive_int
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+from layerwise.schedule.generators import SCHEDULES
 
 
 def _non_negative_int(text: str) -> int:

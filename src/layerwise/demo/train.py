@@ -120,6 +120,10 @@ def reference(cfg: DemoConfig) -> list[float]:
     """The same model, data, seed and optimizer, in this one process."""
     corpus = stdlib_corpus()
     model = cfg.model()
+    # the same precision as the pipeline, layer by layer (checkpointing is exact: not needed here)
+    from ..parallel.precision import apply_precision
+
+    apply_precision(model.pipeline_layers(), cfg.precision)
     opt = _optimizer(model.parameters(), cfg.lr)
     sched = _warmup(opt, cfg.warmup)
     bar = _bar(cfg, "reference (1 process)") if cfg.progress else None
@@ -127,10 +131,7 @@ def reference(cfg: DemoConfig) -> list[float]:
     for step in range(cfg.steps):
         x, y = batch(corpus, step, cfg.batch_size, cfg.seq, cfg.seed)
         opt.zero_grad(set_to_none=True)
-        # the same precision as the pipeline: bf16 compute, fp32 weights (checkpointing is exact)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            logits = model(x)
-        loss = lm_loss(logits.float(), y)
+        loss = lm_loss(model(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()

@@ -20,8 +20,10 @@ packed sequences from the position ids only when there is no mask.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Union
@@ -82,23 +84,62 @@ class DecoderBlock(HFLayer):
     under it); ``rotary`` is the model's rotary module (no parameters), or None for GPT-2.
     """
 
-    def __init__(self, config: Any, layer: nn.Module, index: int, rotary: nn.Module | None, sliding: bool) -> None:
+    def __init__(
+        self, config: Any, layer: nn.Module, index: int, rotary: nn.Module | None, sliding: bool, shared: _LastInputs
+    ) -> None:
         super().__init__(config)
         self.layer = layer
         self.rotary = rotary
         self.index = index
         self.sliding = sliding
+        self._shared = shared
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        hidden, pos = x["hidden_states"], x["position_ids"]
-        mask = _make_mask(self.hf_config, hidden, x.get("attention_mask"), pos, self.sliding)
+        hidden, pos, padding = x["hidden_states"], x["position_ids"], x.get("attention_mask")
+        # The mask and the rotary module read only the batch and sequence sizes, dtype and device
+        # of this tensor. Take the sizes from the position ids, which always span the whole
+        # sequence: with sequence parallelism the hidden state here is this rank's chunk of it.
+        probe = hidden.new_empty((pos.shape[0], pos.shape[1], 0))  # (batch, seq, 0): no memory
+        kind = ("sliding" if self.sliding else "full", hidden.dtype, hidden.device)
+        mask = self._shared.get(kind, (pos, padding), lambda: _make_mask(self.hf_config, probe, padding, pos, self.sliding))
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": pos}
         if self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(hidden, position_ids=pos)
+            rotary = self.rotary
+            kwargs["position_embeddings"] = self._shared.get(("rotary", hidden.dtype, hidden.device), (pos,),
+                                                             lambda: rotary(probe, position_ids=pos))  # fmt: skip
         out = self.layer(hidden, **kwargs)
         if isinstance(out, tuple):  # older layers return (hidden, attn_weights, ...)
             out = out[0]
         return {**x, "hidden_states": out}
+
+
+class _LastInputs:
+    """The masks and rotary ``(cos, sin)`` built for the last inputs seen, shared by the blocks.
+
+    They depend only on the position ids and the padding mask, which every block of a stage
+    passes on unchanged (the same tensor objects), so the blocks of a stage build them once per
+    microbatch, as the model's forward builds them once per batch, instead of once per layer.
+    Entries are keyed by the inputs' identity (held weakly) and replaced by the next inputs.
+    Neither carries gradients (the rotary module has no parameters).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, tuple[tuple[Any, ...], Any]] = {}
+
+    def get(self, kind: Any, inputs: tuple[torch.Tensor | None, ...], build: Callable[[], Any]) -> Any:
+        entry = self._entries.get(kind)
+        if entry is not None and all(_same(r, t) for r, t in zip(entry[0], inputs)):
+            return entry[1]
+        value = build()
+        self._entries[kind] = (tuple(None if t is None else weakref.ref(t) for t in inputs), value)
+        return value
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _LastInputs:
+        return _LastInputs()  # a copied block starts with nothing kept
+
+
+def _same(ref: Any, t: torch.Tensor | None) -> bool:
+    return t is None if ref is None else ref() is t
 
 
 class FinalNorm(HFLayer):
@@ -136,6 +177,11 @@ def from_hf(
     Inputs: a tensor of token ids, or a dict with ``input_ids`` and optional ``attention_mask``
     (2-D padding mask) and ``position_ids`` (batch, seq). Outputs: logits; train with
     :func:`layerwise.causal_lm_loss`. Tied input and output embeddings stay one parameter.
+
+    ``dtype``: the parameters' dtype for a model built here (default: the config's ``dtype``, as
+    in transformers, e.g. bf16 for a bf16 checkpoint; pass ``torch.float32`` for fp32 training).
+    ``attn_implementation``: "eager", "sdpa", ... (default: transformers' choice). The models'
+    dropout is as configured; call ``.eval()`` on the layers for exact comparisons.
     """
     materialize = None
     if isinstance(source, (str, os.PathLike)):
@@ -145,8 +191,9 @@ def from_hf(
     elif hasattr(source, "model_type") and hasattr(source, "to_dict"):  # a PretrainedConfig
         from transformers import AutoModelForCausalLM
 
-        _prepare_config(source, attn_implementation)
-        model = AutoModelForCausalLM.from_config(source, **_dtype_kwargs(dtype))
+        config = copy.deepcopy(source)  # the caller's config stays as it was
+        _prepare_config(config, attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(dtype))
     else:
         raise ConfigError(
             f"layerwise.from_hf takes a HuggingFace causal LM, its config or a local directory, got "
@@ -203,7 +250,8 @@ def _wrap(model: nn.Module, layout: Layout, rebuild_rotary: bool) -> LayeredMode
                 rotary = type(rotary)(config=config)
     layers = layers[: config.num_hidden_layers]
     kinds = attn_mask_kinds(layout, config, len(layers))
-    blocks = [DecoderBlock(config, layer, i, rotary, kinds[i] == "sliding") for i, layer in enumerate(layers)]
+    shared = _LastInputs()
+    blocks = [DecoderBlock(config, layer, i, rotary, kinds[i] == "sliding", shared) for i, layer in enumerate(layers)]
     head = model.get_output_embeddings()
     if head is None:
         raise ConfigError(f"{type(model).__name__} has no output embeddings (lm_head) to split")

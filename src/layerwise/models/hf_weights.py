@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,59 +54,66 @@ class Checkpoint:
             )
         self.read: list[str] = []
         self._files: dict[str, Any] = {}
+        self._tied: dict[str, torch.Tensor] = {}  # tensors stored once for several uses, by key
         self._layers: list[nn.Module] = []
-        # tensors this reader loaded, by identity (a WeakSet would compare tensors with ==)
-        self._filled: dict[int, weakref.ref[torch.Tensor]] = {}
 
     def bind(self, layers: list[nn.Module]) -> None:
-        """The model's layers, so a layer's index can be checked against the one it is given."""
+        """The model's own layers (from_hf calls it), to tell them from copies (see __call__)."""
         self._layers = list(layers)
 
     def __call__(self, index: int, layer: nn.Module) -> None:
-        """Fill layer ``index``'s tensors in place from the checkpoint. Tensors it filled before
-        are skipped, so calling it twice, or for a weight tied to a layer already loaded, reads
-        nothing; a tensor already allocated (``to_empty``) but not loaded is filled.
+        """Fill layer ``index``'s meta tensors in place from the checkpoint. Tensors already
+        allocated are left alone, so calling it twice, or for a weight tied to a layer already
+        loaded, reads nothing.
 
         Parameters keep their identity (``torch.utils.swap_tensors``): a weight tied across two
         layers stays one parameter however the ranks materialize, as the Pipeline's tie
         detection needs.
+
+        A copy of layer ``index`` rather than the model's own layer gets only its tied tensors:
+        ``layerwise.parallel.meta`` materializes a copy of a tie's first layer (the embedding) on
+        the rank that holds the tie's other use (the head) and takes only the tie from it, so
+        reading the rest (GPT-2's position embeddings) would read another rank's tensors.
         """
         names: dict[str, tuple[str, ...]] = getattr(layer, "hf_names", {})
-        if self._layers and (index >= len(self._layers) or self._layers[index] is not layer):
-            raise ConfigError(f"materialize({index}, ...) got a layer that is not layer {index} of this model")
+        copy = bool(self._layers) and (index >= len(self._layers) or self._layers[index] is not layer)
         for local, t in [*layer.named_parameters(), *layer.named_buffers()]:
-            done = self._filled.get(id(t))
-            if (done is not None and done() is t) or (local not in names and not t.is_meta):
+            if not t.is_meta:
                 continue  # loaded already, or computed by the adapter (rotary inv_freq)
+            if copy and len(names.get(local, ())) < 2:
+                continue  # not tied: this copy's owner rank loads it
             if local not in names:
                 raise ConfigError(
                     f"layer {index}: tensor {local!r} is not in the checkpoint and is not computed by "
                     "the adapter; build the model in memory and pass it to from_hf instead"
                 )
-            value = self._get(names[local], index)
+            value = self._get(names[local], index, t.dtype)
             if tuple(value.shape) != tuple(t.shape):
                 raise ConfigError(
                     f"layer {index}: {names[local][0]} has shape {tuple(value.shape)} in {self.directory} "
                     f"but the config gives {tuple(t.shape)}"
                 )
-            value = value.to(t.dtype)
             if isinstance(t, nn.Parameter):
                 torch.utils.swap_tensors(t, nn.Parameter(value, requires_grad=t.requires_grad))
             else:
                 torch.utils.swap_tensors(t, value)
-            self._filled[id(t)] = weakref.ref(t)  # the same object, now holding the loaded data
 
-    def _get(self, names: tuple[str, ...], index: int) -> torch.Tensor:
+    def _get(self, names: tuple[str, ...], index: int, dtype: torch.dtype) -> torch.Tensor:
         for name in names:  # a tied head is stored under the embedding's name only
             key = self._key(name)
             if key is not None:
+                if key in self._tied:  # a tied weight asked for again (layerwise.parallel.meta
+                    return self._tied[key]  # fills a tie from a copy of its first layer): no re-read
                 file = self.weight_map[key]
                 if file not in self._files:
                     from safetensors import safe_open
 
                     self._files[file] = safe_open(self.directory / file, framework="pt", device="cpu")
                 self.read.append(key)
-                return self._files[file].get_tensor(key)
+                value = self._files[file].get_tensor(key).to(dtype)
+                if len(names) > 1:
+                    self._tied[key] = value  # shares storage with the parameter: no extra memory
+                return value
         raise ConfigError(f"layer {index}: none of {list(names)} is in {self.directory}'s safetensors")
 
     def _key(self, name: str) -> str | None:
@@ -125,6 +131,7 @@ def save_hf(
     shards: Sequence[Sequence[int]] | None = None,
     shard: int | None = None,
     pipeline: Any = None,
+    write: bool = True,
 ) -> list[Path]:
     """Write ``model`` in HF format, loadable by ``AutoModelForCausalLM.from_pretrained``.
 
@@ -136,6 +143,10 @@ def save_hf(
     embeddings) is written once, by the first shard that holds it, under its first name, as
     ``save_pretrained`` does. Returns the files this call wrote; each is written to a temporary
     name first and renamed, so a crash never leaves a half-written file under the final name.
+
+    Sharded parameters (DTensors of tensor parallelism or FSDP2) are gathered whole with
+    ``full_tensor()``, a collective: every replica of the stage (each data- and tensor-parallel
+    rank holding it) must call ``save_hf`` too, with ``write=False`` on all but one.
     """
     if pipeline is not None:
         if shards is not None or shard is not None:
@@ -151,17 +162,16 @@ def save_hf(
     if shard is not None and not 0 <= shard < len(groups):
         raise ConfigError(f"save_hf: shard {shard} is not one of the {len(groups)} shards")
     files = [SINGLE_FILE] if len(groups) == 1 else [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
-    owner: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (shard, tensor), first holder wins
-    seen: set[int] = set()
+    # name -> (shard, tensor): the first shard holding a name writes it. Decided by names, which
+    # every rank sees alike, not by tensor identity, which materialization and retying change.
+    owner: dict[str, tuple[int, torch.Tensor]] = {}
     for k, group in enumerate(groups):
         for i in group:
             names = getattr(layers[i], "hf_names", {})
             for local, t in [*layers[i].named_parameters(), *layers[i].named_buffers()]:
-                if local in names and id(t) not in seen:
-                    seen.add(id(t))
+                if local in names and names[local][0] not in owner:
                     owner[names[local][0]] = (k, t)
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for k in range(len(groups)) if shard is None else [shard]:
         mine = {n: t for n, (s, t) in owner.items() if s == k}
@@ -170,9 +180,12 @@ def save_hf(
                 f"save_hf: shard {k} holds layers that are not materialized on this rank; each rank "
                 "writes only its own shard (pass shard=)"
             )
-        tensors = {n: t.detach().to("cpu").contiguous() for n, t in mine.items()}
-        written.append(_save_file(tensors, out / files[k]))
-    if shard in (None, 0):
+        tensors = {n: _whole(t.detach()).to("cpu").contiguous() for n, t in mine.items()}  # same order on every replica
+        if write:
+            out.mkdir(parents=True, exist_ok=True)
+            written.append(_save_file(tensors, out / files[k]))
+    if write and shard in (None, 0):
+        out.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(out)  # writes config.json itself
         written.append(out / "config.json")
         if len(groups) > 1:
@@ -192,6 +205,12 @@ def pipeline_shards(pipe: Any) -> tuple[list[list[int]], int]:
     for s, (a, b) in enumerate(stage_bounds(pipe.partition)):
         groups[pipe.stage_to_rank[s]].extend(range(a, b))
     return groups, int(pipe.rank)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective over its mesh), else the tensor itself."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> Path:

@@ -66,17 +66,18 @@ class _Replayable:
     activations of an unchecked layer would.
     """
 
-    def __init__(self, cached: Any, storage: dict[Any, dict[int, Any]]) -> None:
+    def __init__(self, cached: Any, storage: dict[Any, Any]) -> None:
         self._cached = cached
         self._storage = storage
-        self._kept: dict[Any, dict[int, Any]] | None = None
+        self._kept: dict[Any, Any] | None = None
 
     def __enter__(self) -> Any:
+        # each op's entries: a dict by call index (torch 2.13) or a list popped in order (older)
         if self._kept is None:  # first recomputation: the forward has filled the storage
-            self._kept = {op: dict(entries) for op, entries in self._storage.items()}
+            self._kept = {op: type(entries)(entries) for op, entries in self._storage.items()}
         else:
             for op, entries in self._kept.items():
-                self._storage[op] = dict(entries)
+                self._storage[op] = type(entries)(entries)
         return self._cached.__enter__()
 
     def __exit__(self, *exc: Any) -> Any:

@@ -41,7 +41,7 @@ class OffloadStats:
 
     packed: int = 0  # saved tensors sent to host memory
     packed_bytes: int = 0
-    kept: int = 0  # saved tensors that share a parameter's storage, left in place
+    kept: int = 0  # saved tensors left in place: sharing a parameter's storage, or DTensors
 
     def reset(self) -> None:
         self.packed = self.packed_bytes = self.kept = 0
@@ -62,7 +62,7 @@ class _SaveOnHost(save_on_cpu):
         stats = spec.stats
 
         def pack(t: torch.Tensor) -> tuple[bool, Any]:
-            if t.untyped_storage().data_ptr() in keep:
+            if not _plain(t) or t.untyped_storage().data_ptr() in keep:
                 stats.kept += 1
                 return False, t
             stats.packed += 1
@@ -76,8 +76,19 @@ class _SaveOnHost(save_on_cpu):
         self.pack_hook, self.unpack_hook = pack, unpack
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor with its own storage. Subclasses (a tensor-parallel DTensor, whose storage is its
+    shard's) stay where they are: moving one to the host and back would need its sharding too."""
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(p, "to_local", None)  # a DTensor parameter: its shard holds the storage
+    return to_local() if callable(to_local) else p
+
+
 def _run(layer: nn.Module, spec: _Spec, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    keep = {p.untyped_storage().data_ptr() for p in layer.parameters()} - {0}
+    keep = {_local(p).untyped_storage().data_ptr() for p in layer.parameters()} - {0}
     # save_on_cpu pins only when this device type is available; with "cpu" it would try to pin
     # without an accelerator and fail, so pinning asks CUDA (no CUDA: a plain host copy)
     with _SaveOnHost(spec, "cuda", keep):

@@ -113,8 +113,12 @@ def apply_tp(
     """Tensor-parallelize the pipeline's layers in place over the 1-D ``tp_mesh``.
 
     ``layers`` is the whole pipeline in order; ``owned`` the indices of the layers this rank holds
-    (default: all). Only owned layers are changed, but with sequence parallelism every rank must
-    see the same list of layer types to agree on where the sequence is sharded.
+    (default: all; the others may be on the meta device, only their types are read). Only owned
+    layers are changed. With sequence parallelism, where the sequence is cut or gathered depends on
+    each layer's neighbours, so pass the whole list and ``owned``: a call with only this rank's
+    layers takes its first input and last output as whole, which is still exact for contiguous
+    stages (at the cost of whole tensors between stages) but wrong for a rank holding several
+    chunks (interleaved schedules), whose chunks' neighbours are on other ranks.
 
     The LM head returns the whole logits (gathered over the vocab), so any ``loss_fn`` works and
     ``backward`` needs no context manager. With ``vocab_parallel_loss=True`` it returns the rank's
@@ -132,17 +136,15 @@ def apply_tp(
             f"vocab_parallel_loss needs a last layer whose plan splits the vocab, and layer {len(layers) - 1} "
             f"({type(layers[-1]).__name__}) has none: keep vocab_parallel_loss=False (the logits stay whole)"
         )
-    for i in sorted(owned):
-        if found[i] is not None and found[i][1].check is not None:
-            module, plan = found[i]
+    mine = [(i, entry) for i in sorted(owned) if (entry := found[i]) is not None]
+    for i, (module, plan) in mine:
+        if plan.check is not None:
             plan.check(module, tp, f"layer {i} ({type(layers[i]).__name__})")
     if tp == 1:
         return
     shared = _shared_parameters([layers[i] for i in sorted(owned)])
-    for i in sorted(owned):
-        if found[i] is not None:
-            module, plan = found[i]
-            plan.apply(module, tp_mesh, options)
+    for _, (module, plan) in mine:
+        plan.apply(module, tp_mesh, options)
     _retie(shared)
     _settle_grads([layers[i] for i in sorted(owned)])
     if sequence_parallel:
@@ -198,10 +200,11 @@ def _retie(shared: list[list[tuple[nn.Module, str]]]) -> None:
 
 
 def _settle_grads(layers: Sequence[nn.Module]) -> None:
-    """A replicated parameter used on sequence chunks (a norm under sequence parallelism) gets a
-    Partial(sum) DTensor gradient: each rank holds the part from its chunk. Reduce it to the
-    parameter's own placement as it accumulates, so that the optimizer, clipping and the tied-weight
-    all-reduce see a gradient laid out like its parameter (one all-reduce of a norm's weight)."""
+    """A replicated parameter used on sharded activations gets a gradient laid out otherwise: a
+    norm under sequence parallelism a Partial(sum) one (each rank the part from its chunk), the
+    fused qkv's bias its rank's q, k, v slices (_StridedShard). Bring it to the parameter's own
+    placement as it accumulates (one small all-reduce or all-gather), so that the optimizer,
+    clipping and the tied-weight all-reduce see a gradient laid out like its parameter."""
     seen: set[int] = set()
     for layer in layers:
         for p in layer.parameters():

@@ -53,7 +53,11 @@ class FusedColwiseParallel(ColwiseParallel):
 
     @staticmethod
     def _prepare_output_fn(output_layouts: Any, use_local_output: bool, mod: nn.Module, outputs: Any, device_mesh: DeviceMesh) -> Any:
-        return outputs.to_local()  # (..., parts * width / tp): keep the strided shard as it is
+        # (..., parts * width / tp): keep the strided shard as it is; any other layout would mean
+        # this rank computed other heads than its own
+        if not isinstance(outputs.placements[0], _StridedShard):
+            raise RuntimeError(f"fused projection {mod}: DTensor produced {outputs.placements}, not a strided shard")
+        return outputs.to_local()
 
 
 def _divides(tp: int, name: str, **sizes: int) -> None:

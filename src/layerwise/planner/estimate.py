@@ -237,10 +237,14 @@ def estimate(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int,
     worst_margin, budget = -float("inf"), 0.0
     for p_rank, peak, usable in lay.rows:
         states = mem.model_states(p_rank, dp=s.dp, zero_stage=s.zero_stage, precision=precision, offload=s.offload)
-        total = states.total + peak + transient
+        # Replicated data parallelism reduces gradients through buffers of their own: PyTorch
+        # DDP's buckets (gradient_as_bucket_view=False, the default) and FSDP2's replicate,
+        # which layerwise.Pipeline's DDP mode uses, both hold a second copy of the gradients.
+        buckets = p_rank * precision.grad if s.zero_stage == 0 and s.dp > 1 else 0.0
+        total = states.total + buckets + peak + transient
         if total - usable > worst_margin:
             worst_margin, budget = total - usable, usable
-            worst = {"params": states.params, "grads": states.grads, "optimizer": states.optimizer,
+            worst = {"params": states.params, "grads": states.grads + buckets, "optimizer": states.optimizer,
                      "activations": peak + transient, "total": total}
     reasons = []
     if worst_margin > 0:

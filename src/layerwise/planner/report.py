@@ -131,14 +131,15 @@ def train_config(e: Estimate, *, seq: int) -> str:
     """A flat TOML file with the keys ``layerwise train`` reads (its ``TrainConfig``):
     stages, schedule, microbatches, chunks, dp, tp, batch_size (sequences per step, all
     replicas together), seq_len, activation_checkpointing (none, selective or full) and precision
-    (bf16 = mixed precision with fp32 master weights, or fp32). The ZeRO stage, offload and the
-    microbatch size are written as comments: train has no keys for them."""
+    (bf16 = mixed precision with fp32 master weights, or fp32), and with dp > 1 data_parallel
+    (ddp for ZeRO-0, fsdp otherwise). The ZeRO stage, offload and the microbatch size are
+    written as comments: train has no keys for them."""
     s = e.strategy
     batch = s.dp * s.micro * e.microbatches
     precision = "fp32" if e.precision == "fp32" else "bf16"
     lines = [
         "# Written by `layerwise plan`; read by `layerwise train --config FILE`.",
-        f"# Predicted: {e.step_time:.4g} s per step, {e.memory.get('total', 0.0) / GIB:.1f} GiB per device, "
+        f"# Predicted: {e.step_time:.4g} s per step, {_g(e.memory.get('total', 0.0))} per device, "
         f"MFU {e.mfu:.0%}.",
         f"# Also chosen (no train key yet): zero_stage = {s.zero_stage}, offload = {str(s.offload).lower()}, "
         f"microbatch_size = {s.micro}.",
@@ -153,4 +154,6 @@ def train_config(e: Estimate, *, seq: int) -> str:
         f'activation_checkpointing = "{s.recompute}"',
         f'precision = "{precision}"',
     ]
+    if s.dp > 1:  # replicas: DDP for ZeRO-0, FSDP2 (sharded states) otherwise
+        lines.append(f'data_parallel = "{"ddp" if s.zero_stage == 0 else "fsdp"}"')
     return "\n".join(lines) + "\n"

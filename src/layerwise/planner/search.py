@@ -114,6 +114,12 @@ def plan(model: ModelSpec, cluster: Cluster, global_batch: int, *, pins: Pins = 
     """The ``top`` fastest strategies that fit, best first (or, when none fits, the ones that come
     closest, marked infeasible with the reason)."""
     strategies = enumerate_strategies(model, cluster, global_batch, pins)
+    if not strategies:
+        pinned = {k: v for k, v in vars(pins).items() if v is not None}
+        reason = (f"no dp x tp x pp makes {cluster.devices} devices with tp dividing the node's "
+                  f"{cluster.devices_per_node} devices and the global batch {global_batch} a multiple of "
+                  f"dp x microbatch size" + (f", given the pins {pinned}" if pinned else ""))
+        return PlanResult([], 0, 0, [Rejected(_pins_dict(pins), reason)])
     fits: list[Estimate] = []
     misses: list[Estimate] = []
     rejected: list[Rejected] = []
@@ -151,6 +157,12 @@ def plan(model: ModelSpec, cluster: Cluster, global_batch: int, *, pins: Pins = 
     misses.sort(key=lambda e: e.memory.get("total", 0.0) - e.budget)
     closest = [estimate(model, cluster, e.strategy, global_batch, precision=precision) for e in misses[:top]]
     return PlanResult(closest, considered, len(closest), rejected[:top] if not closest else [])
+
+
+def _pins_dict(p: Pins) -> dict[str, Any]:
+    return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "schedule": p.schedule, "chunks": p.chunks,
+            "microbatch_size": p.micro, "zero_stage": p.zero_stage, "recompute": p.recompute,
+            "offload": p.offload}
 
 
 def _pinned_dict(s: Strategy) -> dict[str, Any]:

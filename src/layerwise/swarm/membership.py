@@ -76,5 +76,15 @@ class Membership:
                 self._cond.wait(left)
             return True
 
+    def settle(self, quiet_s: float, timeout: float) -> None:
+        """Wait until no peer has joined or left for ``quiet_s`` (at most ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cond:
+                last = self.changes[-1].at if self.changes else 0.0
+            if time.time() - last >= quiet_s:
+                return
+            time.sleep(0.1)
+
     def close(self) -> None:
         self._sub.undeclare()

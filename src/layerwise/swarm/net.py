@@ -24,14 +24,6 @@ from .wire import MAX_MESSAGE, Message, decode_message, encode_message
 DEFAULT_LEASE_MS = 1000
 
 
-def check_endpoint(text: str) -> str:
-    proto, sep, rest = text.partition("/")
-    host, colon, port = rest.rpartition(":")
-    if not sep or proto not in ("tcp", "udp", "tls", "quic") or not colon or not host or not port.isdigit():
-        raise ValueError(f"endpoint {text!r} is not like tcp/127.0.0.1:7447")
-    return text
-
-
 def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms: int = DEFAULT_LEASE_MS,
            multicast: bool = False) -> zenoh.Config:  # fmt: skip
     c = zenoh.Config()

@@ -113,3 +113,11 @@ def step_batch(spec: SwarmSpec, corpus: Any, step: int) -> tuple[Any, Any]:
     from ..demo.data import batch
 
     return batch(corpus, step, spec.batch_size, spec.seq, spec.seed)
+
+
+def init_checksum(spec: SwarmSpec) -> float:
+    """A fingerprint of the initial weights: peers running other code would train another model."""
+    import torch
+
+    with torch.no_grad():
+        return float(sum(p.double().abs().sum() for m in build_layers(spec) for p in m.parameters()))

@@ -107,12 +107,34 @@ def capture(module: nn.Module, optimizer: torch.optim.Optimizer | None, rank: in
     return state
 
 
+def _is_strided(t: Any) -> bool:
+    return any(type(p).__name__ == "_StridedShard" for p in getattr(t, "placements", ()))
+
+
+def dcp_view(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` as DCP can save it. A tensor-parallel fused weight (q, k and v each split over
+    the tp ranks: a ``_StridedShard`` DTensor) has no chunk layout DCP's planner accepts in torch
+    2.13 (it reports overlapping chunks), so each rank stores its local part under its own key
+    (``<name>@tp<coordinate>``); the local part shares storage with the parameter, so loading into
+    the view loads the parameter. A resume needs the same tp degree (checked with the settings)."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out[key] = dcp_view(value)
+        elif _is_strided(value):
+            coord = "-".join(map(str, value.device_mesh.get_coordinate() or ()))
+            out[f"{key}@tp{coord}"] = value.to_local()
+        else:
+            out[key] = value
+    return out
+
+
 def restore(module: nn.Module, optimizer: torch.optim.Optimizer | None, rank: int, path: str) -> None:
     """Read this rank's part of the checkpoint at ``path`` into the module, optimizer and RNG."""
     state = capture(module, optimizer, rank)
     try:
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+            dcp.load(dcp_view(state), checkpoint_id=path, no_dist=not _distributed())
     except Exception as e:  # DCP wraps a missing key in a CheckpointException with every rank's traceback
         first = str(e).strip().splitlines()
         raise CheckpointError(
@@ -190,7 +212,7 @@ def save(
 
 def _dcp_save(state: dict[str, Any], path: str) -> None:
     with _single_process_quiet():
-        dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
+        dcp.save(dcp_view(state), checkpoint_id=path, no_dist=not _distributed())
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+from ..schedule.generators import SCHEDULES
 CHOICES = {
     "schedule": SCHEDULES,
     "data_parallel": ("fsdp", "ddp"),
@@ -37,7 +37,7 @@ class TrainConfig:
     data: str = ""  # a text or JSONL file, or a folder of them (required)
     tokenizer: str | None = None  # a local HF tokenizer directory; None: bytes (vocab 257, EOS 256)
     # -- how to split it -------------------------------------------------------------------
-    stages: int = 2  # pipeline ranks = processes
+    stages: int = 2  # pipeline stages (ranks along the pipeline)
     schedule: str = "1f1b"
     microbatches: int = 4
     chunks: int = 2  # stages per rank with the interleaved schedule
@@ -62,7 +62,7 @@ class TrainConfig:
     eval_max_sequences: int = 256  # at most this many held-out sequences
     out: str = "layerwise-train"  # DIR: DIR/checkpoints/, DIR/final/, DIR/metrics.jsonl
     save_every: int = 0  # checkpoint every N steps; 0: only at the end
-    keep: int = 1  # complete checkpoints kept besides the newest one being written
+    keep: int = 1  # complete checkpoints kept; an older one is deleted only once a newer one is complete
     resume: bool = False  # continue from the newest complete checkpoint under out
 
     def __post_init__(self) -> None:
@@ -106,8 +106,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# settings only a config file sets (no flag: the command line stays short)
+_FILE_ONLY = {"keep", "min_lr_ratio", "weight_decay", "eval_fraction", "eval_max_sequences"}
+
+
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """How the user names a setting: its flag, or its key for the settings only a file holds."""
+    return name if name in _FILE_ONLY else "--" + name.replace("_", "-")
 
 
 _NAMES = {f.name for f in fields(TrainConfig)}

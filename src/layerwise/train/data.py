@@ -10,9 +10,10 @@ count of windows consumed, so a checkpoint restores it exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -112,6 +113,36 @@ def tokenize(path: str, tokenizer: Tokenizer) -> torch.Tensor:
         if tokenizer.eos_id is not None:
             ids.append(tokenizer.eos_id)
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def cache_key(path: str, tokenizer: str | None) -> str:
+    """Names the token stream of these files (paths, sizes, modification times) and tokenizer."""
+    parts = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in data_files(path)]
+    if tokenizer is not None:
+        parts += [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in data_files(tokenizer)]
+    blob = json.dumps({"files": parts, "tokenizer": tokenizer and os.path.abspath(tokenizer), "version": 1})
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cached_tokens(path: str, tokenizer: Tokenizer, tokenizer_path: str | None, folder: str,
+                  *, write: bool, wait: Callable[[], None]) -> torch.Tensor:
+    """The token stream of ``path``, tokenized once and kept in ``folder`` as ``tokens-<key>.npy``.
+
+    Every rank needs the stream; only the ``write`` rank tokenizes (when the cache misses) while
+    the others ``wait`` (a barrier), then all read the file. Written to a temporary name and
+    renamed, so a crash never leaves a partial cache. Read with ``allow_pickle=False``.
+    """
+    import numpy as np
+
+    file = os.path.join(folder, f"tokens-{cache_key(path, tokenizer_path)}.npy")
+    if write and not os.path.exists(file):
+        os.makedirs(folder, exist_ok=True)
+        ids = tokenize(path, tokenizer).numpy().astype(np.int32)  # vocabularies stay below 2**31
+        tmp = file + ".tmp.npy"
+        np.save(tmp, ids, allow_pickle=False)
+        os.replace(tmp, file)
+    wait()
+    return torch.from_numpy(np.load(file, allow_pickle=False).astype(np.int64))
 
 
 @dataclass(frozen=True, kw_only=True)

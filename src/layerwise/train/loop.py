@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import PackedData, load_tokenizer, tokenize
-from .model import INDEX, ModelError, TrainModel, build, save_gpt_shard
+from .data import PackedData, cached_tokens, load_tokenizer
+from .model import INDEX, TrainModel, build, save_gpt_shard
 from .optim import adamw, set_current_lr, warmup_cosine
 
 # Settings a resumed run must share with the checkpoint for its loss curve to be the one an
@@ -42,15 +42,7 @@ def train_rank(cfg_dict: dict[str, Any], stop_after: int | None = None) -> dict[
 
     cfg = TrainConfig(**cfg_dict)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    data = PackedData(
-        tokenize(cfg.data, tokenizer), seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-        eval_fraction=cfg.eval_fraction, eval_max=cfg.eval_max_sequences,
-    )  # fmt: skip
     tm = build(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len, seed=cfg.seed)
-    if tm.kind == "hf" and (cfg.tp > 1 or (cfg.dp > 1 and cfg.data_parallel == "fsdp")):
-        # save_hf writes each rank's tensors as they are; sharded ones would need gathering first
-        raise ModelError("the final HuggingFace export needs whole tensors on each pipeline rank: "
-                         "use --data-parallel ddp (not fsdp) and --tp 1 with a HuggingFace model")
     pipe = layerwise.Pipeline(
         tm.model, stages=cfg.stages, schedule=cfg.schedule, microbatches=cfg.microbatches, chunks=cfg.chunks,
         dp=cfg.dp, tp=cfg.tp, data_parallel=cfg.data_parallel, precision=cfg.precision,
@@ -60,6 +52,13 @@ def train_rank(cfg_dict: dict[str, Any], stop_after: int | None = None) -> dict[
     )  # fmt: skip
     rank = dist.get_rank()
     main = rank == 0
+    # rank 0 tokenizes (once: the stream is cached under DIR/data-cache/), the others read it
+    stream = cached_tokens(cfg.data, tokenizer, cfg.tokenizer, os.path.join(cfg.out, "data-cache"),
+                           write=main, wait=dist.barrier)
+    data = PackedData(
+        stream, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+        eval_fraction=cfg.eval_fraction, eval_max=cfg.eval_max_sequences,
+    )  # fmt: skip
     module = ckpt.stage_module(pipe.stages)
     sched = warmup_cosine(pipe.optimizer, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio) if pipe.optimizer else None
     root = os.path.join(cfg.out, "checkpoints")
@@ -235,8 +234,10 @@ def save_final(folder: str, tm: TrainModel, pipe: Any, module: Any, rank: int) -
             part = save_gpt_shard(tmp, tm, full, shard, len(shards))
             with open(os.path.join(tmp, f".weights-{shard}.json"), "w") as f:
                 json.dump(part, f)
-    elif writer:
-        save_hf(tm.model, tmp, shards=shards, shard=shard)
+    else:
+        _gather_whole(pipe)  # every replica takes part; only the writers use the result
+        if writer:
+            save_hf(tm.model, tmp, shards=shards, shard=shard)
     dist.barrier()
     if rank == 0:
         if tm.kind == "gpt":
@@ -254,6 +255,24 @@ def save_final(folder: str, tm: TrainModel, pipe: Any, module: Any, rank: int) -
         os.rename(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def _gather_whole(pipe: Any) -> None:
+    """Replace this rank's sharded parameters (FSDP2 or tensor-parallel DTensors) by whole ones,
+    for save_hf, which writes parameters as they are. Only at the very end: the layers cannot
+    train afterwards. ``full_tensor`` is a collective over the parameter's mesh; the replicas of
+    one pipeline rank hold the same layers, so they call it in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    whole: dict[int, torch.nn.Parameter] = {}  # a weight in two slots (tied) stays one
+    for stage in pipe.stages.values():
+        for layer in stage.layers:
+            for module in layer.modules():
+                for name, p in list(module._parameters.items()):
+                    if isinstance(p, DTensor):
+                        if id(p) not in whole:
+                            whole[id(p)] = torch.nn.Parameter(p.full_tensor().detach(), requires_grad=False)
+                        module._parameters[name] = whole[id(p)]
 
 
 # -- output -------------------------------------------------------------------------------------

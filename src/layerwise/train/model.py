@@ -74,7 +74,10 @@ def build(spec: str, *, vocab_size: int, seq_len: int, seed: int) -> TrainModel:
     torch.manual_seed(seed)  # every rank builds the same initial weights
     folder = None
     if spec == "gpt":
-        cfg: dict[str, Any] = {"model_type": GPT_TYPE, "vocab": vocab_size, "context": seq_len, **GPT_DEFAULTS}
+        # the vocabulary padded to a multiple of 64 so that tensor parallelism can split the
+        # embedding and head evenly (Megatron-LM pads the same way); the extra rows are never targets
+        vocab = -(-vocab_size // 64) * 64
+        cfg: dict[str, Any] = {"model_type": GPT_TYPE, "vocab": vocab, "context": seq_len, **GPT_DEFAULTS}
     elif os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise ModelError(f"--model {spec}: no config.json in the folder (expected a model directory)")

@@ -5,8 +5,8 @@ compute is the bottleneck, and serial handling keeps every span's state changes 
 peer does with each kind of message:
 
 - ``hello``: measure capacity for the trainer's spec, reply speed and memory.
-- ``reset`` / ``install`` / ``promote``: drop its spans; build one (from the seed, or from a
-  hand-over of weights and AdamW state); turn a copy into the stage's holder.
+- ``reset`` / ``install`` / ``promote`` / ``drop``: drop all its spans; build one (from the seed,
+  or from a hand-over of weights and AdamW state); turn a copy into the stage's holder; drop a copy.
 - ``forward`` / ``backward``: one microbatch through a held stage (runtime :class:`Stage`).
 - ``commit``: one AdamW step from the accumulated gradients; the gradients go back to the trainer,
   which relays them to the stage's copy (``backup_apply``).
@@ -34,7 +34,7 @@ import torch
 import zenoh
 
 from ..net import alive_key, config, peer_key
-from ..spec import SwarmSpec
+from ..spec import SwarmSpec, init_checksum
 from ..wire import MAX_MESSAGE, Message, decode_message, encode_message, error
 from .capacity import block_seconds, default_memory_bytes
 from .state import Span
@@ -73,6 +73,7 @@ class Peer:
         self.spec: SwarmSpec | None = None
         self.epoch = 0
         self.block_s: dict[str, float] = {}
+        self.checksum: dict[str, float] = {}
         self.fault = _parse_fault(os.environ.get("LAYERWISE_SWARM_FAULT", ""))
         self.served = 0
 
@@ -111,7 +112,8 @@ class Peer:
         key = repr(spec.to_json())
         if key not in self.block_s:
             self.block_s[key] = block_seconds(spec) / self.opts.speed
-        return Message("ok", meta=self._info() | {"block_s": self.block_s[key]})
+            self.checksum[key] = init_checksum(spec)
+        return Message("ok", meta=self._info() | {"block_s": self.block_s[key], "checksum": self.checksum[key]})
 
     def _info(self) -> dict[str, Any]:
         mem = self.opts.memory_gib * (1 << 30) if self.opts.memory_gib else default_memory_bytes()
@@ -137,6 +139,11 @@ class Peer:
             span.load(msg.tensors, int(msg.meta["step"]))
         self.spans[msg.stage] = span
         return Message("ok", meta={"step": span.step})
+
+    def _on_drop(self, msg: Message) -> Message:
+        span = self._span(msg, "copy")
+        del self.spans[span.stage]
+        return Message("ok")
 
     def _on_promote(self, msg: Message) -> Message:
         span = self._span(msg)
@@ -264,4 +271,6 @@ def serve(opts: PeerOptions, *, on_ready: Any = None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    Peer(opts).serve(stop, on_ready)
+    peer = Peer(opts)
+    peer.serve(stop, on_ready)
+    print(f"peer {peer.id} left swarm {opts.swarm!r}", flush=True)

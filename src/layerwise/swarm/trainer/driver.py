@@ -90,7 +90,10 @@ def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message) -> Message:
             if s in tr.replay_needed:
                 _replay(tr, cache, s, holder)
             msg.epoch = tr.epoch
-            return tr.node.request(holder, msg, tr.opts.request_timeout)
+            t0 = time.perf_counter()
+            reply = tr.node.request(holder, msg, tr.opts.request_timeout)
+            tr.request_times.append((s, msg.kind, time.perf_counter() - t0))
+            return reply
         except PeerLost as e:
             tr.recover(s, e.peer, cache, msg.kind)
 

@@ -11,6 +11,7 @@ and the layers are re-balanced when the solver predicts a gain above the hystere
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from ..errors import PeerLost, StageLost, SwarmError
 from ..membership import Membership
 from ..net import Node, config, trainer_key
 from ..replay import StepCache
-from ..spec import SwarmSpec, build_layers, load_corpus, step_batch
+from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_batch
 from ..wire import Message, encode_message
 from .driver import run_step
 
@@ -41,10 +42,15 @@ class TrainerOptions:
     lease_ms: int = 1000  # zenoh link lease: bounds how long a hung peer goes unnoticed
     request_timeout: float = 120.0  # a live peer's longest request (a stalled one fails by the lease)
     rebalance_threshold: float = 0.15  # move layers only for a predicted gain of at least this
+    # how peer speeds are known: "measured" (each peer's block benchmark), "declared" (each peer's
+    # --speed, for emulated peers on one shared machine), or "blind" (all 1: bench/swarm.py's baseline)
+    capacity: str = "measured"
 
     def __post_init__(self) -> None:
         if not self.join and not self.listen:
             raise ValueError("the trainer needs --join ENDPOINT (or --listen ENDPOINT if it starts the swarm)")
+        if self.capacity not in ("measured", "declared", "blind"):
+            raise ValueError(f"capacity must be measured, declared or blind, got {self.capacity!r}")
         if self.min_peers < 1:
             raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
 
@@ -67,9 +73,11 @@ class Trainer:
         self.assignment = Assignment(epoch=0, stages=())
         self.block_s: dict[str, float] = {}
         self.memory: dict[str, float] = {}
+        self.declared: dict[str, float] = {}
         self.failures: list[Failure] = []
         self.replay_needed: set[int] = set()
         self.replayed = 0
+        self.request_times: list[tuple[int, str, float]] = []  # (stage, kind, seconds) of each request
         self.cache: StepCache | None = None
         self.phase = "idle"
         self.step_times: list[tuple[int, float, float]] = []  # (step, wall end, seconds)
@@ -78,6 +86,8 @@ class Trainer:
         self.last_commit = 0.0
         self._lock = threading.RLock()
         self._counts = [len(list(m.parameters())) for m in build_layers(spec)]
+        self._checksum = init_checksum(spec)
+        self.refused: set[str] = set()
         self._corpus: Any = None
 
     # -- session -------------------------------------------------------------------------------
@@ -123,6 +133,8 @@ class Trainer:
                 f"only {have} of {self.opts.min_peers} peers joined swarm {self.opts.swarm!r} within "
                 f"{self.opts.wait_s:.0f} s: start more with 'layerwise swarm serve --join ENDPOINT'"
             )
+        # gossip makes direct links after the first ones through the seed; tokens may flap meanwhile
+        self.membership.settle(quiet_s=1.0, timeout=10.0)
         self._measure_new()
         if not self.peers():
             raise SwarmError(f"no peer of swarm {self.opts.swarm!r} answered: check that they run the same version")
@@ -130,7 +142,7 @@ class Trainer:
 
     def _measure_new(self) -> None:
         for peer in sorted(self.membership.snapshot()):
-            if peer in self.block_s:
+            if peer in self.block_s or peer in self.refused:
                 continue
             for _attempt in range(3):  # a peer's queryable may reach us a moment after its token
                 try:
@@ -140,14 +152,23 @@ class Trainer:
                     time.sleep(0.2)
             else:
                 continue
+            if r.meta.get("checksum") != self._checksum:
+                if peer not in self.refused:
+                    self.refused.add(peer)
+                    print(f"warning: peer {peer} builds other initial weights from the same spec (another "
+                          f"layerwise version?); it is left out", file=sys.stderr, flush=True)
+                continue
             self.block_s[peer] = float(r.meta["block_s"])
+            self.declared[peer] = float(r.meta["speed"])
             self.epoch = max(self.epoch, int(r.meta["epoch"]))  # peers remember an earlier trainer's epochs
             self.memory[peer] = float(r.meta["memory_bytes"])
 
     def peers(self) -> list[PeerInfo]:
         alive = self.membership.snapshot()
         live = {p: s for p, s in self.block_s.items() if p in alive}
-        speeds = relative_speeds(live) if live else {}
+        if self.opts.capacity == "declared":
+            live = {p: 1.0 / self.declared[p] for p in live}
+        speeds = relative_speeds(live) if live and self.opts.capacity != "blind" else dict.fromkeys(live, 1.0)
         return [PeerInfo(id=p, speed=speeds[p], memory_bytes=self.memory[p]) for p in sorted(live)]
 
     def holder(self, s: int) -> str:
@@ -173,6 +194,24 @@ class Trainer:
         if worth_moving(self.assignment, proposed, self.spec, speeds, self.opts.rebalance_threshold):
             self._reconfigure(states=self._gather())
             self.rebalances += 1
+        else:
+            self._use_idle_peers(peers)
+
+    def _use_idle_peers(self, peers: list[PeerInfo]) -> None:
+        """A peer with nothing to do takes over the copy of a stage from a peer that also holds one."""
+        holders = {x.holder for x in self.assignment.stages}
+        busy = holders | {x.copy for x in self.assignment.stages}
+        for peer in [p.id for p in peers if p.id not in busy]:
+            doubled = [x for x in self.assignment.stages if x.copy in holders]
+            if not doubled:
+                return
+            old = doubled[0]
+            self.recopy(old.stage, to=peer)
+            if old.copy is not None and self.assignment.stages[old.stage].copy == peer:
+                try:  # the old copy is no longer kept up to date: free it
+                    self.node.request(old.copy, Message("drop", stage=old.stage, epoch=self.epoch))
+                except PeerLost as e:
+                    self.note_lost(e.peer)
 
     def _gather(self) -> list[tuple[list[torch.Tensor], int]]:
         """Every layer's weights and AdamW state, from each stage's holder (or its copy)."""
@@ -290,8 +329,8 @@ class Trainer:
             else:
                 self.mark_recovered(s)
 
-    def recopy(self, s: int) -> None:
-        """Make a fresh copy of stage ``s`` from its holder on the least busy other live peer."""
+    def recopy(self, s: int, to: str | None = None) -> None:
+        """Make a fresh copy of stage ``s`` from its holder on ``to`` or the least busy other live peer."""
         with self._lock:
             span = self.assignment.stages[s]
             load: dict[str, int] = {p.id: 0 for p in self.peers()}
@@ -299,17 +338,26 @@ class Trainer:
                 for p in (x.holder, x.copy):
                     if p in load:
                         load[p] += 1
-            candidates = sorted((n, p) for p, n in load.items() if p != span.holder)
+            candidates = [(0, to)] if to else sorted((n, p) for p, n in load.items() if p != span.holder)
             new = StageSpan(stage=s, first=span.first, count=span.count, holder=span.holder, copy=None)
             if candidates:
                 peer = candidates[0][1]
-                r = self.node.request(span.holder, Message("get_state", stage=s, epoch=self.epoch))
+                try:
+                    r = self.node.request(span.holder, Message("get_state", stage=s, epoch=self.epoch))
+                except PeerLost as e:  # the holder is gone too, and the old copy with it
+                    self.note_lost(e.peer)
+                    raise self._lost(span) from None
                 try:
                     self._install(peer, new, "copy", None, self.epoch, r.tensors, int(r.meta["step"]))
                     new = StageSpan(stage=s, first=span.first, count=span.count, holder=span.holder, copy=peer)
                 except PeerLost as e:
                     self.note_lost(e.peer)  # left without a copy; the next boundary tries again
             self._set(new)
+            if new.copy is not None:  # a lost copy counts as recovered once its stage has a new one
+                for f in self.failures:
+                    if f.peer == span.copy and f.recovered_at is None:
+                        f.stages.append(s)
+                        f.recovered_at = time.time()
 
     def _set(self, span: StageSpan) -> None:
         stages = list(self.assignment.stages)
