@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -10,6 +9,8 @@ import torch
 import layerwise
 from layerwise.models import GPT, GPTConfig, lm_loss
 from layerwise.runtime.split import as_layers
+
+from .workers import reference_backward
 
 BATCHES = (8, 7, 12)  # 7 rows do not split evenly over 2 replicas or into 3 microbatches
 CFG = GPTConfig(vocab=48, context=16, width=32, heads=4, blocks=6)
@@ -64,12 +65,7 @@ def mesh_equivalence(cases: list[dict[str, Any]]) -> dict[str, Any]:
             # sequence parallelism splits the sequence over the tp ranks
             x, y = _batch(n, g, kw.get("tp", 1) if kw.get("sequence_parallel") else 1)
             loss = pipe.forward_backward(x, y)
-            ref_opt.zero_grad()
-            h = x
-            for layer in ref_layers:
-                h = layer(h)
-            ref_loss = lm_loss(h, y)
-            ref_loss.backward()
+            ref_loss = reference_backward(ref_layers, lm_loss, ref_opt, x, y)
             for name, p in pipe.named_parameters().items():
                 delta = ref_params[name].grad - _full(p.grad)
                 grad_diff = max(grad_diff, delta.abs().max().item())

@@ -36,6 +36,7 @@ CASES_4 = [
     # tensor parallelism (the fused qkv split per q, k, v; the head's logits gathered over the vocab)
     dict(stages=2, tp=2, microbatches=3),
     dict(stages=2, tp=2, microbatches=3, schedule="interleaved", sequence_parallel=True),
+    dict(stages=1, dp=2, tp=2, microbatches=2, meta=True),  # the tie on one rank, sharded over tp
 ]  # fmt: skip
 CASES_8 = [
     dict(stages=2, dp=2, tp=2, microbatches=3),

@@ -108,12 +108,7 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
             loss = pipe.forward_backward(x, y)
             if acc_layers is not None and bitwise is None:  # first step only
                 bitwise = _bit_identical(pipe, acc_layers, loss_fn, x, y, m, loss)
-            ref_opt.zero_grad()
-            h = x
-            for layer in ref_layers:
-                h = layer(h)
-            ref_loss = loss_fn(h, y)
-            ref_loss.backward()
+            ref_loss = reference_backward(ref_layers, loss_fn, ref_opt, x, y)
             for name, p in pipe.named_parameters().items():
                 grad_diff = max(grad_diff, (ref_params[name].grad - p.grad).abs().max().item())
             if clip is not None:  # the global norm over every stage, tied weights counted once
@@ -140,6 +135,17 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
             "bitwise": bitwise,
         }
     return out
+
+
+def reference_backward(layers: list[torch.nn.Module], loss_fn: Any, opt: torch.optim.Optimizer, x: Any, y: Any) -> torch.Tensor:
+    """The unsplit model's loss and gradients on the whole batch (what the pipeline must equal)."""
+    opt.zero_grad()
+    h = x
+    for layer in layers:
+        h = layer(h)
+    loss = loss_fn(h, y)
+    loss.backward()
+    return loss
 
 
 def _bit_identical(pipe: Any, layers: list[Any], loss_fn: Any, x: Any, y: Any, m: int, loss: float) -> bool:

@@ -144,10 +144,14 @@ def test_keyword_arguments_and_no_grad() -> None:
     assert torch.equal(x.grad, want_grad[0]) and torch.equal(layer.lin.weight.grad, want_grad[1])
 
 
-def test_first_counts_every_kth_over_the_whole_model() -> None:
+def test_indices_count_every_kth_over_the_whole_model() -> None:
     layers = [nn.Linear(2, 2) for _ in range(3)]
-    apply_ac(layers, "full", every=2, first=3)  # model layers 3, 4, 5: the 4th and 6th
+    apply_ac(layers, "full", every=2, indices=[3, 4, 5])  # model layers 3, 4, 5: the 4th and 6th
     assert [ac_mode(m) for m in layers] == ["full", "none", "full"]
+    apply_ac(layers, "full", every=2, indices=[1, 6, 9])  # an interleaved rank's two chunks
+    assert [ac_mode(m) for m in layers] == ["full", "none", "full"]
+    with pytest.raises(ConfigError, match="3 layers but 2 indices"):
+        apply_ac(layers, "full", indices=[0, 1])
 
 
 @pytest.mark.parametrize(

@@ -100,15 +100,18 @@ def _run(layer: nn.Module, mode: str, call: Any, args: tuple[Any, ...], kwargs: 
 _wrap.register("checkpoint", _run)
 
 
-def apply_ac(layers: Sequence[nn.Module], mode: str = "none", *, every: int = 1, first: int = 0) -> None:
+def apply_ac(
+    layers: Sequence[nn.Module], mode: str = "none", *, every: int = 1, indices: Sequence[int] | None = None
+) -> None:
     """Checkpoint the activations of ``layers`` in place.
 
     ``mode``: ``"none"`` (keep every activation; also removes an earlier ``apply_ac``),
     ``"full"`` (keep each checkpointed layer's inputs, recompute the layer in the backward) or
     ``"selective"`` (keep matmul and attention outputs, recompute the rest). ``every``: checkpoint
     only every ``every``-th layer (the ``every``-th, ``2*every``-th, ... counting from 1), the
-    others keep their activations. ``first``: the model-wide index of ``layers[0]``, so that on a
-    pipeline stage "every k-th" counts layers of the whole model, not of the stage.
+    others keep their activations. ``indices``: each layer's index in the whole model (default
+    0, 1, ...), so that on a pipeline rank "every k-th" counts the model's layers, not the rank's
+    (pass the rank's owned layer indices, interleaved chunks included).
     """
     if mode not in MODES:
         raise ConfigError(f"activation checkpointing mode {mode!r} is not one of {', '.join(MODES)}")
@@ -116,8 +119,11 @@ def apply_ac(layers: Sequence[nn.Module], mode: str = "none", *, every: int = 1,
         raise ConfigError(
             f"activation checkpointing every={every!r}: pass a whole number >= 1 (1 checkpoints every layer)"
         )
-    for i, layer in enumerate(layers):
-        on = mode != "none" and (first + i + 1) % every == 0
+    where = list(range(len(layers))) if indices is None else list(indices)
+    if len(where) != len(layers):
+        raise ConfigError(f"apply_ac got {len(layers)} layers but {len(where)} indices: pass one index per layer")
+    for i, layer in zip(where, layers):
+        on = mode != "none" and (i + 1) % every == 0
         _wrap.set_tool(layer, "checkpoint", mode if on else None)
 
 

