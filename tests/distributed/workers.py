@@ -88,6 +88,7 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
         model, loss_fn, cfg = _model(kind)
         ref = copy.deepcopy(model)
         ref_layers = layerwise.runtime.split.as_layers(ref)
+        acc_layers = layerwise.runtime.split.as_layers(copy.deepcopy(model)) if kind == "mlp" else None
         # SGD with momentum is linear in the gradients, so float rounding (sums in another order)
         # stays at rounding size; Adam divides by sqrt(v) and can amplify it for tiny gradients.
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
@@ -101,9 +102,12 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
             f"{i}.{name}": p for i, layer in enumerate(ref_layers) for name, p in layer.named_parameters()
         }
         loss_diff, grad_diff, losses, norms = 0.0, 0.0, [], []
+        bitwise = None
         for n in BATCHES:
             x, y = _batch(kind, n, g, cfg)
             loss = pipe.forward_backward(x, y)
+            if acc_layers is not None and bitwise is None:  # first step only
+                bitwise = _bit_identical(pipe, acc_layers, loss_fn, x, y, m, loss)
             ref_loss = reference_backward(ref_layers, loss_fn, ref_opt, x, y)
             for name, p in pipe.named_parameters().items():
                 grad_diff = max(grad_diff, (ref_params[name].grad - p.grad).abs().max().item())
@@ -128,6 +132,7 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
             "compared": compared,
             "all_params": sorted(ref_params),
             "losses": losses,
+            "bitwise": bitwise,
         }
     return out
 
@@ -141,6 +146,26 @@ def reference_backward(layers: list[torch.nn.Module], loss_fn: Any, opt: torch.o
     loss = loss_fn(h, y)
     loss.backward()
     return loss
+
+
+def _bit_identical(pipe: Any, layers: list[Any], loss_fn: Any, x: Any, y: Any, m: int, loss: float) -> bool:
+    """One process accumulating the same microbatches, weighted by their rows, in microbatch order:
+    are the loss and every gradient bit-identical to the pipeline's? (Every stage accumulates its
+    microbatches' gradients in microbatch order, whatever the schedule.)"""
+    from layerwise.runtime.microbatch import split_batch
+
+    k = min(m, x.shape[0])
+    total = None
+    for xi, yi in zip(split_batch(x, k, "x"), split_batch(y, k, "y")):
+        h = xi
+        for layer in layers:
+            h = layer(h)
+        li = loss_fn(h, yi) * (yi.shape[0] / x.shape[0])
+        li.backward()
+        total = li.detach() if total is None else total + li.detach()
+    params = {f"{i}.{name}": p for i, layer in enumerate(layers) for name, p in layer.named_parameters()}
+    same = all(torch.equal(p.grad, params[name].grad) for name, p in pipe.named_parameters().items())
+    return same and float(total) == loss
 
 
 def case_key(case: list[Any]) -> str:

@@ -23,11 +23,12 @@ def _run(script: str, out: Path) -> dict:
 
 def test_pipeline_vs_torch_quick(tmp_path: Path) -> None:
     r = _run("pipeline_vs_torch.py", tmp_path / "pvt.json")
-    for schedule in ("gpipe", "1f1b"):
+    for schedule in ("gpipe", "1f1b", "zbv"):
         assert r["throughput_ratio"][schedule] > 0
         assert 0 <= r["bubble"][schedule]["measured"] < 1 and 0 <= r["bubble"][schedule]["predicted"] < 1
     # both systems trained the same model on the same data
-    assert r["first_losses"]["layerwise"]["1f1b"] == pytest.approx(r["first_losses"]["torch"]["1f1b"], rel=1e-5)
+    for schedule in ("1f1b", "zbv"):
+        assert r["first_losses"]["layerwise"][schedule] == pytest.approx(r["first_losses"]["torch"][schedule], rel=1e-5)
 
 
 def test_balance_quick(tmp_path: Path) -> None:
@@ -35,3 +36,11 @@ def test_balance_quick(tmp_path: Path) -> None:
     for key in ("balanced_vs_uniform", "aware_vs_blind", "prediction_error", "balanced_vs_uniform_head_two_blocks"):
         assert r[key] > 0
     assert set(r["met"]) == {"balanced_vs_uniform", "aware_vs_blind", "prediction_error"}
+
+
+def test_backward_split_quick(tmp_path: Path) -> None:
+    r = _run("backward_split.py", tmp_path / "bs.json")
+    assert set(r["kinds"]) == {"linear", "layer_norm", "embedding", "attention", "gpt_block", "head"}
+    for kind, row in r["kinds"].items():
+        assert row["identical_gradients"], kind
+        assert row["split_ms"] > 0 and row["fused_ms"] > 0
