@@ -253,7 +253,7 @@ def fit_links(raw: dict[str, Any]) -> dict[str, float]:
 def measured_part(quick: bool) -> dict[str, Any]:
     from layerwise import launch
 
-    warmup, steps = (1, 2) if quick else (2, 8)
+    warmup, steps = (1, 2) if quick else (2, 12)
     configs = CONFIGS[:2] if quick else CONFIGS
     load0 = os.getloadavg()[0]
     act = BATCH * MODEL["context"] * MODEL["width"] * 4

@@ -65,8 +65,9 @@ class LocalSwarm:
     def alive(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is None]
 
-    def trainer(self, spec: SwarmSpec, peers: int) -> Trainer:
-        return Trainer(spec, TrainerOptions(swarm=self.name, join=(self.endpoint,), min_peers=peers, wait_s=90))
+    def trainer(self, spec: SwarmSpec, peers: int, **kw: Any) -> Trainer:
+        opts = TrainerOptions(swarm=self.name, join=(self.endpoint,), min_peers=peers, wait_s=90, **kw)
+        return Trainer(spec, opts)
 
     def close(self) -> None:
         for name in self.procs:
@@ -156,19 +157,30 @@ def test_joining_peers_get_layers_or_a_copy_at_a_step_boundary(swarm: LocalSwarm
     assert max_diff(params, reference(SPEC, 6)[0]) == 0.0
 
 
-def test_a_stage_lost_for_good_stops_with_a_clear_error(swarm: LocalSwarm, churn: dict[str, Any]) -> None:
+def test_a_stage_lost_for_good_stops_with_a_clear_error_and_the_run_resumes(
+    swarm: LocalSwarm, churn: dict[str, Any], tmp_path: Any
+) -> None:
+    span: Any = None
+
     def hook(tr: Trainer, step: int) -> None:
-        if step == 2:
-            span = tr.assignment.stages[1]
+        nonlocal span
+        if step == 3:  # a stage whose holder and copy are not the seed (the resumed run joins through it)
+            span = next(s for s in tr.assignment.stages if "p0" not in (s.holder, s.copy))
             for name in (span.holder, span.copy):
                 os.kill(swarm.procs[str(name)].pid, signal.SIGKILL)
 
     started = time.monotonic()
-    with swarm.trainer(SPEC, 4) as tr, pytest.raises(StageLost) as err:
+    opts = dict(checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    with swarm.trainer(SPEC, 4, **opts) as tr, pytest.raises(StageLost) as err:
         tr.train(6, hook)
     assert time.monotonic() - started < 60
     text = str(err.value)
-    assert "stage 1" in text and "layers" in text and "are both gone" in text and "To resume" in text
+    assert f"stage {span.stage} (layers {span.first}-" in text and "are both gone" in text
+    assert f"checkpoint of step 2, run the trainer again with --resume {tmp_path}" in text
+    with swarm.trainer(SPEC, 2, resume=str(tmp_path)) as tr:  # the peers left, from step 2 on
+        params, committed = _run(tr, 6)
+    assert committed == [6] * len(committed)
+    assert max_diff(params, reference(SPEC, 6)[0]) == 0.0
 
 
 def test_demo_prints_the_summary_as_json() -> None:

@@ -140,3 +140,31 @@ def test_train_config_is_flat_toml_with_trains_keys(llama: ModelSpec, h100x64: C
     assert (data["stages"], data["dp"], data["tp"], data["schedule"]) == (s.pp, s.dp, s.tp, s.schedule)
     assert data["batch_size"] == 512 and data["microbatches"] == best.microbatches
     assert data["activation_checkpointing"] == s.recompute and data["precision"] == "bf16"
+
+
+LLAMA_LIKE = ModelSpec(layers=16, hidden=2048, heads=16, kv_heads=4, ffn=5504, gated_mlp=True, bias=False,
+                       norm="rmsnorm", learned_positions=False, tied_head=False, dropout=False, vocab=32000, seq=2048)
+GPT_LIKE = ModelSpec(layers=12, hidden=1024, heads=16, vocab=32000, seq=1024)
+
+
+@pytest.mark.parametrize(("model", "memory_gib", "pp"),
+                         [(GPT_LIKE, 4, None), (GPT_LIKE, 4, 2), (LLAMA_LIKE, 4, 2), (LLAMA_LIKE, 4, 4), (LLAMA_LIKE, 8, 4)])
+def test_two_passes_find_the_exhaustive_best(model: ModelSpec, memory_gib: int, pp: int | None) -> None:
+    # The search ranks by closed forms (and bounds interleaving's memory) and replays only the
+    # fastest; on a cluster small enough to price every strategy exactly, it finds the same best.
+    from layerwise.planner.search import enumerate_strategies
+
+    cluster = Cluster.uniform(devices=16, devices_per_node=4, memory_gib=memory_gib, tflops=100)
+    pins = Pins(pp=pp)
+    best = plan(model, cluster, 64, pins=pins).best
+    assert best is not None and best.feasible
+    exact = []
+    for s in enumerate_strategies(model, cluster, 64, pins):
+        for offload in (False, True):
+            try:
+                e = estimate(model, cluster, replace(s, offload=offload), 64)
+            except StrategyError:
+                continue
+            if e.feasible:
+                exact.append(e.step_time)
+    assert best.step_time == pytest.approx(min(exact), rel=1e-12)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
+from pathlib import Path
 
 import pytest
 import torch
 
+from layerwise.commands.swarm import format_status
+from layerwise.swarm import checkpoint
 from layerwise.swarm.assignment import PeerInfo, assign, relative_speeds, step_time, worth_moving
-from layerwise.swarm.errors import WireError
+from layerwise.swarm.errors import SwarmError, WireError
 from layerwise.swarm.spec import SwarmSpec
 from layerwise.swarm.wire import GROUP, Message, decode_message, encode_message
 
@@ -73,3 +77,68 @@ def test_spec_is_validated_and_survives_json() -> None:
         SwarmSpec(batch_size=7, microbatches=2)
     with pytest.raises(ValueError, match="not a swarm spec"):
         SwarmSpec.from_json({"width": 8, "__class__": "os.system"})
+
+
+def test_a_checkpoint_round_trips_and_refuses_another_model(tmp_path: Path) -> None:
+    spec = SwarmSpec(width=16, heads=2, blocks=1)
+    g = torch.Generator().manual_seed(1)
+    layers = [([torch.randn(4, 3, generator=g) for _ in range(3 * n)], 7) for n in (2, 3)]
+    checkpoint.save(tmp_path, spec, layers, [5.0, 4.0, 3.5])
+    got, losses = checkpoint.load(tmp_path, spec)
+    assert checkpoint.last_step(tmp_path) == 7 and losses == [5.0, 4.0, 3.5]
+    assert all(torch.equal(a, b) for (x, _), (y, _) in zip(layers, got) for a, b in zip(x, y))
+    with pytest.raises(SwarmError, match="another model"):
+        checkpoint.load(tmp_path, SwarmSpec(width=32, heads=2, blocks=1))
+    assert checkpoint.last_step(tmp_path / "none") is None
+
+
+def test_status_text_names_stages_copies_and_failures() -> None:
+    got = {"swarm": "s", "peers": {"a": {"speed": 1.0, "spans": []}},
+           "trainer": {"step": 4, "loss": 3.2, "steps_per_s": 2.5,
+                       "stages": [{"stage": 0, "layers": [0, 5], "holder": "a", "copy": "b"}],
+                       "failures": [{"peer": "c", "step": 2, "phase": "forward", "stages": [0]}]}}  # fmt: skip
+    text = format_status(got)
+    assert "stage 0 layers 0-5: a (copy b)" in text and "failure: c at step 2 (forward)" in text
+    assert "no trainer" in format_status({"swarm": "s", "peers": {}, "trainer": None})
+
+
+def _peer(memory_gib: float = 1.0) -> Any:
+    from layerwise.swarm.peer import Peer, PeerOptions
+
+    return Peer(PeerOptions(listen=("tcp/127.0.0.1:1",), name="t", memory_gib=memory_gib))
+
+
+def _handle(peer: Any, msg: Message) -> Message:
+    from layerwise.swarm.peer.server import _Refuse
+
+    try:
+        return peer.handle(msg)
+    except _Refuse as e:
+        return Message("error", meta={"error": str(e)})
+
+
+def test_a_peer_refuses_stale_duplicate_and_oversized_work() -> None:
+    spec = SwarmSpec(width=16, heads=2, blocks=2, seq=8, batch_size=4, microbatches=2)
+    peer = _peer()
+    meta = {"spec": spec.to_json(), "first": 0, "count": 2, "role": "holder"}
+    assert _handle(peer, Message("install", stage=0, epoch=3, meta=meta)).kind == "ok"
+    x = torch.randint(0, 256, (2, 8))
+    assert _handle(peer, Message("forward", 0, 0, 0, 3, {"weight": 0.5}, [x])).kind == "ok"
+    g = [torch.randn(2, 8, 16)]
+    assert _handle(peer, Message("backward", 0, 0, 0, 3, tensors=g)).kind == "ok"
+    dup = _handle(peer, Message("backward", 0, 0, 0, 3, tensors=g))
+    assert dup.kind == "error" and "duplicate" in dup.meta["error"]
+    early = _handle(peer, Message("forward", 1, 0, 1, 3, {"weight": 0.5}, [x]))
+    assert early.kind == "error" and "stale or early" in early.meta["error"]
+    stale = _handle(peer, Message("forward", 0, 0, 1, 2, {"weight": 0.5}, [x]))
+    assert stale.kind == "error" and "stale assignment epoch 2" in stale.meta["error"]
+    short = _handle(peer, Message("commit", 0, 0, -1, 3, {"lr": 1e-3, "microbatches": 2}))
+    assert short.kind == "error" and "1 of 2 backwards" in short.meta["error"]
+    assert _handle(peer, Message("forward", 0, 0, 1, 3, {"weight": 0.5}, [x])).kind == "ok"
+    assert _handle(peer, Message("backward", 0, 0, 1, 3, tensors=g)).kind == "ok"
+    first = _handle(peer, Message("commit", 0, 0, -1, 3, {"lr": 1e-3, "microbatches": 2}))
+    again = _handle(peer, Message("commit", 0, 0, -1, 3, {"lr": 1e-3, "microbatches": 2}))
+    assert first.meta == {"already": False} and len(first.tensors) == len(peer.spans[0].params)
+    assert again.meta == {"already": True} and peer.spans[0].step == 1  # applied once
+    big = _handle(_peer(1e-6), Message("install", stage=0, epoch=1, meta=meta))
+    assert big.kind == "error" and "memory budget" in big.meta["error"]

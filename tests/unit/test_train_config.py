@@ -69,3 +69,12 @@ def test_cli_bad_input_is_one_error_line(argv: list[str], words: list[str], caps
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and all(w in err for w in words), err
+
+
+def test_a_file_written_by_layerwise_plan_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "plan.toml"
+    argv = ["plan", "--model", "gpt", "--devices", "4", "--device-memory", "4", "--device-tflops", "1",
+            "--global-batch", "16", "--seq", "64", "--write-config", str(path)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    cfg = build_config(str(path), data="corpus.txt")
+    assert cfg.processes == 4 and cfg.batch_size == 16 and cfg.seq_len == 64

@@ -114,6 +114,8 @@ def test_a_local_huggingface_tokenizer_directory(tmp_path: Path) -> None:
     assert tokenize(str(tmp_path / "docs"), tok).tolist() == [2, 3, 4, 1, 4, 2, 0, 1]
     with pytest.raises(DataError, match="--tokenizer"):
         HFTokenizer(str(tmp_path / "docs"))
+    tok.save(str(tmp_path / "final"))  # beside the trained model
+    assert HFTokenizer(str(tmp_path / "final")).encode("world pipeline") == [4, 3]
 
 
 def test_the_token_stream_is_cached_and_refreshed_when_the_text_changes(tmp_path: Path) -> None:

@@ -83,6 +83,9 @@ def _check_paths(cfg: Any) -> None:
         raise UsageError(f"--model {cfg.model}: no such file or directory (or use --model gpt)")
     if cfg.tokenizer is not None and not os.path.isdir(cfg.tokenizer):
         raise UsageError(f"--tokenizer {cfg.tokenizer}: not a directory")
+    if cfg.tokenizer is None and any(os.path.isfile(os.path.join(cfg.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        print(f"note: {cfg.model} has its own tokenizer, but without --tokenizer the text is read as bytes; "
+              f"pass --tokenizer {cfg.model} to use it", file=sys.stderr)
     root = os.path.join(cfg.out, "checkpoints")
     found = latest(root)
     if cfg.resume and found is None:

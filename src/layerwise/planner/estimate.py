@@ -132,6 +132,8 @@ class _Layout:
     hops: tuple[float, ...]  # per boundary, message seconds
     inflight: tuple[int, ...]
     rows: tuple[tuple[float, float, float], ...]  # distinct (params, peak activations, usable bytes) over ranks
+    rows_low: tuple[tuple[float, float, float], ...]  # the same with a lower bound on the peaks
+    approx: bool  # peaks are bounds (interleaved, first pass), not the schedule's walk
 
 
 @lru_cache(maxsize=8192)
@@ -150,8 +152,11 @@ def _layout(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int, 
     speeds = tuple(groups[where[st]].flops for st in range(n_stages))
     f, i, w = unit_flops(model, s)
     if partition is None:
-        rel = [x + y + z for x, y, z in zip(f, i, w)]
-        unit = rel[1] if model.layers else 1.0  # relative to a block: the same for every micro, tp
+        # Balance by forward + backward without recomputation (which adds the same to every
+        # block), relative to a block: one partition per stage count and device speeds.
+        f0, i0, w0 = unit_flops(model, replace(s, recompute="none"))
+        rel = [x + y + z for x, y, z in zip(f0, i0, w0)]
+        unit = rel[1] if model.layers else 1.0
         rel_t = tuple(round(x / unit, 9) for x in rel)
         top = max(speeds)
         try:
@@ -203,18 +208,42 @@ def _layout(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int, 
     elif exact or m % s.pp:
         peaks = tuple(_rank_peaks(s.schedule, s.pp, m, s.chunks, stage_act))
         inflight = _inflight(s.schedule, s.pp, m, s.chunks)
-    else:  # the search's first pass: a bound, every chunk as large as the rank's largest
+    else:  # the search's first pass: bounds, every chunk as large as the rank's largest (smallest)
         peaks = tuple(interleaved_bound(s.pp, m, s.chunks, r) * max(stage_act[r::s.pp]) for r in range(s.pp))
         inflight = ()
+    approx = closed is None and not (exact or m % s.pp)
+    low = tuple(interleaved_bound(s.pp, m, s.chunks, r) * min(stage_act[r::s.pp]) for r in range(s.pp)) \
+        if approx else peaks
     rank_params = tuple(sum(stage_params[r::s.pp]) for r in range(s.pp))
     usable = [g.memory_bytes * (1 - cluster.memory_reserve) for g in groups]
     rows = tuple(sorted(set(zip(rank_params, peaks, usable))))
+    rows_low = tuple(sorted(set(zip(rank_params, low, usable))))
     return _Layout(
         m=m, partition=tuple(partition), where=where, groups=groups, stage_params=stage_params,
-        rank_params=rank_params, rows=rows,
+        rank_params=rank_params, rows=rows, rows_low=rows_low, approx=approx,
         stage_layers=tuple(partition), peaks=peaks,
         transient=transient, compute=compute, tp_comm=tp_comm, hops=hops, inflight=inflight,
     )  # fmt: skip
+
+
+def _memory(rows: tuple[tuple[float, float, float], ...], s: Strategy, precision: mem.Precision,
+            transient: float) -> tuple[dict[str, float], float, float]:
+    """The breakdown of the rank that overflows most (or has the least room), its overflow in
+    bytes (<= 0 when it fits) and its usable bytes."""
+    worst: dict[str, float] = {}
+    worst_margin, budget = -float("inf"), 0.0
+    for p_rank, peak, usable in rows:
+        states = mem.model_states(p_rank, dp=s.dp, zero_stage=s.zero_stage, precision=precision, offload=s.offload)
+        # Replicated data parallelism reduces gradients through buffers of their own: PyTorch
+        # DDP's buckets (gradient_as_bucket_view=False, the default) and FSDP2's replicate,
+        # which layerwise.Pipeline's DDP mode uses, both hold a second copy of the gradients.
+        buckets = p_rank * precision.grad if s.zero_stage == 0 and s.dp > 1 else 0.0
+        total = states.total + buckets + peak + transient
+        if total - usable > worst_margin:
+            worst_margin, budget = total - usable, usable
+            worst = {"params": states.params, "grads": states.grads + buckets, "optimizer": states.optimizer,
+                     "activations": peak + transient, "total": total}
+    return worst, worst_margin, budget
 
 
 def estimate(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int, *,
@@ -227,25 +256,17 @@ def estimate(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int,
     with it first); ``"none"`` computes the memory only.
     """
     base_s = s if s.zero_stage == 0 and not s.offload else replace(s, zero_stage=0, offload=False)
-    lay = _layout(model, cluster, base_s, global_batch, precision,
-                  None if partition is None else tuple(partition), timing == "sim")
-    m = lay.m
+    part = None if partition is None else tuple(partition)
+    lay = _layout(model, cluster, base_s, global_batch, precision, part, timing == "sim")
     transient = lay.transient
     if s.zero_stage == 3:  # two gathered blocks: the one computing and the one prefetched
         transient += 2 * model.params_per_layer() / s.tp * precision.param
-    worst: dict[str, float] = {}
-    worst_margin, budget = -float("inf"), 0.0
-    for p_rank, peak, usable in lay.rows:
-        states = mem.model_states(p_rank, dp=s.dp, zero_stage=s.zero_stage, precision=precision, offload=s.offload)
-        # Replicated data parallelism reduces gradients through buffers of their own: PyTorch
-        # DDP's buckets (gradient_as_bucket_view=False, the default) and FSDP2's replicate,
-        # which layerwise.Pipeline's DDP mode uses, both hold a second copy of the gradients.
-        buckets = p_rank * precision.grad if s.zero_stage == 0 and s.dp > 1 else 0.0
-        total = states.total + buckets + peak + transient
-        if total - usable > worst_margin:
-            worst_margin, budget = total - usable, usable
-            worst = {"params": states.params, "grads": states.grads + buckets, "optimizer": states.optimizer,
-                     "activations": peak + transient, "total": total}
+    worst, worst_margin, budget = _memory(lay.rows, s, precision, transient)
+    if lay.approx and worst_margin > 0 and _memory(lay.rows_low, s, precision, transient)[1] <= 0:
+        # The bounds disagree on whether it fits: walk the schedule for the exact peaks.
+        lay = _layout(model, cluster, base_s, global_batch, precision, part, True)
+        worst, worst_margin, budget = _memory(lay.rows, s, precision, transient)
+    m = lay.m
     reasons = []
     if worst_margin > 0:
         reasons.append(f"needs {_gib(worst['total'])} per device but {_gib(budget)} is usable "

@@ -110,7 +110,7 @@ def _schedules(pp: int, m: int, units: int, pins: Pins) -> list[tuple[str, int]]
 
 
 def plan(model: ModelSpec, cluster: Cluster, global_batch: int, *, pins: Pins = Pins(),
-         precision: Precision = PRECISIONS["mixed"], top: int = 5, exact: int = 12) -> PlanResult:
+         precision: Precision = PRECISIONS["mixed"], top: int = 5, exact: int = 10) -> PlanResult:
     """The ``top`` fastest strategies that fit, best first (or, when none fits, the ones that come
     closest, marked infeasible with the reason)."""
     strategies = enumerate_strategies(model, cluster, global_batch, pins)
@@ -149,6 +149,15 @@ def plan(model: ModelSpec, cluster: Cluster, global_batch: int, *, pins: Pins = 
         key=lambda e: e.step_time,
     )
     chosen = ranked[: max(exact, top)]
+    # The closed forms misjudge schedules differently (interleaving's fill and drain on uneven
+    # stages most), so the fastest two of each schedule are replayed too.
+    counts: dict[tuple[str, int], int] = {}
+    for e in chosen:
+        counts[_kind(e)] = counts.get(_kind(e), 0) + 1
+    for e in ranked[len(chosen):]:
+        if counts.get(_kind(e), 0) < 2:
+            chosen.append(e)
+            counts[_kind(e)] = counts.get(_kind(e), 0) + 1
     simulated = [estimate(model, cluster, e.strategy, global_batch, precision=precision) for e in chosen]
     simulated.sort(key=lambda e: (e.step_time, e.strategy.label()))
     if simulated:
@@ -157,6 +166,10 @@ def plan(model: ModelSpec, cluster: Cluster, global_batch: int, *, pins: Pins = 
     misses.sort(key=lambda e: e.memory.get("total", 0.0) - e.budget)
     closest = [estimate(model, cluster, e.strategy, global_batch, precision=precision) for e in misses[:top]]
     return PlanResult(closest, considered, len(closest), rejected[:top] if not closest else [])
+
+
+def _kind(e: Estimate) -> tuple[str, int]:
+    return (e.strategy.schedule, e.strategy.chunks)
 
 
 def _pins_dict(p: Pins) -> dict[str, Any]:

@@ -28,7 +28,8 @@ How a step survives a peer's death (the design, with its costs):
   replayed and committed) or has (then nothing is left to do).
 - **What is not survived**: a stage whose holder and copy are lost together (two peers at once,
   or one peer holding both after earlier failures) stops the run with :class:`StageLost`, which
-  names the layers; the trainer itself is a single point of failure.
+  names the layers and how to resume (from a checkpoint, :mod:`.checkpoint`, when the trainer
+  writes them); the trainer itself is a single point of failure.
 
 Final parameters equal a failure-free run: the replayed computation is the same sequence of
 operations on the same inputs, so results are bit-identical wherever a failure did not change

@@ -2,7 +2,9 @@
 
 A peer's token disappears when its process dies (the TCP link closes: milliseconds) or when it
 hangs past the zenoh lease (SIGSTOP: about the lease). Each change is timestamped here, which is
-what the demo reports as detection time.
+what the demo reports as detection time. A token may also vanish for a moment while gossip
+replaces one link by another: the peer then stays in :meth:`snapshot` for a short grace, so the
+assignment does not lose every peer at once to a flap.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 import zenoh
 
 from .net import alive_key
+
+GRACE_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class Membership:
         self._cond = threading.Condition()
         self.alive: dict[str, float] = {}  # peer -> when it was first seen
         self.changes: list[Change] = []
+        self._leaving: dict[str, float] = {}  # peer -> when its token went away (not yet counted gone)
         self._prefix = alive_key(swarm, "")
         self._sub = session.liveliness().declare_subscriber(alive_key(swarm), self._on_sample, history=True)
 
@@ -37,20 +42,33 @@ class Membership:
         joined = sample.kind == zenoh.SampleKind.PUT
         now = time.time()
         with self._cond:
-            if joined and peer not in self.alive:
-                self.alive[peer] = now
-            elif not joined:
-                self.alive.pop(peer, None)
             self.changes.append(Change(now, peer, joined))
+            if joined:
+                self.alive.setdefault(peer, now)
+                self._leaving.pop(peer, None)
+            elif peer in self.alive:
+                # A token can vanish and come back within milliseconds while gossip replaces one link
+                # by another; the peer counts as gone only if it stays away for GRACE_S. Failed
+                # requests do not wait for this: they are handled at once (Trainer._gone).
+                self._leaving[peer] = now
+                threading.Timer(GRACE_S, self._expire, (peer, now)).start()
             self._cond.notify_all()
+
+    def _expire(self, peer: str, since: float) -> None:
+        with self._cond:
+            if self._leaving.get(peer) == since:
+                del self._leaving[peer]
+                self.alive.pop(peer, None)
+                self._cond.notify_all()
 
     def snapshot(self) -> dict[str, float]:
         with self._cond:
             return dict(self.alive)
 
     def is_alive(self, peer: str | None) -> bool:
+        """Announced and not leaving (a token that just vanished does not count as alive)."""
         with self._cond:
-            return peer is not None and peer in self.alive
+            return peer is not None and peer in self.alive and peer not in self._leaving
 
     def left_at(self, peer: str) -> float | None:
         with self._cond:

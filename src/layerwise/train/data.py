@@ -59,6 +59,10 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
+    def save(self, folder: str) -> None:
+        """Beside a saved model, so that ``AutoTokenizer.from_pretrained(folder)`` finds it."""
+        self._tok.save_pretrained(folder)
+
 
 def load_tokenizer(path: str | None) -> Tokenizer:
     return ByteTokenizer() if path is None else HFTokenizer(path)

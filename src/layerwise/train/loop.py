@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import PackedData, cached_tokens, load_tokenizer
+from .data import HFTokenizer, PackedData, cached_tokens, load_tokenizer
 from .model import INDEX, TrainModel, build, save_gpt_shard
 from .optim import adamw, set_current_lr, warmup_cosine
 
@@ -106,7 +106,7 @@ def train_rank(cfg_dict: dict[str, Any], stop_after: int | None = None) -> dict[
         eval_loss = evaluate(pipe, data, tm)
     final = os.path.join(cfg.out, "final")
     if end == cfg.steps:
-        save_final(final, tm, pipe, module, rank)
+        save_final(final, tm, pipe, module, rank, tokenizer)
     pipe.close()
     if not main:
         return {"rank": rank}
@@ -210,10 +210,11 @@ def _resume(cfg: TrainConfig, root: str, module: Any, pipe: Any, sched: Any, dat
 
 
 # -- the final model ----------------------------------------------------------------------------
-def save_final(folder: str, tm: TrainModel, pipe: Any, module: Any, rank: int) -> None:
+def save_final(folder: str, tm: TrainModel, pipe: Any, module: Any, rank: int, tokenizer: Any = None) -> None:
     """The trained model in ``folder``: one safetensors shard per pipeline rank (written by its
     first data- and tensor-parallel replica), the config and the index; HF format for a
-    HuggingFace model (``save_hf``). Written beside the folder, then renamed into place."""
+    HuggingFace model (``save_hf``), with its tokenizer when one was given. Written beside the
+    folder, then renamed into place."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from ..models.hf_weights import pipeline_shards, save_hf
@@ -249,6 +250,8 @@ def save_final(folder: str, tm: TrainModel, pipe: Any, module: Any, rank: int) -
                 os.remove(piece)
             ckpt.write_json_atomic(os.path.join(tmp, INDEX), {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
             ckpt.write_json_atomic(os.path.join(tmp, "config.json"), tm.config)
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.save(tmp)
         old = folder + ".old"
         if os.path.exists(folder):
             os.rename(folder, old)

@@ -34,6 +34,7 @@ import torch
 import zenoh
 
 from ..net import alive_key, config, peer_key
+from ..assignment import layer_costs
 from ..spec import SwarmSpec, init_checksum
 from ..wire import MAX_MESSAGE, Message, decode_message, encode_message, error
 from .capacity import block_seconds, default_memory_bytes
@@ -133,6 +134,13 @@ class Peer:
         first, count, role = int(msg.meta["first"]), int(msg.meta["count"]), str(msg.meta["role"])
         if role not in ("holder", "copy") or not (0 <= first and count >= 1 and first + count <= spec.layers):
             raise _Refuse(f"bad install: layers {first}+{count} as {role!r} of a {spec.layers}-layer model")
+        others = [sp for sp in self.spans.values() if sp.stage != msg.stage]
+        need = sum(sum(layer_costs(sp.spec)[1][sp.first : sp.first + sp.count]) for sp in others)
+        need += sum(layer_costs(spec)[1][first : first + count])  # 16 bytes per parameter, fp32 AdamW
+        budget = self._info()["memory_bytes"]
+        if need > budget:
+            raise _Refuse(f"peer {self.id} has a memory budget of {budget / 2**30:.2f} GiB; stage {msg.stage} "
+                          f"(layers {first}-{first + count - 1}) with what it holds needs {need / 2**30:.2f} GiB")
         self.spec, self.epoch = spec, msg.epoch
         span = Span(spec, stage=msg.stage, first=first, count=count, role=role, where=f"peer {self.id} (stage {msg.stage})")
         if msg.tensors:

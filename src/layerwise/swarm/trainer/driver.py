@@ -121,4 +121,3 @@ def _commit(tr: Trainer, cache: StepCache, s: int) -> None:
     except PeerLost as e:
         tr.note_lost(e.peer)
         tr.recopy(s)  # a fresh copy from the holder, which has just committed this step
-    tr.last_commit = time.time()

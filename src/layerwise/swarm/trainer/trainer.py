@@ -22,6 +22,7 @@ import torch
 import zenoh
 
 from ..assignment import Assignment, PeerInfo, StageSpan, assign, relative_speeds, worth_moving
+from .. import checkpoint
 from ..errors import PeerLost, StageLost, SwarmError
 from ..membership import Membership
 from ..net import Node, config, trainer_key
@@ -45,12 +46,17 @@ class TrainerOptions:
     # how peer speeds are known: "measured" (each peer's block benchmark), "declared" (each peer's
     # --speed, for emulated peers on one shared machine), or "blind" (all 1: bench/swarm.py's baseline)
     capacity: str = "measured"
+    checkpoint_dir: str | None = None  # where to save every layer's state at step boundaries
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = never
+    resume: str | None = None  # a checkpoint directory to start from instead of the seed
 
     def __post_init__(self) -> None:
         if not self.join and not self.listen:
             raise ValueError("the trainer needs --join ENDPOINT (or --listen ENDPOINT if it starts the swarm)")
         if self.capacity not in ("measured", "declared", "blind"):
             raise ValueError(f"capacity must be measured, declared or blind, got {self.capacity!r}")
+        if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
+            raise ValueError("checkpoint_every needs checkpoint_dir, and must be >= 0")
         if self.min_peers < 1:
             raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
 
@@ -83,7 +89,6 @@ class Trainer:
         self.step_times: list[tuple[int, float, float]] = []  # (step, wall end, seconds)
         self.losses: list[float] = []
         self.rebalances = 0
-        self.last_commit = 0.0
         self._lock = threading.RLock()
         self._counts = [len(list(m.parameters())) for m in build_layers(spec)]
         self._checksum = init_checksum(spec)
@@ -120,10 +125,13 @@ class Trainer:
             self.boundary()
             x, y = step_batch(self.spec, self._corpus, step)
             t0 = time.perf_counter()
+            self.phase = "step"
             loss = run_step(self, step, x, y)
             self.phase = "idle"
             self.losses.append(loss)
             self.step_times.append((step, time.time(), time.perf_counter() - t0))
+            if self.opts.checkpoint_every and len(self.losses) % self.opts.checkpoint_every == 0:
+                checkpoint.save(str(self.opts.checkpoint_dir), self.spec, self._gather(), self.losses)
         return self.losses
 
     def start(self) -> None:
@@ -138,7 +146,10 @@ class Trainer:
         self._measure_new()
         if not self.peers():
             raise SwarmError(f"no peer of swarm {self.opts.swarm!r} answered: check that they run the same version")
-        self._reconfigure(states=None)
+        states = None
+        if self.opts.resume:
+            states, self.losses = checkpoint.load(self.opts.resume, self.spec)
+        self._reconfigure(states=states)
 
     def _measure_new(self) -> None:
         for peer in sorted(self.membership.snapshot()):
@@ -164,8 +175,7 @@ class Trainer:
             self.memory[peer] = float(r.meta["memory_bytes"])
 
     def peers(self) -> list[PeerInfo]:
-        alive = self.membership.snapshot()
-        live = {p: s for p, s in self.block_s.items() if p in alive}
+        live = {p: s for p, s in self.block_s.items() if self.membership.is_alive(p)}
         if self.opts.capacity == "declared":
             live = {p: 1.0 / self.declared[p] for p in live}
         speeds = relative_speeds(live) if live and self.opts.capacity != "blind" else dict.fromkeys(live, 1.0)
@@ -179,10 +189,10 @@ class Trainer:
     def boundary(self) -> None:
         for s in range(len(self.assignment.stages)):
             span = self.assignment.stages[s]
-            if not self.membership.is_alive(span.holder):
+            if not self.membership.is_alive(span.holder) and self._gone(span.holder):
                 self.recover(s, span.holder, None)
                 self.mark_recovered(s)
-            elif span.copy is None or not self.membership.is_alive(span.copy):
+            elif span.copy is None or (not self.membership.is_alive(span.copy) and self._gone(span.copy)):
                 if span.copy is not None:
                     self.note_lost(span.copy)
                 self.recopy(s)
@@ -238,18 +248,21 @@ class Trainer:
         """Install a new assignment on every live peer, from the seed or from gathered states."""
         for _attempt in range(5):
             peers = self.peers()
+            if not peers:  # every token away at once: gossip re-linking, or really no one left
+                time.sleep(0.5)
+                continue
             order = [s.holder for s in self.assignment.stages]
             new = assign(self.spec, peers, epoch=self.epoch + 1, max_stages=self.opts.max_stages, order=order)
             try:
-                for p in sorted(self.membership.snapshot()):
+                for p in sorted(p.id for p in peers):
                     self.node.request(p, Message("reset", epoch=new.epoch))
                 for span in new.stages:
                     for peer, role in ((span.holder, "holder"), (span.copy, "copy")):
                         if peer is not None:
                             self._install(peer, span, role, states, new.epoch)
             except PeerLost as e:
-                self.note_lost(e.peer)
-                self.membership.wait_gone(e.peer, 5.0)
+                if self._gone(e.peer):  # else a moment without a route: assign again
+                    self.note_lost(e.peer)
                 continue
             with self._lock:
                 self.assignment, self.epoch = new, new.epoch
@@ -288,10 +301,16 @@ class Trainer:
         return StageLost(
             f"stage {span.stage} (layers {span.first}-{span.first + span.count - 1}: {names}) is lost: its holder "
             f"{span.holder} and its copy {span.copy or '(none)'} are both gone, at step {len(self.losses)}. "
-            f"No live peer has these weights; the steps before are committed on the other stages only. "
-            f"To resume, start the run again ('layerwise swarm train ...') with at least 2 peers, so every "
-            f"stage has a copy, and keep a peer's holder and copy from failing together."
+            f"No live peer has these weights. {self._resume_hint()}"
         )
+
+    def _resume_hint(self) -> str:
+        done = checkpoint.last_step(self.opts.checkpoint_dir)
+        if done is not None:
+            return (f"To resume from the checkpoint of step {done}, run the trainer again with --resume "
+                    f"{self.opts.checkpoint_dir} (at least 2 peers, so that every stage has a copy).")
+        return ("To resume, start the run again with at least 2 peers, so that every stage has a copy; "
+                "with --checkpoint DIR the trainer saves every layer's state and --resume DIR continues from it.")
 
     def recover(self, s: int, dead: str, cache: StepCache | None, phase: str = "boundary") -> None:
         """Give stage ``s`` a live holder again after ``dead`` was lost; mark it for replay."""
@@ -299,13 +318,14 @@ class Trainer:
             span = self.assignment.stages[s]
             if span.holder != dead and self.membership.is_alive(span.holder):
                 return  # another thread already recovered this stage
+            if not self._gone(dead):
+                return  # a moment without a route to it, not a failure: the request is sent again
             failure = self.note_lost(dead, phase)
             if failure.phase in ("relay", "boundary"):  # first seen as a copy; it failed serving as holder
                 failure.phase = phase
             failure.stages.append(s)
-            self.membership.wait_gone(dead, self.opts.lease_ms / 1000 * 3 + 2)  # a hung peer: wait out its lease
             failure.left_at = failure.left_at or self.membership.left_at(dead)
-            if span.copy is None or not self.membership.is_alive(span.copy):
+            if span.copy is None or (not self.membership.is_alive(span.copy) and self._gone(span.copy)):
                 raise self._lost(span)
             busy = {x.holder for x in self.assignment.stages} | {x.copy for x in self.assignment.stages}
             spares = [p.id for p in self.peers() if p.id not in busy]
@@ -328,6 +348,18 @@ class Trainer:
                 self.replay_needed.add(s)
             else:
                 self.mark_recovered(s)
+
+    def _gone(self, peer: str) -> bool:
+        """Is ``peer`` really lost? Liveliness tokens can vanish for a moment while gossip links peers
+        directly, and a request can find no route meanwhile; a dead peer stays gone, a hung one stops
+        answering within the lease."""
+        if peer not in self.membership.snapshot():
+            return True  # gone for longer than the membership's grace
+        try:
+            self.node.request(peer, Message("status"), timeout=self.opts.lease_ms / 1000 + 1)
+            return False
+        except PeerLost:
+            return True
 
     def recopy(self, s: int, to: str | None = None) -> None:
         """Make a fresh copy of stage ``s`` from its holder on ``to`` or the least busy other live peer."""
@@ -390,4 +422,5 @@ class Trainer:
                         "copy": s.copy} for s in self.assignment.stages],
             "failures": [vars(f) for f in self.failures[-10:]],
             "rebalances": self.rebalances,
+            "bytes_sent": self.node.bytes_sent, "bytes_received": self.node.bytes_received,
         }  # fmt: skip
