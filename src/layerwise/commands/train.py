@@ -13,18 +13,8 @@ import os
 import sys
 from typing import Any
 
-from layerwise.commands import UsageError, positive_int
+from layerwise.commands import UsageError, non_negative_int, positive_int
 from layerwise.schedule.generators import SCHEDULES
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,12 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seq-len", type=positive_int, help="tokens per sequence (default 128)")
     a("--steps", type=positive_int, help="optimizer steps in all (default 100)")
     a("--lr", type=float, help="peak learning rate of AdamW (default 3e-4)")
-    a("--warmup", type=_non_negative_int, help="steps of linear warm-up before the cosine decay (default 10)")
+    a("--warmup", type=non_negative_int, help="steps of linear warm-up before the cosine decay (default 10)")
     a("--max-grad-norm", type=float, help="clip the global gradient norm (default 1.0; 0: off)")
-    a("--seed", type=_non_negative_int, help="seed of the weights, the data split and order (default 0)")
-    a("--eval-every", type=_non_negative_int, help="evaluate on the held-out split every N steps (default: at the end)")
+    a("--seed", type=non_negative_int, help="seed of the weights, the data split and order (default 0)")
+    a("--eval-every", type=non_negative_int, help="evaluate on the held-out split every N steps (default: at the end)")
     a("--out", metavar="DIR", help="DIR/checkpoints/, DIR/final/, DIR/metrics.jsonl (default ./layerwise-train)")
-    a("--save-every", type=_non_negative_int, help="checkpoint every N steps (default: at the end)")
+    a("--save-every", type=non_negative_int, help="checkpoint every N steps (default: at the end)")
     a("--resume", action="store_true", default=None, help="continue from the newest checkpoint under --out")
     a("--json", action="store_true", help="print one JSON summary object at the end")
 
