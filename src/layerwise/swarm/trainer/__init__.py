@@ -1,5 +1,6 @@
 """The driving side of the swarm (like Petals' client/): owns data and loss, assigns spans, runs steps."""
 
-from .trainer import Trainer, TrainerOptions
+from .options import TrainerOptions
+from .trainer import Trainer
 
 __all__ = ["Trainer", "TrainerOptions"]

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,46 +29,7 @@ from ..replay import StepCache
 from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_batch
 from ..wire import Message, encode_message
 from .driver import run_step
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainerOptions:
-    swarm: str = "layerwise"
-    join: tuple[str, ...] = ()
-    listen: tuple[str, ...] = ()
-    min_peers: int = 1  # wait for this many peers before the first step
-    wait_s: float = 60.0  # how long to wait for them
-    max_stages: int | None = None  # default: one stage per peer (up to one layer per stage)
-    lease_ms: int = 1000  # zenoh link lease: bounds how long a hung peer goes unnoticed
-    request_timeout: float = 120.0  # a live peer's longest request (a stalled one fails by the lease)
-    rebalance_threshold: float = 0.15  # move layers only for a predicted gain of at least this
-    # how peer speeds are known: "measured" (each peer's block benchmark), "declared" (each peer's
-    # --speed, for emulated peers on one shared machine), or "blind" (all 1: bench/swarm.py's baseline)
-    capacity: str = "measured"
-    checkpoint_dir: str | None = None  # where to save every layer's state at step boundaries
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = never
-    resume: str | None = None  # a checkpoint directory to start from instead of the seed
-
-    def __post_init__(self) -> None:
-        if not self.join and not self.listen:
-            raise ValueError("the trainer needs --join ENDPOINT (or --listen ENDPOINT if it starts the swarm)")
-        if self.capacity not in ("measured", "declared", "blind"):
-            raise ValueError(f"capacity must be measured, declared or blind, got {self.capacity!r}")
-        if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
-            raise ValueError("checkpoint_every needs checkpoint_dir, and must be >= 0")
-        if self.min_peers < 1:
-            raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
-
-
-@dataclass
-class Failure:
-    peer: str
-    step: int
-    phase: str
-    noticed_at: float
-    left_at: float | None
-    stages: list[int] = field(default_factory=list)
-    recovered_at: float | None = None
+from .options import Failure, TrainerOptions
 
 
 class Trainer:
