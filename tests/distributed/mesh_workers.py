@@ -10,7 +10,7 @@ import layerwise
 from layerwise.models import GPT, GPTConfig, lm_loss
 from layerwise.runtime.split import as_layers
 
-from .workers import reference_backward
+from .workers import param_differences, reference_backward
 
 BATCHES = (8, 7, 12)  # 7 rows do not split evenly over 2 replicas or into 3 microbatches
 CFG = GPTConfig(vocab=48, context=16, width=32, heads=4, blocks=6)
@@ -78,10 +78,7 @@ def mesh_equivalence(cases: list[dict[str, Any]]) -> dict[str, Any]:
             ref_opt.step()
             loss_diff = max(loss_diff, abs(loss - ref_loss.item()))
             losses.append(loss)
-        param_diff, compared = 0.0, []
-        for name, p in pipe.named_parameters().items():
-            param_diff = max(param_diff, (ref_params[name] - _full(p.detach())).abs().max().item())
-            compared.append(name)
+        param_diff, compared = param_differences(pipe, ref_params, _full)
         out[mesh_key(case)] = {
             "loss_diff": loss_diff, "grad_diff": grad_diff, "grad_rel": grad_rel, "param_diff": param_diff, "losses": losses,
             "compared": compared, "all_params": sorted(ref_params),

@@ -119,10 +119,7 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
             ref_opt.step()
             loss_diff = max(loss_diff, abs(loss - ref_loss.item()))
             losses.append(loss)
-        param_diff, compared = 0.0, []
-        for name, p in pipe.named_parameters().items():
-            param_diff = max(param_diff, (ref_params[name] - p.detach()).abs().max().item())
-            compared.append(name)
+        param_diff, compared = param_differences(pipe, ref_params)
         out[case_key([kind, schedule, m, clip, transport])] = {
             "transport": type(pipe.transport).__name__,
             "loss_diff": loss_diff,
@@ -166,6 +163,18 @@ def _bit_identical(pipe: Any, layers: list[Any], loss_fn: Any, x: Any, y: Any, m
     params = {f"{i}.{name}": p for i, layer in enumerate(layers) for name, p in layer.named_parameters()}
     same = all(torch.equal(p.grad, params[name].grad) for name, p in pipe.named_parameters().items())
     return same and float(total) == loss
+
+
+def param_differences(
+    pipe: Any, ref_params: dict[str, torch.Tensor], whole: Any = lambda t: t
+) -> tuple[float, list[str]]:
+    """Largest difference between this rank's parameters and the reference's, and their names.
+    ``whole`` turns a sharded parameter into its full value (a collective for DTensors)."""
+    diff, names = 0.0, []
+    for name, p in pipe.named_parameters().items():
+        diff = max(diff, (ref_params[name] - whole(p.detach())).abs().max().item())
+        names.append(name)
+    return diff, names
 
 
 def case_key(case: list[Any]) -> str:

@@ -17,8 +17,10 @@ from torch import nn
 
 from ..runtime.distributed import ensure_initialized
 from ..runtime.errors import ConfigError
+from ..partition._tree import map_tensors
 from ..runtime.pipeline import Pipeline as _PipelineBase
-from ..runtime.split import ModelLike, local_tensor
+from ..runtime.pipeline import _rows
+from ..runtime.split import ModelLike, local_tensor, resolve_partition, stage_bounds
 from .mesh import ParallelDims, build_mesh
 from .meta import is_meta, materialize, materializer
 
@@ -164,17 +166,20 @@ class Pipeline(_PipelineBase):
         if self.dims.dp == 1:
             return super().forward_backward(inputs, targets)
         d = self.dims.coords(dist.get_rank())[0]
-        rows = _rows_of(inputs if 0 in self.stages else targets)
+        ends = inputs if 0 in self.stages else targets
+        rows = _rows(ends) if ends is not None else None
         if rows is not None and rows < self.dims.dp:
             raise ConfigError(f"a batch of {rows} rows cannot be split over dp={self.dims.dp} replicas: "
                               f"use a batch of at least {self.dims.dp} rows")
         if rows is not None:
-            bounds = _slice_bounds(rows, self.dims.dp)
-            local = bounds[d + 1] - bounds[d]
+            # nearly equal contiguous slices, as the uniform partition splits layers
+            start, end = stage_bounds(resolve_partition("uniform", rows, self.dims.dp))[d]
+            local = end - start
             # weights so that the replicas' average is the global batch's mean (or sum)
             self._loss_scale = local * self.dims.dp / rows if self.loss_reduction == "mean" else float(self.dims.dp)
-            inputs = _slice(inputs, bounds[d], bounds[d + 1]) if inputs is not None else None
-            targets = _slice(targets, bounds[d], bounds[d + 1]) if targets is not None else None
+            rows_of_mine = lambda t: t[start:end]  # noqa: E731
+            inputs = map_tensors(rows_of_mine, inputs) if inputs is not None else None
+            targets = map_tensors(rows_of_mine, targets) if targets is not None else None
         scale = torch.tensor([self._loss_scale], dtype=torch.float64)
         dist.broadcast(scale, _first_global(self), group=self.group)  # middle stages see no rows
         self._loss_scale = float(scale[0])
@@ -243,35 +248,3 @@ def _first_global(pipe: _PipelineBase) -> int:
     from ..runtime.distributed import to_global
 
     return to_global(pipe.group, pipe.stage_to_rank[0])
-
-
-def _rows_of(x: Any) -> int | None:
-    if x is None:
-        return None
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0])
-    if isinstance(x, (tuple, list)) and x:
-        return _rows_of(x[0])
-    if isinstance(x, dict) and x:
-        return _rows_of(next(iter(x.values())))
-    return None
-
-
-def _slice_bounds(rows: int, parts: int) -> list[int]:
-    """Row boundaries of ``parts`` nearly equal contiguous slices (the first ones one row larger)."""
-    base, extra = divmod(rows, parts)
-    out = [0]
-    for i in range(parts):
-        out.append(out[-1] + base + (1 if i < extra else 0))
-    return out
-
-
-def _slice(x: Any, a: int, b: int) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x[a:b]
-    if isinstance(x, (tuple, list)):
-        return type(x)(_slice(t, a, b) for t in x)
-    if isinstance(x, dict):
-        return {k: _slice(v, a, b) for k, v in x.items()}
-    return x
-
