@@ -76,6 +76,7 @@ def _check_paths(cfg: Any) -> None:
     if cfg.tokenizer is None and any(os.path.isfile(os.path.join(cfg.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         print(f"note: {cfg.model} has its own tokenizer, but without --tokenizer the text is read as bytes; "
               f"pass --tokenizer {cfg.model} to use it", file=sys.stderr)
+    _check_stages(cfg)
     root = os.path.join(cfg.out, "checkpoints")
     found = latest(root)
     if cfg.resume and found is None:
@@ -90,6 +91,27 @@ def _check_paths(cfg: Any) -> None:
             raise UsageError(str(e)) from None
     if not cfg.resume and found is not None:
         raise UsageError(f"{cfg.out} already holds a checkpoint ({found[1]}): pass --resume to continue it, or choose another --out")
+
+
+def _check_stages(cfg: Any) -> None:
+    """More pipeline stages than the model has layers would fail in every rank after the launch:
+    build the model on the meta device (no memory, no weights read) and count its layers first."""
+    import torch
+
+    from layerwise.runtime.split import as_layers
+    from layerwise.schedule.generators import chunks_per_rank
+    from layerwise.train.model import ModelError, build
+
+    try:
+        with torch.device("meta"):
+            layers = len(as_layers(build(cfg.model, vocab_size=257, seq_len=cfg.seq_len, seed=cfg.seed).model))
+    except ModelError as e:
+        raise UsageError(str(e)) from None
+    per_rank = chunks_per_rank(cfg.schedule, cfg.chunks)
+    if cfg.stages * per_rank > layers:
+        chunks = f" x {per_rank} stages per rank ({cfg.schedule})" if per_rank > 1 else ""
+        raise UsageError(f"--stages {cfg.stages}{chunks} = {cfg.stages * per_rank} pipeline stages, but the model has "
+                         f"{layers} layers: use at most {layers // per_rank} stages")
 
 
 def run(args: argparse.Namespace) -> int:
