@@ -196,7 +196,14 @@ def test_demo_prints_the_summary_as_json() -> None:
 
 
 def test_bad_command_lines_get_one_error_line() -> None:
-    for args in (["train"], ["serve", "--join", "localhost"], ["demo", "--peers", "2", "--kill", "2"]):
+    here = ["--listen", "tcp/127.0.0.1:1"]  # refused before any session opens on it
+    bad = (["train"], ["serve", "--join", "localhost"], ["demo", "--peers", "2", "--kill", "2"],
+           ["serve", *here, "--speed", "0"], ["serve", *here, "--memory", "-1"], ["serve", *here, "--latency-ms", "-5"],
+           ["serve", *here, "--bandwidth-mbit", "0"], ["serve", *here, "--lease-ms", "0"],
+           ["train", *here, "--checkpoint-every", "2"], ["train", *here, "--resume", "/nonexistent"],
+           ["train", *here, "--wait", "-1"], ["train", *here, "--schedule", "zbv"], ["train", *here, "--steps", "0"],
+           ["demo", "--port", "99999"], ["demo", "--join", "-1"])  # fmt: skip
+    for args in bad:
         proc = subprocess.run([sys.executable, "-m", "layerwise", "swarm", *args], capture_output=True, text=True,
                               timeout=60)  # fmt: skip
         assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr

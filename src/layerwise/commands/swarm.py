@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -48,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--peers", type=positive_int, default=1, help="wait for this many peers (default 1)")
     train.add_argument("--wait", type=float, default=120.0, help="seconds to wait for them (default 120)")
     train.add_argument("--checkpoint", default=None, metavar="DIR", help="save every layer's state here")
-    train.add_argument("--checkpoint-every", type=positive_int, default=10, help="steps between checkpoints (default 10)")
+    train.add_argument("--checkpoint-every", type=positive_int, default=None,
+                       help="steps between checkpoints, with --checkpoint (default 10)")
     train.add_argument("--resume", default=None, metavar="DIR", help="start from the checkpoint in DIR")
     demo = sub.add_parser("demo", help="a local swarm: N peers, K killed, J joining, checked against one process")
     demo.add_argument("--peers", type=positive_int, default=4, help="peer processes (default 4)")
@@ -114,11 +116,17 @@ def _train(args: argparse.Namespace) -> int:
     from layerwise.swarm.errors import SwarmError
     from layerwise.swarm.trainer import Trainer, TrainerOptions
 
+    if args.wait <= 0:
+        raise UsageError(f"--wait must be > 0 seconds, got {args.wait}")
+    if args.checkpoint_every is not None and not args.checkpoint:
+        raise UsageError("--checkpoint-every needs --checkpoint DIR (where to save)")
+    if args.resume is not None and not os.path.isdir(args.resume):
+        raise UsageError(f"--resume {args.resume}: not a checkpoint directory")
     join, lst = _endpoints(args)
     spec = spec_from_args(args)
     opts = TrainerOptions(swarm=args.swarm, join=join, listen=lst, min_peers=args.peers, wait_s=args.wait,
                           lease_ms=args.lease_ms, checkpoint_dir=args.checkpoint,
-                          checkpoint_every=args.checkpoint_every if args.checkpoint else 0,
+                          checkpoint_every=(args.checkpoint_every or 10) if args.checkpoint else 0,
                           resume=args.resume)  # fmt: skip
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     say(f"waiting for {args.peers} peer(s) of swarm {args.swarm!r} ...")
@@ -183,6 +191,8 @@ def format_status(got: dict[str, Any]) -> str:
 def _demo(args: argparse.Namespace) -> int:
     from layerwise.swarm.demo import run_demo
 
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
     if args.kill < 0 or args.join < 0 or args.kill >= args.peers:
         raise UsageError(f"--kill must be in [0, --peers) and --join >= 0, got --kill {args.kill} --join {args.join}")
     return run_demo(args, spec_from_args(args))
