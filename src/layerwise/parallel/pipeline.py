@@ -20,7 +20,7 @@ from ..runtime.errors import ConfigError
 from ..partition._tree import map_tensors
 from ..runtime.pipeline import Pipeline as _PipelineBase
 from ..runtime.pipeline import _rows
-from ..runtime.split import ModelLike, local_tensor, resolve_partition, stage_bounds
+from ..runtime.split import ModelLike, resolve_partition, stage_bounds
 from .mesh import ParallelDims, build_mesh
 from .meta import is_meta, materialize, materializer
 
@@ -196,25 +196,10 @@ class Pipeline(_PipelineBase):
         if self._dp_sync is not None:
             self._dp_sync.finish_step()
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """The global gradient norm over every stage, shard and replica, counting each element once."""
-        if self.mesh is None:
-            return super().clip_grad_norm_(max_norm)
-        skip = {id(p) for p, _, ranks in self._ties if p is not None and self.rank != ranks[0]}
-        grads = [(id(p), p.grad) for p in self._params if p.grad is not None]
-        local = torch.zeros(1, dtype=torch.float64)
-        for key, g in grads:
-            if key not in skip:
-                local += local_tensor(g).detach().double().pow(2).sum().cpu() / self._replicas(g)
-        dist.all_reduce(local)  # every rank of the job
-        total = float(local.sqrt())
-        coef = max_norm / (total + 1e-6)
-        if coef < 1.0:
-            for _, g in grads:
-                local_tensor(g).mul_(coef)
-        return total
+    def _norm_group(self) -> Any:
+        return self.group if self.mesh is None else None  # every rank of the job
 
-    def _replicas(self, g: torch.Tensor) -> int:
+    def _copies(self, g: torch.Tensor) -> int:
         """On how many ranks of this pipeline coordinate (dp x tp) the same values live."""
         sharded: set[str] = set()
         mesh = getattr(g, "device_mesh", None)

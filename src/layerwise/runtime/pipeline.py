@@ -237,15 +237,24 @@ class Pipeline:
         grads = [(id(p), p.grad) for p in self._params if p.grad is not None]
         local = torch.zeros(1, dtype=torch.float64)
         for key, g in grads:
-            if key not in skip:
-                local += g.detach().double().pow(2).sum().cpu()
-        dist.all_reduce(local, group=self.group)
+            if key not in skip:  # a shard's squares, counted once over the ranks holding copies
+                local += local_tensor(g).detach().double().pow(2).sum().cpu() / self._copies(g)
+        dist.all_reduce(local, group=self._norm_group())
         total = float(local.sqrt())
         coef = max_norm / (total + 1e-6)
         if coef < 1.0:
             for _, g in grads:
-                g.mul_(coef)
+                local_tensor(g).mul_(coef)
         return total
+
+    def _copies(self, grad: torch.Tensor) -> int:
+        """On how many of the ranks that sum the norm this gradient's values live (1 here: a
+        pipeline rank's gradients are its own; replicas and tensor-parallel ranks raise it)."""
+        return 1
+
+    def _norm_group(self) -> Any:
+        """The ranks whose squares make up the global norm."""
+        return self.group
 
     def forward_backward(self, inputs: Any = None, targets: Any = None) -> float:
         """Compute the full-batch loss and gradients (no optimizer step)."""
