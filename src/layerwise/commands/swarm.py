@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from layerwise.commands import UsageError, positive_int
+from layerwise.commands import swarm_identity
 
 
 def _common(p: argparse.ArgumentParser, *, listen: bool = True) -> None:
@@ -61,9 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     status = sub.add_parser("status", help="peers, spans, step rate and recent failures of a running swarm")
     _common(status, listen=False)
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    # identity and access (swarm_identity.py): init / invite / revoke, --identity on each process
+    swarm_identity.add_commands(sub)
+    for p in (serve, train, status):
+        swarm_identity.add_options(p)
+    swarm_identity.add_demo_option(demo)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.swarm_command in ("init", "invite", "revoke"):
+        return swarm_identity.run(args)
     return {"serve": _serve, "train": _train, "demo": _demo, "status": _status}[args.swarm_command](args)
 
 
@@ -102,10 +110,11 @@ def _serve(args: argparse.Namespace) -> int:
     from layerwise.swarm.peer import PeerOptions, serve
 
     join, lst = _endpoints(args)
+    identity = swarm_identity.check(args, "peer", join + lst)
     try:
         opts = PeerOptions(swarm=args.swarm, join=join, listen=lst, name=args.name, memory_gib=args.memory,
                            speed=args.speed, latency_ms=args.latency_ms, bandwidth_mbit=args.bandwidth_mbit,
-                           lease_ms=args.lease_ms)  # fmt: skip
+                           lease_ms=args.lease_ms, identity=identity, crl=args.crl)  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
     serve(opts, on_ready=lambda p: print(f"peer {p.id} serving swarm {args.swarm!r}; Ctrl-C to leave", flush=True))
@@ -123,11 +132,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None and not os.path.isdir(args.resume):
         raise UsageError(f"--resume {args.resume}: not a checkpoint directory")
     join, lst = _endpoints(args)
+    identity = swarm_identity.check(args, "trainer", join + lst)
     spec = spec_from_args(args)
     opts = TrainerOptions(swarm=args.swarm, join=join, listen=lst, min_peers=args.peers, wait_s=args.wait,
                           lease_ms=args.lease_ms, checkpoint_dir=args.checkpoint,
                           checkpoint_every=(args.checkpoint_every or 10) if args.checkpoint else 0,
-                          resume=args.resume)  # fmt: skip
+                          resume=args.resume, identity=identity, crl=args.crl)  # fmt: skip
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     say(f"waiting for {args.peers} peer(s) of swarm {args.swarm!r} ...")
 
@@ -163,7 +173,8 @@ def _status(args: argparse.Namespace) -> int:
     from layerwise.swarm.status import query_status
 
     join, _ = _endpoints(args, listen=False)
-    got = query_status(args.swarm, join, args.lease_ms)
+    identity = swarm_identity.check(args, None, join)
+    got = query_status(args.swarm, join, args.lease_ms, identity=identity, crl=args.crl)
     if args.json:
         print(json.dumps(got))
     else:

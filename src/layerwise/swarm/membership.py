@@ -34,6 +34,7 @@ class Membership:
         self.alive: dict[str, float] = {}  # peer -> when it was first seen
         self.changes: list[Change] = []
         self._leaving: dict[str, float] = {}  # peer -> when its token went away (not yet counted gone)
+        self.banned: set[str] = set()  # peers refused for good (a revoked certificate): never alive again
         self._prefix = alive_key(swarm, "")
         self._sub = session.liveliness().declare_subscriber(alive_key(swarm), self._on_sample, history=True)
 
@@ -42,6 +43,8 @@ class Membership:
         joined = sample.kind == zenoh.SampleKind.PUT
         now = time.time()
         with self._cond:
+            if peer in self.banned:
+                return
             self.changes.append(Change(now, peer, joined))
             if joined:
                 self.alive.setdefault(peer, now)
@@ -60,6 +63,15 @@ class Membership:
                 del self._leaving[peer]
                 self.alive.pop(peer, None)
                 self._cond.notify_all()
+
+    def ban(self, peer: str) -> None:
+        """Count ``peer`` as gone from now on, whatever its token says."""
+        with self._cond:
+            self.banned.add(peer)
+            if self.alive.pop(peer, None) is not None:
+                self.changes.append(Change(time.time(), peer, False))
+            self._leaving.pop(peer, None)
+            self._cond.notify_all()
 
     def snapshot(self) -> dict[str, float]:
         with self._cond:

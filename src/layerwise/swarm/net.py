@@ -6,6 +6,9 @@ node sets the transport lease, because that is what bounds how long a hung (SIGS
 unnoticed: zenoh closes its link after the lease and the in-flight request ends with no reply.
 Failure shows as an empty reply list, not an exception (see ../shared/ANCHORS.md), so
 :meth:`Node.request` turns "no reply" into :class:`PeerLost`.
+
+With an identity (``--identity DIR``) every link is mutual TLS against the swarm's CA (``tls/``
+endpoints only) and every request goes through the signed hello and MAC of :mod:`.access`.
 """
 
 from __future__ import annotations
@@ -13,27 +16,48 @@ from __future__ import annotations
 import json
 import queue
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import zenoh
 
 from .errors import PeerLost, PeerRefused
 from .wire import MAX_MESSAGE, Message, decode_message, encode_message
 
+if TYPE_CHECKING:
+    from .access import Client
+    from .identity import Identity
+
 DEFAULT_LEASE_MS = 1000
 
 
 def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms: int = DEFAULT_LEASE_MS,
-           multicast: bool = False) -> zenoh.Config:  # fmt: skip
+           multicast: bool = False, identity: Identity | None = None) -> zenoh.Config:  # fmt: skip
     c = zenoh.Config()
     c.insert_json5("mode", '"peer"')
-    c.insert_json5("listen/endpoints", json.dumps(list(listen) or ["tcp/127.0.0.1:0"]))
+    c.insert_json5("listen/endpoints", json.dumps(list(listen) or [f"{'tls' if identity else 'tcp'}/127.0.0.1:0"]))
     c.insert_json5("connect/endpoints", json.dumps(list(connect)))
     c.insert_json5("scouting/multicast/enabled", "true" if multicast else "false")
     c.insert_json5("scouting/gossip/enabled", "true")
     c.insert_json5("transport/link/tx/lease", str(int(lease_ms)))
+    if identity is not None:
+        tls_config(c, str(identity.dir))
     return c
+
+
+def tls_config(c: zenoh.Config, identity_dir: str) -> None:
+    """Mutual TLS on every link, against the swarm CA in ``identity_dir`` (zenoh 1.10 keys).
+
+    The certificates name processes, not hosts, so the listener's host name is not checked
+    (``verify_name_on_connect``); the CA pins who may link. A link closes when the other side's
+    certificate expires. Only ``tls`` links: gossip cannot open a plain one around it.
+    """
+    tls = {"root_ca_certificate": f"{identity_dir}/ca.pem", "enable_mtls": True,
+           "listen_certificate": f"{identity_dir}/cert.pem", "listen_private_key": f"{identity_dir}/key.pem",
+           "connect_certificate": f"{identity_dir}/cert.pem", "connect_private_key": f"{identity_dir}/key.pem",
+           "verify_name_on_connect": False, "close_link_on_expiration": True}  # fmt: skip
+    c.insert_json5("transport/link/tls", json.dumps(tls))
+    c.insert_json5("transport/link/protocols", '["tls"]')
 
 
 def alive_key(swarm: str, peer: str = "*") -> str:
@@ -51,23 +75,30 @@ def trainer_key(swarm: str) -> str:
 class Node:
     """One zenoh session; ``request`` sends a message to a peer and waits for its one reply."""
 
-    def __init__(self, session: zenoh.Session, swarm: str) -> None:
+    def __init__(self, session: zenoh.Session, swarm: str, auth: Client | None = None) -> None:
         self.session = session
         self.swarm = swarm
+        self.auth = auth  # with an identity: the signed hello and a MAC on every request (access.py)
         self.bytes_sent = 0
         self.bytes_received = 0
 
     def request(self, peer: str, msg: Message, timeout: float = 120.0, key: str | None = None) -> Message:
         data = encode_message(msg)
         self.bytes_sent += len(data)
+        if self.auth is not None:
+            return self.auth.request(self, peer, key or peer_key(self.swarm, peer), key is None, msg, data, timeout)
+        return self.exchange(peer, key or peer_key(self.swarm, peer), msg, data, timeout)
+
+    def exchange(self, peer: str, key: str, msg: Message, data: bytes, timeout: float, attachment: bytes | None = None,
+                 check: Callable[[bytes | None, bytes], bool] | None = None) -> Message:  # fmt: skip
+        """One query, one decoded reply; ``check(attachment, payload)`` filters replies (a MAC)."""
         replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.session.get(
-            key or peer_key(self.swarm, peer),
-            zenoh.handlers.Callback(replies.put, lambda: replies.put(None)),
-            payload=data, timeout=timeout, congestion_control=zenoh.CongestionControl.BLOCK,
+            key, zenoh.handlers.Callback(replies.put, lambda: replies.put(None)),
+            payload=data, timeout=timeout, congestion_control=zenoh.CongestionControl.BLOCK, attachment=attachment,
         )  # fmt: skip
         got: Message | None = None
-        why = "left (no reply)"
+        why, refused = "left (no reply)", False
         start = time.monotonic()
         while True:
             try:
@@ -81,11 +112,31 @@ class Node:
                 continue
             raw = reply.ok.payload.to_bytes()
             self.bytes_received += len(raw)
+            if check is not None and not check(_attachment(reply.ok), raw):
+                why, refused = _unsealed(raw, peer)  # a refusal before any session, or an impostor
+                continue
             if got is None:
                 got = decode_message(raw, f"peer {peer}", MAX_MESSAGE)
+        if got is None and refused:
+            raise PeerRefused(f"peer {peer} {why}")
         if got is None:
             waited = time.monotonic() - start
             raise PeerLost(peer, f"{why} during {msg.describe()} after {waited:.2f} s")
         if got.kind == "error":
             raise PeerRefused(f"peer {peer} refused {msg.describe()}: {got.meta.get('error', '?')}")
         return got
+
+
+def _attachment(sample: Any) -> bytes | None:
+    att = sample.attachment
+    return att.to_bytes() if att is not None else None
+
+
+def _unsealed(raw: bytes, peer: str) -> tuple[str, bool]:
+    try:
+        m = decode_message(raw, f"peer {peer}", MAX_MESSAGE)
+    except Exception:
+        return "sent a reply without a valid MAC", False
+    if m.kind == "error":
+        return str(m.meta.get("error", "refused")), True
+    return "sent a reply without a valid MAC (another process answering on its key?)", False

@@ -8,17 +8,21 @@ from typing import Any
 
 import zenoh
 
+from .access import Client
 from .errors import SwarmError
+from .identity import Identity
 from .membership import Membership
 from .net import Node, config, trainer_key
 from .wire import Message
 
 
-def query_status(swarm: str, join: Sequence[str], lease_ms: int = 1000, settle_s: float = 1.0) -> dict[str, Any]:
-    with zenoh.open(config(connect=join, lease_ms=lease_ms)) as session:
+def query_status(swarm: str, join: Sequence[str], lease_ms: int = 1000, settle_s: float = 1.0,
+                 identity: str | None = None, crl: str | None = None) -> dict[str, Any]:  # fmt: skip
+    ident = Identity(identity, crl) if identity else None
+    with zenoh.open(config(connect=join, lease_ms=lease_ms, identity=ident)) as session:
         members = Membership(session, swarm)
         time.sleep(settle_s)  # liveliness history and gossip need a moment to arrive
-        node = Node(session, swarm)
+        node = Node(session, swarm, auth=Client(ident) if ident else None)
         peers: dict[str, Any] = {}
         for p in sorted(members.snapshot()):
             try:

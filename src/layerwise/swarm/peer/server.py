@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import zenoh
 
+from ..access import Guard
+from ..identity import Identity
 from ..net import alive_key, config, peer_key
 from ..assignment import layer_costs
 from ..spec import SwarmSpec, init_checksum
@@ -54,6 +56,8 @@ class PeerOptions:
     lease_ms: int = 1000  # zenoh link lease: a hung peer is dropped after about this long
     threads: int = 1  # torch threads
     max_message: int = MAX_MESSAGE
+    identity: str | None = None  # an identity directory: mutual TLS and the signed hello (access.py)
+    crl: str | None = None  # a revocation list file to re-read (default: the identity's crl.pem)
 
     def __post_init__(self) -> None:
         if not self.speed > 0:
@@ -70,6 +74,9 @@ class Peer:
     def __init__(self, opts: PeerOptions) -> None:
         self.opts = opts
         self.id = opts.name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.identity, self.guard = _identity(opts)
+        if self.identity is not None:
+            self.id = self.identity.name
         self.spans: dict[int, Span] = {}
         self.spec: SwarmSpec | None = None
         self.epoch = 0
@@ -118,8 +125,11 @@ class Peer:
 
     def _info(self) -> dict[str, Any]:
         mem = self.opts.memory_gib * (1 << 30) if self.opts.memory_gib else default_memory_bytes()
-        return {"peer": self.id, "speed": self.opts.speed, "memory_bytes": mem, "epoch": self.epoch,
+        info = {"peer": self.id, "speed": self.opts.speed, "memory_bytes": mem, "epoch": self.epoch,
                 "spans": [s.describe() for s in self.spans.values()], "served": self.served}  # fmt: skip
+        if self.guard is not None:
+            info |= {"identity": self.id, "refused": self.guard.refusals.list()}
+        return info
 
     def _on_status(self, msg: Message) -> Message:
         return Message("ok", meta=self._info())
@@ -213,7 +223,8 @@ class Peer:
     def serve(self, stop: threading.Event | None = None, ready: Any = None) -> None:
         stop = stop or threading.Event()
         torch.set_num_threads(self.opts.threads)
-        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms)
+        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
+                     identity=self.identity)  # fmt: skip
         work: queue.SimpleQueue[Any] = queue.SimpleQueue()
         with zenoh.open(cfg) as session:
             qbl = session.declare_queryable(peer_key(self.opts.swarm, self.id), zenoh.handlers.Callback(work.put))
@@ -234,7 +245,10 @@ class Peer:
     def _serve_one(self, query: Any) -> None:
         raw = query.payload.to_bytes() if query.payload is not None else b""
         self._delay(len(raw))
+        adm = self.guard.admit_query(query, raw) if self.guard is not None else None
         try:
+            if adm is not None and adm.session is None:  # a step of the hello, or refused before decoding
+                raise _Answer(Message("ok") if adm.hello is not None else error(str(adm.refused)))
             msg = decode_message(raw, "the trainer", self.opts.max_message)
             try:
                 reply = self.handle(msg)
@@ -242,6 +256,8 @@ class Peer:
                 reply = error(str(r), msg)
             except (ValueError, KeyError, TypeError) as e:
                 reply = error(f"{type(e).__name__}: {e}", msg)
+        except _Answer as a:
+            reply = a.reply
         except Exception as e:  # a malformed message: answer with the reason, keep serving
             reply = error(f"{type(e).__name__}: {e}")
         self.served += 1
@@ -250,7 +266,7 @@ class Peer:
         except Exception as e:  # a reply that cannot be encoded is answered with why, not a dead peer
             data = encode_message(error(f"peer {self.id} could not encode its reply: {type(e).__name__}: {e}"))
         self._delay(len(data))
-        query.reply(query.key_expr, data)
+        query.reply(query.key_expr, data, attachment=adm.attachment(data) if adm is not None else None)
         query.drop()  # ends the query now: the trainer's get returns without waiting for a timeout
 
     def _delay(self, nbytes: int) -> None:
@@ -263,6 +279,24 @@ class Peer:
 
 class _Refuse(Exception):
     """A request this peer will not apply: stale, duplicate, or for a stage it does not hold."""
+
+
+class _Answer(Exception):
+    """Answer with this reply without serving (the hello, or a request refused by access control)."""
+
+    def __init__(self, reply: Message) -> None:
+        self.reply = reply
+
+
+def _identity(opts: PeerOptions) -> tuple[Identity | None, Guard | None]:
+    if opts.identity is None:
+        return None, None
+    ident = Identity(opts.identity, opts.crl)
+    if ident.role != "peer":
+        raise ValueError(f"--identity {opts.identity} holds a {ident.role} certificate; serve needs a peer one")
+    if opts.name is not None and opts.name != ident.name:
+        raise ValueError(f"--name {opts.name} differs from the certificate's name {ident.name!r}: leave --name out")
+    return ident, Guard(ident)
 
 
 def _parse_fault(text: str) -> tuple[str, str, int | None, int | None] | None:

@@ -22,6 +22,8 @@ class TrainerOptions:
     checkpoint_dir: str | None = None  # where to save every layer's state at step boundaries
     checkpoint_every: int = 0  # steps between checkpoints; 0 = never
     resume: str | None = None  # a checkpoint directory to start from instead of the seed
+    identity: str | None = None  # an identity directory (trainer certificate): mutual TLS, signed hello
+    crl: str | None = None  # a revocation list file re-read at every step boundary (default: the identity's)
 
     def __post_init__(self) -> None:
         if not self.join and not self.listen:

@@ -23,6 +23,7 @@ import zenoh
 from ..assignment import Assignment, PeerInfo, StageSpan, assign, relative_speeds, worth_moving
 from .. import checkpoint
 from ..errors import PeerLost, StageLost, SwarmError
+from ..identity import Refused
 from ..membership import Membership
 from ..net import Node, config, trainer_key
 from ..replay import StepCache
@@ -30,6 +31,7 @@ from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_bat
 from ..wire import Message, encode_message
 from .driver import run_step
 from .options import Failure, TrainerOptions
+from .trust import TrainerTrust
 
 
 class Trainer:
@@ -54,12 +56,14 @@ class Trainer:
         self._checksum = init_checksum(spec)
         self.refused: set[str] = set()
         self._corpus: Any = None
+        self.trust = TrainerTrust(opts)  # identity and access (trust.py); inert without --identity
 
     # -- session -------------------------------------------------------------------------------
     def __enter__(self) -> Trainer:
-        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms)
+        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
+                     identity=self.trust.identity)  # fmt: skip
         self.session = zenoh.open(cfg)
-        self.node = Node(self.session, self.opts.swarm)
+        self.node = Node(self.session, self.opts.swarm, auth=self.trust.client)
         self.membership = Membership(self.session, self.opts.swarm)
         self._status = self.session.declare_queryable(trainer_key(self.opts.swarm), self._on_status)
         return self
@@ -70,7 +74,14 @@ class Trainer:
         self.session.close()
 
     def _on_status(self, query: Any) -> None:
-        query.reply(query.key_expr, encode_message(Message("ok", meta=self.status())))
+        g = self.trust.guard
+        adm = g.admit_query(query, query.payload.to_bytes() if query.payload is not None else b"") if g else None
+        if adm is not None and adm.session is None:
+            reply = Message("ok") if adm.hello is not None else Message("error", meta={"error": adm.refused})
+        else:
+            reply = Message("ok", meta=self.status())
+        data = encode_message(reply)
+        query.reply(query.key_expr, data, attachment=adm.attachment(data) if adm is not None else None)
         query.drop()
 
     # -- the run -------------------------------------------------------------------------------
@@ -121,7 +132,13 @@ class Trainer:
                     break
                 except PeerLost:
                     time.sleep(0.2)
+                except Refused as e:  # its certificate (or ours, for it) failed the signed hello
+                    self.trust.refused(peer, e)
+                    self.refused.add(peer)
+                    break
             else:
+                continue
+            if peer in self.refused:
                 continue
             if r.meta.get("checksum") != self._checksum:
                 if peer not in self.refused:
@@ -147,6 +164,7 @@ class Trainer:
 
     # -- step boundary: replace what died, take in who joined ---------------------------------
     def boundary(self) -> None:
+        self.trust.check_revocations(self.membership)  # a revoked peer now counts as gone
         for s in range(len(self.assignment.stages)):
             span = self.assignment.stages[s]
             if not self.membership.is_alive(span.holder) and self._gone(span.holder):
@@ -376,11 +394,11 @@ class Trainer:
             "loss": self.losses[-1] if self.losses else None,
             "steps_per_s": len(recent) / sum(recent) if recent else None,
             "tokens_per_s": tokens * len(recent) / sum(recent) if recent else None,
-            "peers": {p: {"block_s": self.block_s.get(p), "memory_bytes": self.memory.get(p)}
-                      for p in self.membership.snapshot()},
+            "peers": {p: {"block_s": self.block_s.get(p), "memory_bytes": self.memory.get(p),
+                          "identity": self.trust.identity_of(p)} for p in self.membership.snapshot()},
             "stages": [{"stage": s.stage, "layers": [s.first, s.first + s.count - 1], "holder": s.holder,
                         "copy": s.copy} for s in self.assignment.stages],
             "failures": [vars(f) for f in self.failures[-10:]],
             "rebalances": self.rebalances,
             "bytes_sent": self.node.bytes_sent, "bytes_received": self.node.bytes_received,
-        }  # fmt: skip
+        } | self.trust.status()  # fmt: skip

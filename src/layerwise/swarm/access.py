@@ -1,0 +1,401 @@
+"""Who may ask what of whom: a signed hello per pair of processes, then a MAC on every request.
+
+zenoh's mutual TLS (:func:`.net.config`) keeps out every process without a certificate of this
+swarm's CA, or with an expired one, but it says nothing to the application (peer mode refuses in
+silence), has no revocation list, and cannot tell a trainer's certificate from a peer's. So each
+process checks the others itself, in the zenoh query's attachment (the swarm's messages are not
+changed):
+
+1. ``H1`` client -> server: its certificate, a fresh nonce, an ephemeral X25519 key, and the
+   newest revocation list it has (CA-signed, so the server may adopt it).
+2. ``H2`` server -> client: the same from the server, a session id, and an ECDSA signature over
+   the transcript (both certificates' fingerprints, both nonces, both X25519 keys).
+3. ``H3`` client -> server: its signature over the transcript. Each side has now checked the other's
+   certificate (:meth:`.identity.Identity.check`: chain to the CA, validity, role, revocation,
+   name) and proof of its key, and both derive a session key (HKDF over the X25519 secret).
+4. Every later request carries ``M | session | counter | HMAC(key, "q" | counter | key expr | payload)``
+   and every reply ``R | HMAC(key, "r" | counter | payload)``: a request replayed, altered or sent
+   by another process is refused, and a reply from anyone but the authenticated server (another
+   process answering on the same key) is ignored. HMAC-SHA256 costs about a microsecond per KiB.
+
+The access policy (:meth:`Guard.admit`): a session of a ``trainer`` certificate may send every
+kind of message; one of a ``peer`` certificate only ``status``. A request without a valid session
+is refused. Refusals are logged by certificate name (``refused`` in the status).
+
+Revocation (zenoh has no CRL; a revoked certificate still passes the TLS handshake):
+the trainer re-reads its revocation list file at every step boundary and drops a revoked peer as
+if it had died (its stages move to their copies); every hello carries the sender's newest list, so
+a peer learns of a revocation at the next trainer hello, and each process also re-reads its own
+``crl.pem`` (at most once a second); a peer drops the sessions of revoked certificates when it
+adopts a newer list. What it cannot do: a revoked process stays linked at the zenoh level (it can
+see liveliness tokens and traffic routed through it, never a reply or work from layerwise), and a
+list reaches a process only through its file or a hello.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography import x509
+
+from .identity import Identity, Refused, cert_name, cert_role, fingerprint
+
+TRAINER_ONLY_EXEMPT = ("status",)  # what a peer's certificate may ask
+WINDOW = 4096  # counters this far below the highest seen are refused as replays
+_CTR = struct.Struct(">Q")
+_REFUSALS_KEPT = 100
+
+
+def _transcript(swarm: str, fp_c: str, fp_s: str, nc: str, ns: str, kc: str, ks: str) -> bytes:
+    return b"layerwise-swarm-hello-v1\0" + json.dumps([swarm, fp_c, fp_s, nc, ns, kc, ks]).encode()
+
+
+def _derive(shared: bytes, transcript: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=transcript).derive(shared)
+
+
+def _verify_sig(cert: x509.Certificate, sig_hex: str, data: bytes, who: str) -> None:
+    pub = cert.public_key()
+    try:
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        pub.verify(bytes.fromhex(sig_hex), data, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, AssertionError, ValueError):
+        raise Refused(who, "failed the signed hello (no proof of the certificate's key)") from None
+
+
+def _kx_pub(k: X25519PrivateKey) -> str:
+    return k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def _mac(key: bytes, tag: bytes, counter: int, *parts: bytes) -> bytes:
+    h = hmac.new(key, tag + _CTR.pack(counter), hashlib.sha256)
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def _peek_kind(payload: bytes) -> str | None:
+    """The message kind from the swarm wire header (see wire.py), without decoding the rest."""
+    from .wire import KINDS, MAGIC
+
+    if len(payload) < 8 or payload[:4] != MAGIC:
+        return None
+    code = struct.unpack_from("<H", payload, 6)[0]
+    return KINDS[code] if code < len(KINDS) else None
+
+
+@dataclass
+class Session:
+    key: bytes
+    name: str
+    role: str
+    serial: int
+    expires: float  # time.time() of the certificate's end
+    seen: set[int] = field(default_factory=set)
+    top: int = 0
+
+    def fresh(self, counter: int) -> bool:
+        """True once per counter within the window (requests arrive out of order from stage threads)."""
+        if counter <= self.top - WINDOW or counter in self.seen:
+            return False
+        self.seen.add(counter)
+        if counter > self.top:
+            self.top = counter
+            self.seen = {c for c in self.seen if c > self.top - WINDOW}
+        return True
+
+
+class Refusals:
+    """The recent refusals of one process, by certificate name: what ``status()['refused']`` shows."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str], float] = {}
+
+    def add(self, name: str, why: str, log: bool = True) -> None:
+        now = time.time()
+        with self._lock:
+            if now - self._last.get((name, why), 0.0) < 5.0:
+                return  # a process retrying every few ms is one line, not thousands
+            self._last[(name, why)] = now
+            self.items.append({"name": name, "why": why, "at": now})
+            del self.items[:-_REFUSALS_KEPT]
+        if log:
+            print(f"refused {name}: {why}", file=sys.stderr, flush=True)
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(x) for x in self.items]
+
+
+@dataclass
+class Admission:
+    """What :meth:`Guard.admit` decided about one request."""
+
+    session: Session | None = None  # a request within a session: serve it
+    counter: int = 0
+    hello: bytes | None = None  # a step of the hello: answer a bare ok with this attachment
+    refused: str | None = None  # answer with this error
+
+    def attachment(self, reply: bytes) -> bytes | None:
+        if self.hello is not None:
+            return self.hello
+        if self.session is not None:
+            return b"R" + _mac(self.session.key, b"r", self.counter, reply)
+        return None
+
+
+class Guard:
+    """The server side (a peer's queryable, the trainer's status queryable): hello, sessions, policy."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.id = identity
+        self.sessions: dict[bytes, Session] = {}
+        self._pending: dict[bytes, tuple[Session, x509.Certificate, bytes]] = {}
+        self.refusals = Refusals()
+        self._lock = threading.Lock()
+        self._checked = 0.0
+
+    def admit_query(self, query: Any, payload: bytes) -> Admission:
+        att = query.attachment
+        return self.admit(att.to_bytes() if att is not None else None, str(query.key_expr), payload)
+
+    def admit(self, attachment: bytes | None, key_expr: str, payload: bytes) -> Admission:
+        """Check one request before its payload is decoded."""
+        kind = _peek_kind(payload)
+        self._maybe_refresh()
+        att = attachment or b""
+        try:
+            if att[:2] == b"H1":
+                return Admission(hello=self._hello(json.loads(att[2:])))
+            if att[:2] == b"H3":
+                return Admission(hello=self._finish(json.loads(att[2:])))
+            if att[:1] != b"M" or len(att) != 1 + 16 + 8 + 32:
+                raise Refused("(no session)", f"{kind or 'a request'} without the signed hello: this swarm "
+                                              f"requires --identity (mutual TLS and a certificate of its CA)")  # fmt: skip
+            sid, counter, mac = att[1:17], _CTR.unpack(att[17:25])[0], att[25:]
+            with self._lock:
+                s = self.sessions.get(sid)
+            if s is None:
+                raise Refused("(unknown session)", f"{kind or 'a request'} with a session that this process does not "
+                                                   f"hold (revoked, or it restarted): say hello again")  # fmt: skip
+            if not hmac.compare_digest(mac, _mac(s.key, b"q", counter, key_expr.encode(), payload)):
+                raise Refused(s.name, f"{kind or 'a request'} with a wrong MAC (altered, or not from {s.name})")
+            with self._lock:
+                if not s.fresh(counter):
+                    raise Refused(s.name, f"replayed {kind or 'request'} (counter {counter} already seen)")
+            if time.time() > s.expires:
+                self._drop(sid)
+                raise Refused(s.name, "certificate expired during the session")
+            if s.role != "trainer" and kind not in TRAINER_ONLY_EXEMPT:
+                raise Refused(s.name, f"holds a {s.role} certificate: only a trainer may send {kind!r}")
+            return Admission(session=s, counter=counter)
+        except Refused as r:
+            self.refusals.add(r.name, r.why)
+            return Admission(refused=f"refused {r.name}: {r.why}")
+        except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            self.refusals.add("(unknown)", f"malformed hello: {type(e).__name__}")
+            return Admission(refused=f"refused: malformed hello ({type(e).__name__})")
+
+    def _hello(self, h: dict[str, Any]) -> bytes:
+        if h.get("crl"):
+            self._adopt(h["crl"])
+        cert = self.id.check(str(h["cert"]))
+        kx = X25519PrivateKey.generate()
+        ns, sid = os.urandom(16).hex(), os.urandom(16)
+        ks = _kx_pub(kx)
+        t = _transcript(self.id.swarm, fingerprint(cert), fingerprint(self.id.cert), str(h["nonce"]), ns,
+                        str(h["kx"]), ks)  # fmt: skip
+        key = _derive(kx.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(str(h["kx"])))), t)
+        s = Session(key=key, name=cert_name(cert), role=cert_role(cert), serial=cert.serial_number,
+                    expires=cert.not_valid_after_utc.timestamp())  # fmt: skip
+        with self._lock:
+            if len(self._pending) > 256:  # hellos never finished: keep the newest
+                self._pending.pop(next(iter(self._pending)))
+            self._pending[sid] = (s, cert, t)
+        reply = {"cert": self.id.cert_pem, "nonce": ns, "kx": ks, "session": sid.hex(),
+                 "sig": self.id.sign(t + b"server").hex(), "crl": self.id.crl_pem}  # fmt: skip
+        return b"H2" + json.dumps(reply).encode()
+
+    def _finish(self, h: dict[str, Any]) -> bytes:
+        sid = bytes.fromhex(str(h["session"]))
+        with self._lock:
+            got = self._pending.pop(sid, None)
+        if got is None:
+            raise Refused("(unknown)", "finished a hello that was never started")
+        s, cert, t = got
+        _verify_sig(cert, str(h["sig"]), t + b"client", s.name)
+        with self._lock:
+            self.sessions[sid] = s
+        return b"H4"
+
+    def _adopt(self, pem: str) -> None:
+        if self.id.adopt_crl(pem):
+            self._revoke_sessions()
+
+    def _maybe_refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        try:
+            if self.id.refresh():
+                self._revoke_sessions()
+        except Exception as e:  # a half-copied or foreign file: keep the list we have, say so once
+            self.refusals.add("revocation list", str(e))
+
+    def _revoke_sessions(self) -> None:
+        with self._lock:
+            for sid, s in list(self.sessions.items()):
+                if s.serial in self.id.revoked:
+                    del self.sessions[sid]
+                    self.refusals.add(s.name, f"certificate revoked (serial {s.serial:x}); session dropped")
+
+    def _drop(self, sid: bytes) -> None:
+        with self._lock:
+            self.sessions.pop(sid, None)
+
+    def names(self) -> dict[str, str]:
+        with self._lock:
+            return {s.name: s.role for s in self.sessions.values()}
+
+
+class Client:
+    """The client side (the trainer, ``swarm status``): one session per server key, made on first use."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.id = identity
+        self._sessions: dict[str, tuple[bytes, bytes, str, int]] = {}  # key -> (sid, key, name, serial)
+        self._counter = 0
+        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self.refusals = Refusals()
+
+    def session_for(self, key: str) -> tuple[bytes, bytes, str, int] | None:
+        with self._lock:
+            return self._sessions.get(key)
+
+    def forget(self, key: str | None = None) -> None:
+        """Drop one session (or all): the next request says hello again, with our newest CRL."""
+        with self._lock:
+            if key is None:
+                self._sessions.clear()
+            else:
+                self._sessions.pop(key, None)
+
+    def hello_start(self) -> tuple[bytes, dict[str, Any]]:
+        kx = X25519PrivateKey.generate()
+        st = {"nonce": os.urandom(16).hex(), "kx": kx, "kxp": _kx_pub(kx)}
+        msg = {"cert": self.id.cert_pem, "nonce": st["nonce"], "kx": st["kxp"], "crl": self.id.crl_pem}
+        return b"H1" + json.dumps(msg).encode(), st
+
+    def hello_finish(self, key: str, att: bytes | None, st: dict[str, Any], name: str | None,
+                     roles: tuple[str, ...]) -> bytes:  # fmt: skip
+        """Check the server's ``H2``; returns the ``H3`` attachment and keeps the (pending) session."""
+        who = name or key
+        if not att or att[:2] != b"H2":
+            raise Refused(who, "answered the hello without an identity (it does not run with --identity)")
+        h = json.loads(att[2:])
+        if h.get("crl"):
+            self.id.adopt_crl(h["crl"])
+        cert = self.id.check(str(h["cert"]), roles=roles, name=name)
+        t = _transcript(self.id.swarm, fingerprint(self.id.cert), fingerprint(cert), st["nonce"], str(h["nonce"]),
+                        st["kxp"], str(h["kx"]))  # fmt: skip
+        _verify_sig(cert, str(h["sig"]), t + b"server", who)
+        skey = _derive(st["kx"].exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(str(h["kx"])))), t)
+        sid = bytes.fromhex(str(h["session"]))
+        with self._lock:
+            self._sessions[key] = (sid, skey, cert_name(cert), cert.serial_number)
+        return b"H3" + json.dumps({"session": sid.hex(), "sig": self.id.sign(t + b"client").hex()}).encode()
+
+    def serials(self) -> dict[str, int]:
+        with self._lock:
+            return {k: v[3] for k, v in self._sessions.items()}
+
+    # -- one request through the session (Node.request calls this) ---------------------------
+    def request(self, node: Any, peer: str, key: str, is_peer: bool, msg: Any, data: bytes, timeout: float) -> Any:
+        """Say hello first if needed (the server must hold a ``peer`` certificate named ``peer``, or,
+        for the trainer's key, a ``trainer`` one), then send ``data`` with its MAC."""
+        from .errors import PeerRefused  # net imports us lazily; keep the cycle out of import time
+
+        for attempt in (0, 1):
+            if self.session_for(key) is None:
+                self._hello(node, peer, key, is_peer, timeout)
+            sess = self.session_for(key)
+            assert sess is not None
+            att, counter = self._seal(sess, key, data)
+            try:
+                return node.exchange(peer, key, msg, data, timeout, att,
+                                     lambda a, raw: self._opened(sess, counter, a, raw))  # fmt: skip
+            except PeerRefused as e:
+                if attempt == 0 and "say hello again" in str(e):  # the server restarted or dropped us
+                    self.forget(key)
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _hello(self, node: Any, peer: str, key: str, is_peer: bool, timeout: float) -> None:
+        from .errors import PeerRefused
+        from .wire import Message, encode_message
+
+        with self._hello_lock(key):
+            if self.session_for(key) is not None:
+                return  # another thread of this trainer said hello meanwhile
+            status = Message("status")
+            data = encode_message(status)
+            h1, st = self.hello_start()
+            got: dict[str, bytes | None] = {}
+
+            def keep(att: bytes | None, raw: bytes) -> bool:
+                if att and att[:2] in (b"H2", b"H4"):
+                    got["att"] = att
+                    return True
+                return False
+
+            name, roles = (peer, ("peer",)) if is_peer else (None, ("trainer",))
+            try:
+                node.exchange(peer, key, status, data, min(timeout, 30.0), h1, keep)
+                h3 = self.hello_finish(key, got.get("att"), st, name, roles)
+                got.clear()
+                node.exchange(peer, key, status, data, min(timeout, 30.0), h3, keep)
+            except Refused as r:
+                self.forget(key)
+                self.refusals.add(r.name, r.why)
+                raise
+            except PeerRefused as e:
+                self.forget(key)
+                raise Refused(peer, f"refused our hello: {e}") from None
+            except BaseException:
+                self.forget(key)
+                raise
+
+    def _hello_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _seal(self, sess: tuple[bytes, bytes, str, int], key: str, payload: bytes) -> tuple[bytes, int]:
+        with self._lock:
+            self._counter += 1
+            counter = self._counter
+        return b"M" + sess[0] + _CTR.pack(counter) + _mac(sess[1], b"q", counter, key.encode(), payload), counter
+
+    @staticmethod
+    def _opened(sess: tuple[bytes, bytes, str, int], counter: int, att: bytes | None, payload: bytes) -> bool:
+        if not att or att[:1] != b"R":
+            return False
+        return hmac.compare_digest(att[1:], _mac(sess[1], b"r", counter, payload))

@@ -1,0 +1,62 @@
+"""The trainer's side of identity and access: its certificate, who it refused, and revocations.
+
+Kept apart from :mod:`.trainer` so that the run's logic does not change with ``--identity``:
+:class:`TrainerTrust` opens the identity, judges each peer at its first hello (through the
+:class:`~layerwise.swarm.access.Client` of the trainer's :class:`~layerwise.swarm.net.Node`),
+and at every step boundary re-reads the revocation list: a revoked peer is banned from the
+membership, so the trainer treats it as a peer that died (its stages move to their copies).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..access import Client, Guard, Refusals
+from ..identity import Identity, Refused
+from ..membership import Membership
+from ..net import peer_key
+from .options import TrainerOptions
+
+
+class TrainerTrust:
+    def __init__(self, opts: TrainerOptions) -> None:
+        self.swarm = opts.swarm
+        self.identity = Identity(opts.identity, opts.crl) if opts.identity else None
+        if self.identity is not None and self.identity.role != "trainer":
+            raise Refused(self.identity.name, f"--identity {opts.identity} holds a {self.identity.role} certificate; "
+                                              f"train needs a trainer one (layerwise swarm invite NAME --role trainer)")  # fmt: skip
+        self.client = Client(self.identity) if self.identity else None
+        self.guard = Guard(self.identity) if self.identity else None  # for the trainer's status queryable
+        self.refusals: Refusals = self.client.refusals if self.client else Refusals()
+
+    def refused(self, peer: str, err: Refused) -> None:
+        self.refusals.add(err.name if err.name not in ("(unknown)", "") else peer, err.why)
+
+    def check_revocations(self, membership: Membership) -> list[str]:
+        """Re-read the revocation list; ban peers whose certificate it revokes. Returns them."""
+        if self.identity is None or self.client is None or not self.identity.refresh():
+            return []
+        banned = []
+        for key, serial in self.client.serials().items():
+            if serial in self.identity.revoked:
+                peer = key.rsplit("/", 1)[-1]
+                membership.ban(peer)
+                self.refusals.add(peer, f"certificate revoked (serial {serial:x}) during the run; its stages move "
+                                        f"to their copies")  # fmt: skip
+                banned.append(peer)
+        self.client.forget()  # the next hellos carry the new list to every peer
+        return banned
+
+    def identity_of(self, peer: str) -> str | None:
+        if self.client is None:
+            return None
+        sess = self.client.session_for(peer_key(self.swarm, peer))
+        return sess[2] if sess else None
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"refused": self.refusals.list()}
+        if self.guard is not None:
+            out["refused"] = sorted(out["refused"] + self.guard.refusals.list(), key=lambda r: r["at"])
+        if self.identity is not None:
+            out["identity"] = self.identity.name
+        return out
