@@ -13,13 +13,16 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
 
 from .errors import SwarmError
+from .identity import throwaway
 from .local import LocalPeers
 from .reference import max_diff, reference
 from .spec import SwarmSpec
@@ -33,16 +36,35 @@ def run_demo(args: argparse.Namespace, spec: SwarmSpec) -> int:
     kill_steps = sorted(rng.sample(range(1, max(2, steps - 1)), min(args.kill, max(1, steps - 2)))) if args.kill else []
     # joiners start in the first half: a new process needs seconds to import torch and connect
     join_steps = sorted(rng.choice(range(1, max(2, steps // 2))) for _ in range(args.join))
-    endpoint = f"tcp/127.0.0.1:{args.port}"
+    mtls = bool(getattr(args, "mtls", False))
+    endpoint = f"{'tls' if mtls else 'tcp'}/127.0.0.1:{args.port}"
     name = f"demo-{os.getpid()}"
     say(f"layerwise swarm demo: {args.peers} peers + a trainer on {endpoint}, {steps} steps; "
         f"SIGKILL at steps {kill_steps or 'none'}, joins at steps {join_steps or 'none'}")  # fmt: skip
-    opts = TrainerOptions(swarm=name, listen=(endpoint,), min_peers=args.peers, wait_s=180)
-    summary: dict[str, Any] = {}
+    # --mtls: a throwaway CA, a trainer certificate and one per peer; every link is mutual TLS
+    tmp = tempfile.mkdtemp(prefix="layerwise-demo-ca-") if mtls else None
+    ids = throwaway(tmp, name, {"trainer": "trainer"} | {f"peer{i}": "peer" for i in range(args.peers)}
+                    | {f"joiner{j + 1}": "peer" for j in range(args.join)}) if tmp else {}  # fmt: skip
+    opts = TrainerOptions(swarm=name, listen=(endpoint,), min_peers=args.peers, wait_s=180,
+                          identity=str(ids["trainer"]) if ids else None)  # fmt: skip
     started = time.perf_counter()
+    try:
+        return _run(args, spec, say, rng, steps, kill_steps, join_steps, endpoint, name, opts, ids, started)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, spec: SwarmSpec, say: Any, rng: random.Random, steps: int, kill_steps: list[int],
+         join_steps: list[int], endpoint: str, name: str, opts: TrainerOptions, ids: dict[str, Any],
+         started: float) -> int:  # fmt: skip
+    def extra(peer: str) -> list[str]:
+        return ["--identity", str(ids[peer])] if ids else []
+
+    summary: dict[str, Any] = {}
     with LocalPeers(name, endpoint) as peers, Trainer(spec, opts) as tr:
         for i in range(args.peers):
-            peers.start(f"peer{i}")
+            peers.start(f"peer{i}", extra(f"peer{i}"))
         joined = [0]
 
         def hook(tr: Trainer, step: int) -> None:
@@ -58,7 +80,7 @@ def run_demo(args: argparse.Namespace, spec: SwarmSpec) -> int:
                     say(f"step {step}: killing {victim} in {delay * 1000:.0f} ms")
             for _ in range(join_steps.count(step)):
                 joined[0] += 1
-                peers.start(f"joiner{joined[0]}")
+                peers.start(f"joiner{joined[0]}", extra(f"joiner{joined[0]}"))
                 say(f"step {step}: starting joiner{joined[0]}")
             if tr.losses:
                 say(f"step {step}/{steps}  loss {tr.losses[-1]:.4f}  {tr.step_times[-1][2] * 1000:.0f} ms")

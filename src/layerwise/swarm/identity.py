@@ -265,7 +265,7 @@ class Identity:
         try:  # its own certificate must pass the checks every other process makes
             self.check(self.cert)
         except Refused as r:
-            raise IdentityError(f"identity {d}: {r.why}") from None
+            raise IdentityError(f"identity {d} ({self.name}, {self.role}): {r.why}") from None
         self.refresh()
 
     @property
@@ -332,3 +332,9 @@ class Identity:
 
     def sign(self, data: bytes) -> bytes:
         return self.key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+def throwaway(root: str | os.PathLike[str], swarm: str, names: dict[str, str]) -> dict[str, Path]:
+    """A CA in ``root/ca`` and an identity per ``{name: role}`` in ``root/<name>`` (demo, tests, bench)."""
+    ca = init_ca(Path(root) / "ca", swarm)
+    return {name: issue(ca, name, role, Path(root) / name) for name, role in names.items()}

@@ -24,6 +24,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -41,6 +42,8 @@ from ..spec import SwarmSpec, init_checksum
 from ..wire import MAX_MESSAGE, Message, decode_message, encode_message, error
 from .capacity import block_seconds, default_memory_bytes
 from .state import Span
+
+ALONE_S = 5.0  # after this long with no link, a peer says it is alone (a refused TLS handshake is silent)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,6 +234,9 @@ class Peer:
             token = session.liveliness().declare_token(alive_key(self.opts.swarm, self.id))
             if ready is not None:
                 ready(self)
+            alone = threading.Timer(ALONE_S, self._say_if_alone, (session,))
+            alone.daemon = True
+            alone.start()
             try:
                 while not stop.is_set():
                     try:
@@ -239,8 +245,17 @@ class Peer:
                         continue
                     self._serve_one(query)
             finally:
+                alone.cancel()
                 token.undeclare()
                 qbl.undeclare()
+
+    def _say_if_alone(self, session: zenoh.Session) -> None:
+        """zenoh refuses a TLS link in silence: a peer linked to no one says so, by its name."""
+        if self.opts.join and not list(session.info.peers_zid()):
+            how = ("mutual TLS refuses a certificate of another swarm's CA, an expired one, or none"
+                   if self.identity else "a swarm that runs with --identity refuses processes without one")  # fmt: skip
+            print(f"peer {self.id}: linked to no process of swarm {self.opts.swarm!r} at {', '.join(self.opts.join)} "
+                  f"after {ALONE_S:.0f} s ({how}; or nobody listens there)", file=sys.stderr, flush=True)  # fmt: skip
 
     def _serve_one(self, query: Any) -> None:
         raw = query.payload.to_bytes() if query.payload is not None else b""

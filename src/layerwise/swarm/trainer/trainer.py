@@ -164,7 +164,7 @@ class Trainer:
 
     # -- step boundary: replace what died, take in who joined ---------------------------------
     def boundary(self) -> None:
-        self.trust.check_revocations(self.membership)  # a revoked peer now counts as gone
+        self.trust.at_boundary(self)  # a revoked peer now counts as gone; collect the peers' refusals
         for s in range(len(self.assignment.stages)):
             span = self.assignment.stages[s]
             if not self.membership.is_alive(span.holder) and self._gone(span.holder):

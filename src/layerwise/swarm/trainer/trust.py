@@ -9,13 +9,20 @@ membership, so the trainer treats it as a peer that died (its stages move to the
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from ..access import Client, Guard, Refusals
 from ..identity import Identity, Refused
 from ..membership import Membership
 from ..net import peer_key
+from ..wire import Message
 from .options import TrainerOptions
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+COLLECT_S = 5.0  # how often the trainer asks its peers whom they refused (one small request each)
 
 
 class TrainerTrust:
@@ -28,6 +35,24 @@ class TrainerTrust:
         self.client = Client(self.identity) if self.identity else None
         self.guard = Guard(self.identity) if self.identity else None  # for the trainer's status queryable
         self.refusals: Refusals = self.client.refusals if self.client else Refusals()
+        self.by_peers: dict[str, list[dict[str, Any]]] = {}  # what each peer refused, as it last said
+        self._collected = 0.0
+
+    def at_boundary(self, tr: Trainer) -> None:
+        """Revocations first (a revoked peer is then gone for the boundary's recovery), then, every
+        few seconds, the peers' own refusals (a peer certificate that tried trainer-only work)."""
+        if self.identity is None:
+            return
+        self.check_revocations(tr.membership)
+        if time.monotonic() - self._collected < COLLECT_S:
+            return
+        self._collected = time.monotonic()
+        for peer in sorted({p.id for p in tr.peers()}):
+            try:
+                got = tr.node.request(peer, Message("status"), timeout=tr.opts.lease_ms / 1000 + 1)
+            except Exception:  # a peer that died meanwhile is the failure path's business, not ours
+                continue
+            self.by_peers[peer] = [dict(r, by=peer) for r in got.meta.get("refused", [])]
 
     def refused(self, peer: str, err: Refused) -> None:
         self.refusals.add(err.name if err.name not in ("(unknown)", "") else peer, err.why)
@@ -54,9 +79,11 @@ class TrainerTrust:
         return sess[2] if sess else None
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"refused": self.refusals.list()}
+        mine = [dict(r, by="trainer") for r in self.refusals.list()]
         if self.guard is not None:
-            out["refused"] = sorted(out["refused"] + self.guard.refusals.list(), key=lambda r: r["at"])
+            mine += [dict(r, by="trainer") for r in self.guard.refusals.list()]
+        out: dict[str, Any] = {"refused": sorted(mine + [r for v in self.by_peers.values() for r in v],
+                                                 key=lambda r: r["at"])[-100:]}  # fmt: skip
         if self.identity is not None:
             out["identity"] = self.identity.name
         return out
