@@ -82,6 +82,8 @@ def check(args: argparse.Namespace, role: str | None, endpoints: tuple[str, ...]
         raise UsageError(str(e)) from None
     if role is not None and got.role != role:
         raise UsageError(f"--identity {ident} holds a {got.role} certificate ({got.name}); this needs a {role} one")
+    if getattr(args, "name", None) not in (None, got.name):
+        raise UsageError(f"--name {args.name} differs from the certificate's name {got.name!r}: leave --name out")
     bad = [e for e in endpoints if not e.startswith("tls/")]
     if bad:
         raise UsageError(f"with --identity, endpoints are mutual TLS: use tls/HOST:PORT, not {bad[0]}")

@@ -213,9 +213,9 @@ class Guard:
             return Admission(refused=f"refused: malformed hello ({type(e).__name__})")
 
     def _hello(self, h: dict[str, Any]) -> bytes:
-        if h.get("crl"):
-            self._adopt(h["crl"])
-        cert = self.id.check(str(h["cert"]))
+        cert = self.id.check(str(h["cert"]))  # first: a foreign process's list is not even read
+        if h.get("crl") and self._adopt(h["crl"]):
+            cert = self.id.check(str(h["cert"]))  # the list it carried may revoke itself
         kx = X25519PrivateKey.generate()
         ns, sid = os.urandom(16).hex(), os.urandom(16)
         ks = _kx_pub(kx)
@@ -244,9 +244,14 @@ class Guard:
             self.sessions[sid] = s
         return b"H4"
 
-    def _adopt(self, pem: str) -> None:
-        if self.id.adopt_crl(pem):
-            self._revoke_sessions()
+    def _adopt(self, pem: str) -> bool:
+        try:
+            if not self.id.adopt_crl(pem):
+                return False
+        except Refused:
+            return False  # a list not signed by our CA, from a certificate that is: ignore the list
+        self._revoke_sessions()
+        return True
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()
@@ -311,9 +316,13 @@ class Client:
         if not att or att[:2] != b"H2":
             raise Refused(who, "answered the hello without an identity (it does not run with --identity)")
         h = json.loads(att[2:])
-        if h.get("crl"):
-            self.id.adopt_crl(h["crl"])
         cert = self.id.check(str(h["cert"]), roles=roles, name=name)
+        if h.get("crl"):
+            try:
+                if self.id.adopt_crl(h["crl"]):
+                    cert = self.id.check(str(h["cert"]), roles=roles, name=name)
+            except Refused:
+                pass  # a list not signed by our CA: ignore it, the certificate itself passed
         t = _transcript(self.id.swarm, fingerprint(self.id.cert), fingerprint(cert), st["nonce"], str(h["nonce"]),
                         st["kxp"], str(h["kx"]))  # fmt: skip
         _verify_sig(cert, str(h["sig"]), t + b"server", who)
