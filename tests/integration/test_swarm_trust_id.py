@@ -231,3 +231,4 @@ def test_another_swarm_no_certificate_or_an_expired_one_get_nothing(swarm: dict[
             time.sleep(1.5)
             assert list(session.info.peers_zid()) == []
             assert list(session.get(peer_key(swarm["name"], "p0"), timeout=1.0)) == []
+
