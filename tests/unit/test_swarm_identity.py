@@ -210,3 +210,12 @@ def test_cli_bad_input_is_one_error_line_with_exit_2(tmp_path: Path) -> None:
     for case, rc, err in zip(CLI_BAD, rcs, errors):
         assert rc == "RC 2" and err.startswith(("error:", "layerwise swarm")), (case, rc, err)
     assert len(errors) == len(CLI_BAD), errors
+
+
+def test_status_text_lists_refusals_by_name() -> None:
+    from layerwise.commands.swarm import format_status
+
+    tr = {"step": 3, "loss": 1.0, "steps_per_s": 2.0, "stages": [], "failures": [],
+          "refused": [{"name": "eve", "why": "certificate revoked", "at": 1.0, "by": "p0"}]}  # fmt: skip
+    text = format_status({"swarm": "s", "peers": {}, "trainer": tr})
+    assert "refused eve (by p0): certificate revoked" in text

@@ -196,6 +196,8 @@ def format_status(got: dict[str, Any]) -> str:
         lines.append(f"  stage {s['stage']} layers {s['layers'][0]}-{s['layers'][1]}: {s['holder']} (copy {s['copy']})")
     for f in tr["failures"]:
         lines.append(f"  failure: {f['peer']} at step {f['step']} ({f['phase']}), stages {f['stages']}")
+    for r in tr.get("refused", [])[-10:]:  # --identity: who was refused, by name (swarm/access.py)
+        lines.append(f"  refused {r['name']} (by {r.get('by', '?')}): {r['why']}")
     return "\n".join(lines)
 
 
