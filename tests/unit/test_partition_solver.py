@@ -124,7 +124,8 @@ def test_tie_break_is_exact_where_floats_absorb() -> None:
     # 2 + 2**-52 rounds to 2, so both splits have bottleneck 2; squares 4 + 2**-104 (float: 4)
     # against exactly 4. Float sums made the answer depend on the order of additions.
     assert solve([2.0, 2.0**-52, 0.0], stages=2) == [2, 1]
-    assert solve([1e-38, 1e-38, 4.0, 1e-38, 1e-38, 1e-38], stages=4) == [1, 1, 1, 3]
+    # 4 + 2e-38 rounds to 4: [1, 1, 3, 1] has squares 16 + 3e-76, [1, 1, 1, 3] 16 + 11e-76.
+    assert solve([1e-38, 1e-38, 4.0, 1e-38, 1e-38, 1e-38], stages=4) == [1, 1, 3, 1]
 
 
 @settings(max_examples=150, deadline=None)
