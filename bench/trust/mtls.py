@@ -22,7 +22,7 @@ from layerwise.swarm.spec import SwarmSpec
 from layerwise.swarm.trainer import Trainer, TrainerOptions
 
 SPEC = SwarmSpec(width=64, blocks=4, batch_size=8, microbatches=4)  # `layerwise swarm demo --model tiny`
-PEERS = 2
+PEERS = 4  # the demo's default swarm size
 WARMUP = 2
 
 
