@@ -170,6 +170,17 @@ def test_hello_refuses_wrong_server_and_revoked_or_foreign_clients(pki: dict[str
     assert "t2: certificate revoked" in str(guard.admit(h1, KEY, b"").refused)
 
 
+def test_the_replay_window_takes_each_counter_once_in_any_order_within_it() -> None:
+    from layerwise.swarm.access import WINDOW, Session
+
+    s = Session(aead=None, name="x", role="peer", serial=1, expires=0.0)  # type: ignore[arg-type]
+    assert [s.fresh(c) for c in (1, 3, 2, 2, 3, 1)] == [True, True, True, False, False, False]
+    top = 10 * WINDOW
+    assert s.fresh(top) and s.fresh(top - WINDOW + 1) and not s.fresh(top - WINDOW + 1)
+    assert not s.fresh(top - WINDOW) and not s.fresh(5)  # too old to tell: refused as a replay
+    assert s.fresh(top + 1) and not s.fresh(top)
+
+
 CLI_BAD = [
     ["init"],
     ["invite", "p0", "--out", "X"],

@@ -13,10 +13,14 @@ changed):
 3. ``H3`` client -> server: its signature over the transcript. Each side has now checked the other's
    certificate (:meth:`.identity.Identity.check`: chain to the CA, validity, role, revocation,
    name) and proof of its key, and both derive a session key (HKDF over the X25519 secret).
-4. Every later request carries ``M | session | counter | HMAC(key, "q" | counter | key expr | payload)``
-   and every reply ``R | HMAC(key, "r" | counter | payload)``: a request replayed, altered or sent
-   by another process is refused, and a reply from anyone but the authenticated server (another
-   process answering on the same key) is ignored. HMAC-SHA256 costs about a microsecond per KiB.
+4. Every later request carries ``M | session | counter | tag`` and every reply ``R | tag``, the tag a
+   GMAC (AES-256-GCM with the payload as associated data and nothing to encrypt) under the session
+   key with the nonce ``q|counter`` or ``r|counter``: a request replayed, altered or sent by another
+   process is refused, and a reply from anyone but the authenticated server (another process
+   answering on the same key) is ignored. Sessions are per server, so a tag binds its key too.
+   GMAC runs at ~20 GB/s here with AES-NI, 12x HMAC-SHA256 (0.05 against 0.6 ms per MiB); the
+   links are already encrypted by TLS, so only authenticity is added. Nonces never repeat under a
+   key: the client's counter only grows, and a server answers each counter once.
 
 The access policy (:meth:`Guard.admit`): a session of a ``trainer`` certificate may send every
 kind of message; one of a ``peer`` certificate only ``status``. A request without a valid session
@@ -34,7 +38,6 @@ list reaches a process only through its file or a hello.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import os
@@ -42,13 +45,14 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography import x509
 
@@ -56,7 +60,9 @@ from .identity import Identity, Refused, cert_name, cert_role, fingerprint
 
 TRAINER_ONLY_EXEMPT = ("status",)  # what a peer's certificate may ask
 WINDOW = 4096  # counters this far below the highest seen are refused as replays
+_FULL = (1 << WINDOW) - 1
 _CTR = struct.Struct(">Q")
+_ClientSession = tuple[bytes, AESGCM, str, int]  # session id, its GMAC, the server's name, its serial
 _REFUSALS_KEPT = 100
 
 
@@ -81,11 +87,8 @@ def _kx_pub(k: X25519PrivateKey) -> str:
     return k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
 
-def _mac(key: bytes, tag: bytes, counter: int, *parts: bytes) -> bytes:
-    h = hmac.new(key, tag + _CTR.pack(counter), hashlib.sha256)
-    for p in parts:
-        h.update(p)
-    return h.digest()
+def _mac(aead: AESGCM, tag: bytes, counter: int, payload: bytes) -> bytes:
+    return aead.encrypt(tag + b"\0\0\0" + _CTR.pack(counter), b"", payload)  # 16 bytes: GCM's tag alone
 
 
 def _peek_kind(payload: bytes) -> str | None:
@@ -100,22 +103,24 @@ def _peek_kind(payload: bytes) -> str | None:
 
 @dataclass
 class Session:
-    key: bytes
+    aead: AESGCM
     name: str
     role: str
     serial: int
     expires: float  # time.time() of the certificate's end
-    seen: set[int] = field(default_factory=set)
-    top: int = 0
+    top: int = 0  # the highest counter seen
+    mask: int = 0  # bit i: counter top - i was seen (the sliding window of IPsec, RFC 4303 3.4.3)
 
     def fresh(self, counter: int) -> bool:
         """True once per counter within the window (requests arrive out of order from stage threads)."""
-        if counter <= self.top - WINDOW or counter in self.seen:
-            return False
-        self.seen.add(counter)
         if counter > self.top:
+            self.mask = ((self.mask << (counter - self.top)) | 1) & _FULL
             self.top = counter
-            self.seen = {c for c in self.seen if c > self.top - WINDOW}
+            return True
+        back = self.top - counter
+        if back >= WINDOW or self.mask >> back & 1:
+            return False
+        self.mask |= 1 << back
         return True
 
 
@@ -156,7 +161,7 @@ class Admission:
         if self.hello is not None:
             return self.hello
         if self.session is not None:
-            return b"R" + _mac(self.session.key, b"r", self.counter, reply)
+            return b"R" + _mac(self.session.aead, b"r", self.counter, reply)
         return None
 
 
@@ -185,7 +190,7 @@ class Guard:
                 return Admission(hello=self._hello(json.loads(att[2:])))
             if att[:2] == b"H3":
                 return Admission(hello=self._finish(json.loads(att[2:])))
-            if att[:1] != b"M" or len(att) != 1 + 16 + 8 + 32:
+            if att[:1] != b"M" or len(att) != 1 + 16 + 8 + 16:
                 raise Refused("(no session)", f"{kind or 'a request'} without the signed hello: this swarm "
                                               f"requires --identity (mutual TLS and a certificate of its CA)")  # fmt: skip
             sid, counter, mac = att[1:17], _CTR.unpack(att[17:25])[0], att[25:]
@@ -194,7 +199,7 @@ class Guard:
             if s is None:
                 raise Refused("(unknown session)", f"{kind or 'a request'} with a session that this process does not "
                                                    f"hold (revoked, or it restarted): say hello again")  # fmt: skip
-            if not hmac.compare_digest(mac, _mac(s.key, b"q", counter, key_expr.encode(), payload)):
+            if not hmac.compare_digest(mac, _mac(s.aead, b"q", counter, payload)):
                 raise Refused(s.name, f"{kind or 'a request'} with a wrong MAC (altered, or not from {s.name})")
             with self._lock:
                 if not s.fresh(counter):
@@ -222,7 +227,7 @@ class Guard:
         t = _transcript(self.id.swarm, fingerprint(cert), fingerprint(self.id.cert), str(h["nonce"]), ns,
                         str(h["kx"]), ks)  # fmt: skip
         key = _derive(kx.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(str(h["kx"])))), t)
-        s = Session(key=key, name=cert_name(cert), role=cert_role(cert), serial=cert.serial_number,
+        s = Session(aead=AESGCM(key), name=cert_name(cert), role=cert_role(cert), serial=cert.serial_number,
                     expires=cert.not_valid_after_utc.timestamp())  # fmt: skip
         with self._lock:
             if len(self._pending) > 256:  # hellos never finished: keep the newest
@@ -285,13 +290,13 @@ class Client:
 
     def __init__(self, identity: Identity) -> None:
         self.id = identity
-        self._sessions: dict[str, tuple[bytes, bytes, str, int]] = {}  # key -> (sid, key, name, serial)
+        self._sessions: dict[str, _ClientSession] = {}  # server key -> (session id, GMAC, its name, serial)
         self._counter = 0
         self._lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self.refusals = Refusals()
 
-    def session_for(self, key: str) -> tuple[bytes, bytes, str, int] | None:
+    def session_for(self, key: str) -> _ClientSession | None:
         with self._lock:
             return self._sessions.get(key)
 
@@ -329,7 +334,7 @@ class Client:
         skey = _derive(st["kx"].exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(str(h["kx"])))), t)
         sid = bytes.fromhex(str(h["session"]))
         with self._lock:
-            self._sessions[key] = (sid, skey, cert_name(cert), cert.serial_number)
+            self._sessions[key] = (sid, AESGCM(skey), cert_name(cert), cert.serial_number)
         return b"H3" + json.dumps({"session": sid.hex(), "sig": self.id.sign(t + b"client").hex()}).encode()
 
     def serials(self) -> dict[str, int]:
@@ -397,14 +402,14 @@ class Client:
         with self._lock:
             return self._locks.setdefault(key, threading.Lock())
 
-    def _seal(self, sess: tuple[bytes, bytes, str, int], key: str, payload: bytes) -> tuple[bytes, int]:
+    def _seal(self, sess: _ClientSession, key: str, payload: bytes) -> tuple[bytes, int]:
         with self._lock:
             self._counter += 1
             counter = self._counter
-        return b"M" + sess[0] + _CTR.pack(counter) + _mac(sess[1], b"q", counter, key.encode(), payload), counter
+        return b"M" + sess[0] + _CTR.pack(counter) + _mac(sess[1], b"q", counter, payload), counter
 
     @staticmethod
-    def _opened(sess: tuple[bytes, bytes, str, int], counter: int, att: bytes | None, payload: bytes) -> bool:
+    def _opened(sess: _ClientSession, counter: int, att: bytes | None, payload: bytes) -> bool:
         if not att or att[:1] != b"R":
             return False
         return hmac.compare_digest(att[1:], _mac(sess[1], b"r", counter, payload))
