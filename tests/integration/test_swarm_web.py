@@ -24,8 +24,10 @@ from typing import Any
 
 import pytest
 
+from layerwise.commands.swarm import format_status
 from layerwise.swarm.local import LocalPeers
 from layerwise.swarm.spec import SwarmSpec
+from layerwise.swarm.status import query_status
 from layerwise.swarm.trainer import Trainer, TrainerOptions
 
 from .test_swarm import _free_port
@@ -96,7 +98,8 @@ def live() -> Iterator[dict[str, Any]]:
             cmd = [sys.executable, "-m", "layerwise", "swarm", "status", "--swarm", name, "--join", endpoint, "--web", "0"]
             try:
                 status = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                yield {"url": _page_url(status, 60), "trainer": tr, "peers": peers, "errors": errors}
+                yield {"url": _page_url(status, 60), "trainer": tr, "peers": peers, "errors": errors,
+                       "swarm": name, "endpoint": endpoint}
             finally:
                 stop.set()
                 if status is not None:
@@ -125,7 +128,7 @@ def browser() -> Iterator[Any]:
 def test_the_page_shows_a_live_swarm_and_a_killed_peer(live: dict[str, Any], browser: Any, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1100, "height": 1400})
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
     page.set_default_timeout(WAIT_MS)
     page.goto(live["url"])
     peers_table = page.locator("section.peers")
@@ -138,6 +141,9 @@ def test_the_page_shows_a_live_swarm_and_a_killed_peer(live: dict[str, Any], bro
     assert page.locator("section.stages tbody tr").count() == len(live["trainer"].assignment.stages)
     expect(page.locator("section.failures")).to_contain_text("none", timeout=WAIT_MS)
     page.screenshot(path=str(tmp_path / "before.png"), full_page=True)
+    got = query_status(live["swarm"], [live["endpoint"]])  # the plain `swarm status` sees the same swarm
+    assert set(got["peers"]) == set(PEERS) and got["trainer"]["timeline"]["actions"]
+    assert "no trainer" not in format_status(got)
 
     # kill a peer that holds a stage and is not the hostile one (its name is a substring-free check)
     victim = next(s.holder for s in live["trainer"].assignment.stages if s.holder != HOSTILE)
