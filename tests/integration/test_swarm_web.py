@@ -95,7 +95,8 @@ def live() -> Iterator[dict[str, Any]]:
             thread = threading.Thread(target=train, daemon=True)
             thread.start()
             env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            cmd = [sys.executable, "-m", "layerwise", "swarm", "status", "--swarm", name, "--join", endpoint, "--web", "0"]
+            cmd = [sys.executable, "-m", "layerwise", "swarm", "status", "--swarm", name, "--join", endpoint,
+                   "--web", "0"]  # fmt: skip
             try:
                 status = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 yield {"url": _page_url(status, 60), "trainer": tr, "peers": peers, "errors": errors,

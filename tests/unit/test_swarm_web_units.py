@@ -59,13 +59,16 @@ def test_missing_keys_show_a_dash_and_present_ones_their_rows() -> None:
     row = re.search(r"<tr><td><span class=\"peer\">a</span>.*?</tr>", page)
     assert row and all(x in row.group(0) for x in ("2.0 ms", "2.00 GiB", "holds stage 0", "12", DASH))
     assert "copy of stage 0" in page and "3.2500" in page and "1.0 MiB" in page
-    page = render(_status(refused=[{"name": "mallory", "why": "revoked", "at": 0.0}, "eve"],
+    assert re.search(r'id="t-spot-checks">—<', page) and re.search(r'id="t-certificate">—<', page)
+    page = render(_status(refused=[{"name": "mallory", "why": "revoked", "at": 0.0, "by": "p3"}, "eve"],
                           rejected={"nan": 3, "oversized": 1}, bans=[{"peer": "c", "reason": "spot check", "step": 9}],
-                          peers={"a": {"identity": "peer-a", "probation": True}}))  # fmt: skip
+                          peers={"a": {"identity": "peer-a", "probation": True}, "c": {"banned": True}},
+                          identity="trainer-1", spot_checks={"checks": 41, "mismatches": 2}, spot_check_rate=0.05))
     text = _text(page)
-    assert "refused processes (2)" in text and "mallory" in text and "revoked" in text and "eve" in text
-    assert re.search(r"nan\s+3", text) and "bans (1)" in text and "spot check" in text
-    assert "peer-a" in text and "yes" in text
+    assert "refused processes (2)" in text and "mallory revoked p3" in text and "eve" in text
+    assert "nan 3" in text and "bans (1)" in text and "c spot check 9" in text
+    assert "peer-a" in text and "yes" in text and "banned" in text
+    assert "trainer-1" in text and "41 (2 bad) at 5%" in text
 
 
 def test_no_trainer_and_a_hung_peer() -> None:
@@ -134,3 +137,13 @@ def test_bad_web_options_are_one_error_line(args: list[str], capsys: pytest.Capt
     assert main(["swarm", "status", "--join", "tcp/127.0.0.1:1", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "--web" in err and err.count("\n") == 1
+
+
+def test_an_answer_the_page_cannot_show_is_reported_not_fatal() -> None:
+    web = StatusWeb(lambda: {}, port=0)
+    try:
+        web.latest = {"swarm": "s", "peers": {"odd": ["<x>"]}, "trainer": {"stages": ["<not a stage>"]}}
+        page = web.fragment()
+        assert page.startswith('<p class="error">cannot show this status: AttributeError') and "<x>" not in page
+    finally:
+        web.httpd.server_close()

@@ -185,11 +185,12 @@ def _status_web(args: argparse.Namespace, join: tuple[str, ...]) -> int:
         raise UsageError(f"--web must be a port in 0..65535 (0: any free one), got {args.web}")
     if args.json:
         raise UsageError("--json prints the status once; --web serves it live: give one of them")
+    from layerwise.swarm.status import StatusProbe
     from layerwise.swarm.web import serve_status_page
 
     host = args.web_host or "127.0.0.1"
     try:
-        serve_status_page(args.swarm, join, args.lease_ms, host, args.web, say=lambda m: print(m, flush=True))
+        serve_status_page(StatusProbe(args.swarm, join, args.lease_ms), host, args.web, lambda m: print(m, flush=True))
     except OSError as e:
         print(f"error: cannot serve the status page on {host}:{args.web}: {e.strerror or e}", file=sys.stderr)
         return 1

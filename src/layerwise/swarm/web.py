@@ -10,6 +10,7 @@ second), ``/status.json`` the raw status. The page is rendered on the server
 
 from __future__ import annotations
 
+import html
 import json
 import socket
 import threading
@@ -17,9 +18,12 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .web_render import render
+
+if TYPE_CHECKING:
+    from .status import StatusProbe
 
 CSP = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; img-src 'self' data:"
 
@@ -47,7 +51,7 @@ class StatusWeb:
         self.httpd = server((host, port), self._handler())
         self.httpd.daemon_threads = True
         self._threads = [threading.Thread(target=self._poll_loop, name="status-poll", daemon=True),
-                         threading.Thread(target=self.httpd.serve_forever, name="status-http", daemon=True)]  # fmt: skip
+                         threading.Thread(target=self.httpd.serve_forever, name="status-http", daemon=True)]
 
     @property
     def url(self) -> str:
@@ -83,7 +87,11 @@ class StatusWeb:
             self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     def fragment(self) -> str:
-        return render(self.latest, self.error)
+        try:
+            return render(self.latest, self.error)
+        except Exception as e:  # a peer's odd answer must not take the page down: say what failed
+            return f'<p class="error">cannot show this status: {html.escape(f"{type(e).__name__}: {e}")}</p>'
+
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         web = self
@@ -120,19 +128,16 @@ class StatusWeb:
         return Handler
 
 
-def serve_status_page(swarm: str, join: tuple[str, ...], lease_ms: int, host: str, port: int,
-                      say: Callable[[str], None] = print) -> None:  # fmt: skip
-    """Block until Ctrl-C (or SIGTERM), serving the page of the swarm joined at ``join``."""
+def serve_status_page(probe: StatusProbe, host: str, port: int, say: Callable[[str], None] = print) -> None:
+    """Block until Ctrl-C (or SIGTERM), serving the page of the swarm that ``probe`` joins."""
     import signal
-
-    from .status import StatusProbe
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    with StatusProbe(swarm, join, lease_ms) as probe, StatusWeb(lambda: probe.poll(timeout=2.0), host, port) as web:
-        say(f"status page of swarm {swarm!r} on {web.url} (Ctrl-C to stop)")
+    with probe, StatusWeb(lambda: probe.poll(timeout=2.0), host, port) as web:
+        say(f"status page of swarm {probe.swarm!r} on {web.url} (Ctrl-C to stop)")
         try:
             while True:
                 time.sleep(3600)

@@ -10,6 +10,7 @@ and ``probation``.
 from __future__ import annotations
 
 import html
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -27,6 +28,10 @@ def _num(value: Any, fmt: str, scale: float = 1.0, unit: str = "") -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return DASH
     return f"{value * scale:{fmt}}{unit}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"\W+", "-", text)
 
 
 def _clock(at: Any) -> str:
@@ -73,15 +78,24 @@ def _summary(got: Mapping[str, Any], tr: Mapping[str, Any], error: str | None) -
         cells = [("step", _e(tr.get("step"))), ("loss", _num(tr.get("loss"), ".4f")),
                  ("steps/s", _num(tr.get("steps_per_s"), ".2f")), ("tokens/s", _num(tr.get("tokens_per_s"), ",.0f")),
                  ("epoch", _e(tr.get("epoch"))), ("phase", _e(tr.get("phase"))),
-                 ("rebalances", _e(tr.get("rebalances"))),
+                 ("rebalances", _e(tr.get("rebalances"))), ("certificate", _e(tr.get("identity"))),
+                 ("spot checks", _spot(tr.get("spot_checks"), tr.get("spot_check_rate"))),
                  ("sent", _num(tr.get("bytes_sent"), ".1f", 1 / 2**20, " MiB")),
                  ("received", _num(tr.get("bytes_received"), ".1f", 1 / 2**20, " MiB"))]  # fmt: skip
         trainer = '<div class="cards">' + "".join(
-            f'<div class="card"><div class="k">{_e(k)}</div><div class="v" id="t-{_e(k.replace("/", "-"))}">{v}</div></div>'
+            f'<div class="card"><div class="k">{_e(k)}</div><div class="v" id="t-{_slug(k)}">{v}</div></div>'
             for k, v in cells
         ) + "</div>"  # fmt: skip
     return (f'<header><h1>swarm <span id="swarm-name">{_e(got.get("swarm"))}</span></h1>'
             f'<span class="at">polled {_clock(got.get("at"))}</span></header>{warn}{trainer}')  # fmt: skip
+
+
+def _spot(stats: Any, rate: Any) -> str:
+    """How many spot checks ran and how many disagreed, e.g. ``41 (2 bad) at 5%``."""
+    if not isinstance(stats, Mapping):
+        return DASH
+    at = f" at {rate:.0%}" if isinstance(rate, (int, float)) else ""
+    return _e(f"{stats.get('checks', 0)} ({stats.get('mismatches', 0)} bad){at}")
 
 
 def _sparkline(losses: Sequence[Any], w: int = 600, h: int = 60) -> str:
@@ -90,7 +104,8 @@ def _sparkline(losses: Sequence[Any], w: int = 600, h: int = 60) -> str:
         return ""
     lo, hi = min(ys), max(ys)
     span = (hi - lo) or 1.0
-    pts = " ".join(f"{4 + i * (w - 8) / (len(ys) - 1):.1f},{4 + (hi - y) * (h - 8) / span:.1f}" for i, y in enumerate(ys))
+    dx = (w - 8) / (len(ys) - 1)
+    pts = " ".join(f"{4 + i * dx:.1f},{4 + (hi - y) * (h - 8) / span:.1f}" for i, y in enumerate(ys))
     return (f'<section><h2>loss, last {len(ys)} steps <span class="n">({ys[0]:.3f} → {ys[-1]:.3f})</span></h2>'
             f'<svg class="spark" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img">'
             f'<polyline fill="none" stroke="#4e79a7" stroke-width="1.5" points="{pts}"/></svg></section>')  # fmt: skip
@@ -112,14 +127,15 @@ def _peers(got: Mapping[str, Any], tr: Mapping[str, Any]) -> str:
     failed = {str(f.get("peer")) for f in _items(tr.get("failures"))}
     rows = []
     for name in sorted(set(own) | set(seen)):
-        mine, theirs = own.get(name) or {}, seen.get(name) or {}
+        mine, theirs = (v if isinstance(v, Mapping) else {} for v in (own.get(name), seen.get(name)))
         memory = theirs.get("memory_bytes", mine.get("memory_bytes"))
         probation = theirs.get("probation")
-        state = "failed" if name in failed else "not answering" if "error" in mine else "live"
-        if "error" in mine:
-            state = f'<span class="bad" title="{_e(mine["error"])}">{_e(state)}</span>'
+        if theirs.get("banned"):
+            state = '<span class="bad">banned</span>'
+        elif "error" in mine:
+            state = f'<span class="bad" title="{_e(mine["error"])}">not answering</span>'
         else:
-            state = _e(state)
+            state = "failed" if name in failed else "live"
         rows.append([f'<span class="peer">{_e(name)}</span>', _e(theirs.get("identity")),
                      _num(theirs.get("block_s"), ".1f", 1000, " ms"), _num(memory, ".2f", 1 / 2**30, " GiB"),
                      _e(mine.get("speed")), _e(", ".join(roles.get(name, [])) or "spare"),
@@ -140,7 +156,8 @@ def _stages(tr: Mapping[str, Any]) -> str:
 def _timeline(tl: Mapping[str, Any] | None, w: int = 900, row: int = 24) -> str:
     if not tl or not tl.get("actions"):
         return '<section><h2>last step</h2><p class="none">no step finished yet</p></section>'
-    acts = [a for a in tl["actions"] if isinstance(a.get("start"), (int, float)) and isinstance(a.get("end"), (int, float))]
+    timed = lambda a: all(isinstance(a.get(k), (int, float)) for k in ("start", "end"))  # noqa: E731
+    acts = [a for a in tl["actions"] if isinstance(a, Mapping) and timed(a)]
     total = max([float(tl.get("seconds") or 0.0)] + [a["end"] for a in acts]) or 1e-3
     stages = sorted({int(a.get("stage", 0)) for a in acts})
     left, top = 70, 18
@@ -185,14 +202,15 @@ def _failures(failures: Any) -> str:
     return _table("recent failures", rows, ["peer", "step", "phase", "stages", "at", "recovered in"], "failures")
 
 
-def _column(items: Iterable[Mapping[str, Any]], keys: Sequence[str], fmt: Mapping[str, Callable[[Any], str]]) -> list[list[str]]:
+def _column(items: Iterable[Mapping[str, Any]], keys: Sequence[str],
+            fmt: Mapping[str, Callable[[Any], str]]) -> list[list[str]]:  # fmt: skip
     return [[fmt.get(k, _e)(it.get(k)) for k in keys] for it in items]
 
 
 def _trust(tr: Mapping[str, Any]) -> str:
     """Refused processes, rejected messages and bans: "—" when the trainer does not report them."""
     parts = []
-    for key, title, cols in (("refused", "refused processes", ("name", "why", "at")),
+    for key, title, cols in (("refused", "refused processes", ("name", "why", "by", "at")),
                              ("bans", "bans", ("peer", "reason", "step"))):  # fmt: skip
         if key not in tr:
             parts.append(f'<section class="{key}"><h2>{_e(title)}</h2><p class="none">{DASH}</p></section>')
