@@ -50,17 +50,18 @@ def _page_url(proc: subprocess.Popen[str], timeout: float) -> str:
     """The URL the status process prints once it listens (read in a thread: readline has no timeout)."""
     lines: queue.SimpleQueue[str] = queue.SimpleQueue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or []], daemon=True).start()
-    deadline = time.monotonic() + timeout
+    deadline, seen = time.monotonic() + timeout, []
     while time.monotonic() < deadline:
         try:
-            line = lines.get(timeout=1.0)
+            seen.append(lines.get(timeout=1.0))
         except queue.Empty:
             if proc.poll() is not None:
                 break
             continue
-        if m := re.search(r"(http://\S+/)", line):
+        if m := re.search(r"(http://\S+/)", seen[-1]):
             return m.group(1)
-    raise AssertionError(f"the status page did not start within {timeout:.0f} s (exit code {proc.poll()})")
+    raise AssertionError(f"the status page did not start within {timeout:.0f} s (exit code {proc.poll()}): "
+                         f"{''.join(seen)[-2000:]}")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def live() -> Iterator[dict[str, Any]]:
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
     endpoint = f"tcp/127.0.0.1:{_free_port()}"
     name = f"web-{os.getpid()}"
-    stop, errors = threading.Event(), []
+    stop, errors, codes = threading.Event(), [], []
     status: subprocess.Popen[str] | None = None
     with LocalPeers(name, endpoint) as peers:
         peers.start_seed()
@@ -106,12 +107,13 @@ def live() -> Iterator[dict[str, Any]]:
                 if status is not None:
                     status.terminate()
                     try:
-                        status.wait(10)
+                        codes.append(status.wait(10))
                     except subprocess.TimeoutExpired:
                         status.kill()
                         status.wait(10)
                 thread.join(60)
     assert not thread.is_alive(), "the training thread did not stop"
+    assert codes == [0], f"the status page did not stop cleanly on SIGTERM: {codes}"
 
 
 @pytest.fixture(scope="module")

@@ -142,4 +142,7 @@ def serve_status_page(probe: StatusProbe, host: str, port: int, say: Callable[[s
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            pass
+            # one stop is enough: `timeout` and process-group kills deliver SIGTERM twice, and a
+            # second one must not interrupt the shutdown below with a traceback
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
