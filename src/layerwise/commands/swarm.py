@@ -60,12 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_args(demo)
     status = sub.add_parser("status", help="peers, spans, step rate and recent failures of a running swarm")
     _common(status, listen=False)
-    status.add_argument("--json", action="store_true", help="print the status as one JSON object")
     # the live status page (swarm/web.py)
     status.add_argument("--web", type=int, default=None, metavar="PORT",
                         help="serve a live status page on this port (0: any free one) until Ctrl-C")
     status.add_argument("--web-host", default=None, metavar="ADDRESS",
                         help="address the page listens on, with --web (default 127.0.0.1: this machine only)")
+    status.add_argument("--json", action="store_true", help="print the status as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,11 +165,11 @@ def _failure(f: Any) -> dict[str, Any]:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.web is not None or args.web_host is not None:
+        return _status_web(args)
     from layerwise.swarm.status import query_status
 
     join, _ = _endpoints(args, listen=False)
-    if args.web is not None or args.web_host is not None:
-        return _status_web(args, join)
     got = query_status(args.swarm, join, args.lease_ms)
     if args.json:
         print(json.dumps(got))
@@ -178,7 +178,8 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status_web(args: argparse.Namespace, join: tuple[str, ...]) -> int:
+def _status_web(args: argparse.Namespace) -> int:
+    join, _ = _endpoints(args, listen=False)
     if args.web is None:
         raise UsageError("--web-host needs --web PORT")
     if not 0 <= args.web < 65536:

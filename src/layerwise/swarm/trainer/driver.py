@@ -92,9 +92,8 @@ def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message) -> Message:
             msg.epoch = tr.epoch
             t0 = time.perf_counter()
             reply = tr.node.request(holder, msg, tr.opts.request_timeout)
-            t1 = time.perf_counter()
-            tr.request_times.append((s, msg.kind, t1 - t0))
-            tr.timeline.record(s, msg.kind, msg.mb, holder, t0, t1)
+            tr.request_times.append((s, msg.kind, time.perf_counter() - t0))
+            tr.timeline.record(s, msg.kind, msg.mb, holder, t0, time.perf_counter())
             return reply
         except PeerLost as e:
             tr.recover(s, e.peer, cache, msg.kind)

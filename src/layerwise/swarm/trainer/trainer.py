@@ -385,7 +385,7 @@ class Trainer:
             "stages": [{"stage": s.stage, "layers": [s.first, s.first + s.count - 1], "holder": s.holder,
                         "copy": s.copy} for s in self.assignment.stages],
             "failures": [vars(f) for f in self.failures[-10:]],
+            "losses": self.losses[-200:], "timeline": self.timeline.last(),  # the status page's curve and Gantt
             "rebalances": self.rebalances,
             "bytes_sent": self.node.bytes_sent, "bytes_received": self.node.bytes_received,
-            "losses": self.losses[-200:], "timeline": self.timeline.last(),
         }  # fmt: skip
