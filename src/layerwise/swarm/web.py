@@ -92,7 +92,6 @@ class StatusWeb:
         except Exception as e:  # a peer's odd answer must not take the page down: say what failed
             return f'<p class="error">cannot show this status: {html.escape(f"{type(e).__name__}: {e}")}</p>'
 
-
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         web = self
 
