@@ -38,7 +38,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_demo_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mtls", "--identity", dest="mtls", action="store_true",
+    p.add_argument("--mtls", action="store_true",
                    help="run every process with a certificate of a throwaway swarm CA (mutual TLS, signed hello)")
 
 
