@@ -22,6 +22,10 @@ changed):
    links are already encrypted by TLS, so only authenticity is added. Nonces never repeat under a
    key: the client's counter only grows, and a server answers each counter once.
 
+Through a zenoh router (a relay), TLS ends at the router, which sees the bytes; it cannot forge or
+alter a request or a reply, though: the session keys come from the X25519 exchange between the
+two ends, whose transcript both ends sign.
+
 The access policy (:meth:`Guard.admit`): a session of a ``trainer`` certificate may send every
 kind of message; one of a ``peer`` certificate only ``status``. A request without a valid session
 is refused. Refusals are logged by certificate name (``refused`` in the status).

@@ -251,7 +251,7 @@ class Peer:
 
     def _say_if_alone(self, session: zenoh.Session) -> None:
         """zenoh refuses a TLS link in silence: a peer linked to no one says so, by its name."""
-        if self.opts.join and not list(session.info.peers_zid()):
+        if self.opts.join and not list(session.info.peers_zid()) and not list(session.info.routers_zid()):
             how = ("mutual TLS refuses a certificate of another swarm's CA, an expired one, or none"
                    if self.identity else "a swarm that runs with --identity refuses processes without one")  # fmt: skip
             print(f"peer {self.id}: linked to no process of swarm {self.opts.swarm!r} at {', '.join(self.opts.join)} "
