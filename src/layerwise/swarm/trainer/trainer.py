@@ -114,7 +114,7 @@ class Trainer:
             have = len(self.membership.snapshot())
             raise SwarmError(
                 f"only {have} of {self.opts.min_peers} peers joined swarm {self.opts.swarm!r} within "
-                f"{self.opts.wait_s:.0f} s: start more with 'layerwise swarm serve --join ENDPOINT'"
+                f"{self.opts.wait_s:.0f} s: start more with 'layerwise swarm serve --join ENDPOINT'{self.trust.hint()}"
             )
         # gossip makes direct links after the first ones through the seed; tokens may flap meanwhile
         self.membership.settle(quiet_s=1.0, timeout=10.0)

@@ -72,6 +72,13 @@ class TrainerTrust:
         self.client.forget()  # the next hellos carry the new list to every peer
         return banned
 
+    def hint(self) -> str:
+        """Why peers may be missing with identities: TLS refusals never reach this process."""
+        if self.identity is None:
+            return ""
+        return (f" --identity DIR (a peer certificate of the same CA as {self.identity.name}'s); mutual TLS refuses "
+                f"other certificates in silence: a refused peer logs 'linked to no process'")  # fmt: skip
+
     def identity_of(self, peer: str) -> str | None:
         if self.client is None:
             return None
