@@ -30,6 +30,7 @@ from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_bat
 from ..wire import Message, encode_message
 from .driver import run_step
 from .options import Failure, TrainerOptions
+from .trust import Trust
 
 
 class Trainer:
@@ -54,6 +55,7 @@ class Trainer:
         self._checksum = init_checksum(spec)
         self.refused: set[str] = set()
         self._corpus: Any = None
+        self.trust = Trust(self)  # reply checks, spot checks, probation and bans
 
     # -- session -------------------------------------------------------------------------------
     def __enter__(self) -> Trainer:
@@ -135,7 +137,7 @@ class Trainer:
             self.memory[peer] = float(r.meta["memory_bytes"])
 
     def peers(self) -> list[PeerInfo]:
-        live = {p: s for p, s in self.block_s.items() if self.membership.is_alive(p)}
+        live = {p: s for p, s in self.block_s.items() if self.membership.is_alive(p) and not self.trust.banned(p)}
         if self.opts.capacity == "declared":
             live = {p: 1.0 / self.declared[p] for p in live}
         speeds = relative_speeds(live) if live and self.opts.capacity != "blind" else dict.fromkeys(live, 1.0)
@@ -149,10 +151,10 @@ class Trainer:
     def boundary(self) -> None:
         for s in range(len(self.assignment.stages)):
             span = self.assignment.stages[s]
-            if not self.membership.is_alive(span.holder) and self._gone(span.holder):
-                self.recover(s, span.holder, None)
+            if self._lost_peer(span.holder):
+                self.recover(s, span.holder, None, force=True)
                 self.mark_recovered(s)
-            elif span.copy is None or (not self.membership.is_alive(span.copy) and self._gone(span.copy)):
+            elif span.copy is None or self._lost_peer(span.copy):
                 if span.copy is not None:
                     self.note_lost(span.copy)
                 self.recopy(s)
@@ -272,20 +274,21 @@ class Trainer:
         return ("To resume, start the run again with at least 2 peers, so that every stage has a copy; "
                 "with --checkpoint DIR the trainer saves every layer's state and --resume DIR continues from it.")
 
-    def recover(self, s: int, dead: str, cache: StepCache | None, phase: str = "boundary") -> None:
-        """Give stage ``s`` a live holder again after ``dead`` was lost; mark it for replay."""
+    def recover(self, s: int, dead: str, cache: StepCache | None, phase: str = "boundary", force: bool = False) -> None:
+        """Give stage ``s`` a live holder again after ``dead`` was lost (or, ``force``, is not to be trusted
+        with this work); mark it for replay."""
         with self._lock:
             span = self.assignment.stages[s]
             if span.holder != dead and self.membership.is_alive(span.holder):
                 return  # another thread already recovered this stage
-            if not self._gone(dead):
+            if not force and not self._gone(dead):
                 return  # a moment without a route to it, not a failure: the request is sent again
             failure = self.note_lost(dead, phase)
             if failure.phase in ("relay", "boundary"):  # first seen as a copy; it failed serving as holder
                 failure.phase = phase
             failure.stages.append(s)
             failure.left_at = failure.left_at or self.membership.left_at(dead)
-            if span.copy is None or (not self.membership.is_alive(span.copy) and self._gone(span.copy)):
+            if span.copy is None or self._lost_peer(span.copy):
                 raise self._lost(span)
             busy = {x.holder for x in self.assignment.stages} | {x.copy for x in self.assignment.stages}
             spares = [p.id for p in self.peers() if p.id not in busy]
@@ -313,13 +316,16 @@ class Trainer:
         """Is ``peer`` really lost? Liveliness tokens can vanish for a moment while gossip links peers
         directly, and a request can find no route meanwhile; a dead peer stays gone, a hung one stops
         answering within the lease."""
-        if peer not in self.membership.snapshot():
-            return True  # gone for longer than the membership's grace
+        if peer not in self.membership.snapshot() or self.trust.banned(peer):
+            return True  # gone for longer than the membership's grace, or banned
         try:
             self.node.request(peer, Message("status"), timeout=self.opts.lease_ms / 1000 + 1)
             return False
         except PeerLost:
             return True
+
+    def _lost_peer(self, peer: str) -> bool:
+        return self.trust.banned(peer) or (not self.membership.is_alive(peer) and self._gone(peer))
 
     def recopy(self, s: int, to: str | None = None) -> None:
         """Make a fresh copy of stage ``s`` from its holder on ``to`` or the least busy other live peer."""
@@ -376,11 +382,12 @@ class Trainer:
             "loss": self.losses[-1] if self.losses else None,
             "steps_per_s": len(recent) / sum(recent) if recent else None,
             "tokens_per_s": tokens * len(recent) / sum(recent) if recent else None,
-            "peers": {p: {"block_s": self.block_s.get(p), "memory_bytes": self.memory.get(p)}
+            "peers": {p: {"block_s": self.block_s.get(p), "memory_bytes": self.memory.get(p),
+                          "probation": self.trust.ledger.on_probation(p), "banned": self.trust.banned(p)}
                       for p in self.membership.snapshot()},
             "stages": [{"stage": s.stage, "layers": [s.first, s.first + s.count - 1], "holder": s.holder,
                         "copy": s.copy} for s in self.assignment.stages],
             "failures": [vars(f) for f in self.failures[-10:]],
             "rebalances": self.rebalances,
             "bytes_sent": self.node.bytes_sent, "bytes_received": self.node.bytes_received,
-        }  # fmt: skip
+        } | self.trust.status()  # fmt: skip
