@@ -22,6 +22,12 @@ from .errors import PeerLost, PeerRefused
 from .wire import MAX_MESSAGE, Message, decode_message, encode_message
 
 DEFAULT_LEASE_MS = 1000
+# Idle TCP connections that never start a zenoh handshake each hold one of ``accept_pending``
+# slots (zenoh default 100) for ``accept_timeout`` (default 10 s): 150 of them blocked every new
+# session for 11 s here. With 4096 slots freed after 2 s, an attacker needs over 2000 new
+# connections a second to shut a peer's door (5000 idle ones still did: 22 s), see guard.py.
+ACCEPT_PENDING = 4096
+ACCEPT_TIMEOUT_MS = 2000
 
 
 def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms: int = DEFAULT_LEASE_MS,
@@ -33,6 +39,8 @@ def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms:
     c.insert_json5("scouting/multicast/enabled", "true" if multicast else "false")
     c.insert_json5("scouting/gossip/enabled", "true")
     c.insert_json5("transport/link/tx/lease", str(int(lease_ms)))
+    c.insert_json5("transport/unicast/accept_pending", str(ACCEPT_PENDING))
+    c.insert_json5("transport/unicast/accept_timeout", str(ACCEPT_TIMEOUT_MS))
     return c
 
 

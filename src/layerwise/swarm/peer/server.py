@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +88,7 @@ class Peer:
         self.checksum: dict[str, float] = {}
         self.fault = _parse_fault(os.environ.get("LAYERWISE_SWARM_FAULT", ""))
         mode = parse_tamper(opts.fault)
-        self.tamper = Tamper(mode[0], mode[1], seed=sum(self.id.encode())) if mode else None
+        self.tamper = Tamper(mode[0], mode[1], seed=zlib.crc32(self.id.encode())) if mode else None
         self.ledger = Ledger()  # what this peer refused, by reason
         self.served = 0
 

@@ -111,7 +111,7 @@ def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message) -> Message:
 
 def _replay(tr: Trainer, cache: StepCache, s: int, holder: str) -> None:
     for kind, mb in list(cache.done[s]):
-        tr.node.request(holder, _message(tr, cache, s, kind, mb), tr.opts.request_timeout)
+        tr.trust.request(s, _message(tr, cache, s, kind, mb), holder, None)  # replies checked, never spot-checked
     tr.replayed += len(cache.done[s])
     tr.replay_needed.discard(s)
     tr.mark_recovered(s)

@@ -58,6 +58,11 @@ class Trust:
         if verdict == "ban":
             print(f"warning: peer {peer} is banned from this run ({reason} after earlier rejections); its stages "
                   f"move to other peers", flush=True)  # fmt: skip
+            # its copies are replaced now, so that a stage whose holder is banned next still has one;
+            # the stages it holds move at their next request (driver.call_stage), between two actions
+            for span in list(self.tr.assignment.stages):
+                if span.copy == peer:
+                    self.tr.recopy(span.stage)
         return verdict
 
     # -- one request ---------------------------------------------------------------------------
@@ -80,6 +85,8 @@ class Trust:
         if check is not None:
             assert span.copy is not None
             self._compare(s, msg, check, reply, holder, span.copy, result)
+        if self.banned(holder):  # banned by another stage's thread while this request ran
+            raise Rejected(f"peer {holder} was banned during {msg.describe()}", Reason.REFUSED, holder)
         return reply
 
     def _ask(self, peer: str, msg: Message) -> Message:
@@ -105,13 +112,14 @@ class Trust:
                 shapes = [sh for i in span.layers for sh in self._shapes[i]]
                 check_tensors(reply.tensors, [Expect(sh, True) for sh in shapes], what)
             return
-        if msg.kind not in ("forward", "backward"):
+        if msg.kind not in ("forward", "backward", "check"):
             return
         if (reply.step, reply.stage, reply.mb) != (msg.step, msg.stage, msg.mb):
             raise Rejected(f"{what} is for step {reply.step}, stage {reply.stage}, microbatch {reply.mb}",
                            _routing(msg, reply), peer)  # fmt: skip
         span = self.tr.assignment.stages[s]
-        _, want = expected(self.tr.spec, span.first, span.count, msg.kind)
+        kind = f"check:{msg.meta['what']}" if msg.kind == "check" else msg.kind
+        _, want = expected(self.tr.spec, span.first, span.count, kind)
         try:
             check_tensors(reply.tensors, want, what)
         except Rejected as e:
@@ -143,7 +151,9 @@ class Trust:
 
     def _ask_checker(self, copy: str, check: Message, result: dict[str, Any]) -> None:
         try:
-            result["reply"] = self._ask(copy, check)
+            reply = self._ask(copy, check)
+            self._verify(check.stage, check, reply, copy)
+            result["reply"] = reply
         except BaseException as e:  # reported by _compare
             result["error"] = e
 
