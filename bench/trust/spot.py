@@ -51,11 +51,14 @@ def detection(port: int, trials: int, max_steps: int) -> dict[str, Any]:
         for _ in range(trials):
             with _trainer(peers, 4, spot_check=0.05) as tr:
                 before = None
+                role: list[str] = []
 
                 def hook(t: Trainer, step: int) -> None:
                     nonlocal before
                     if before is None:
                         before = _tampered(t)
+                        role.extend(f"{'holder' if s.holder == LIAR else 'copy'} of stage {s.stage}"
+                                    for s in t.assignment.stages if LIAR in (s.holder, s.copy))  # fmt: skip
                     if t.trust.banned(LIAR):
                         raise _Stop
 
@@ -70,8 +73,7 @@ def detection(port: int, trials: int, max_steps: int) -> dict[str, Any]:
                                       "steps_run": len(tr.losses), "corrupted": sent, "caught": caught,
                                       "probation_step": tr.trust.ledger.probation.get(LIAR),
                                       "checks": dict(tr.trust.stats),
-                                      "liar_role": [(s.stage, s.holder == LIAR) for s in tr.assignment.stages
-                                                    if LIAR in (s.holder, s.copy)]})  # fmt: skip
+                                      "liar_role": role})  # fmt: skip
     trials_ = out["trials"]
     banned = [t["steps_to_ban"] for t in trials_ if t["steps_to_ban"] is not None]
     out["banned"] = f"{len(banned)}/{len(trials_)}"

@@ -145,3 +145,14 @@ def test_a_flood_of_idle_connections_does_not_block_a_new_trainer(swarm: LocalSw
             s.close()
     print(f"a trainer joined and trained 2 steps in {took:.1f} s with 150 idle connections on the seed")
     assert max_diff(params, reference(SPEC, 2)[0]) == 0.0
+
+
+def test_bad_trust_options_get_one_error_line() -> None:
+    here = ["--listen", "tcp/127.0.0.1:1"]  # refused before any session opens on it
+    bad = (["serve", *here, "--fault", "flip:0.1"], ["serve", *here, "--fault", "corrupt:0"],
+           ["serve", *here, "--max-message-mib", "0.01"], ["train", *here, "--spot-check", "1.5"],
+           ["train", *here, "--ban-after", "0"])  # fmt: skip
+    for args in bad:
+        proc = subprocess.run([sys.executable, "-m", "layerwise", "swarm", *args], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr, args

@@ -122,7 +122,7 @@ class Ledger:
     policy: Policy = field(default_factory=Policy)
     rejected: Counter[str] = field(default_factory=Counter)
     strikes: dict[str, int] = field(default_factory=dict)
-    probation: dict[str, int] = field(default_factory=dict)  # peer -> step it went on probation
+    probation: dict[str, int] = field(default_factory=dict)  # peer -> step it went on probation (kept after a ban)
     bans: list[dict[str, Any]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -139,7 +139,7 @@ class Ledger:
             n = self.strikes[peer] = self.strikes.get(peer, 0) + 1
             if n >= self.policy.ban_after:
                 self.bans.append({"peer": peer, "reason": str(reason), "step": step})
-                self.probation.pop(peer, None)
+                self.probation.setdefault(peer, step)
                 return "ban"
             if n >= self.policy.probation_after:
                 self.probation.setdefault(peer, step)
@@ -158,13 +158,15 @@ class Ledger:
             return {b["peer"] for b in self.bans}
 
     def on_probation(self, peer: str) -> bool:
+        """On probation now (a banned peer is not: it gets no work at all)."""
         with self._lock:
-            return peer in self.probation
+            return peer in self.probation and not self._banned(peer)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
+            banned = {b["peer"] for b in self.bans}
             return {"rejected": dict(self.rejected), "bans": [dict(b) for b in self.bans],
-                    "probation": dict(self.probation)}  # fmt: skip
+                    "probation": {p: s for p, s in self.probation.items() if p not in banned}}  # fmt: skip
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -65,7 +65,8 @@ class Node:
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def request(self, peer: str, msg: Message, timeout: float = 120.0, key: str | None = None) -> Message:
+    def request(self, peer: str, msg: Message, timeout: float = 120.0, key: str | None = None,
+                limit: int = MAX_MESSAGE) -> Message:  # fmt: skip
         data = encode_message(msg)
         self.bytes_sent += len(data)
         replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -90,7 +91,7 @@ class Node:
             raw = reply.ok.payload.to_bytes()
             self.bytes_received += len(raw)
             if got is None:
-                got = decode_message(raw, f"peer {peer}", MAX_MESSAGE)
+                got = decode_message(raw, f"peer {peer}", limit)
         if got is None:
             waited = time.monotonic() - start
             raise PeerLost(peer, f"{why} during {msg.describe()} after {waited:.2f} s")

@@ -17,6 +17,7 @@ copy's peer, run while the holder computes; probation makes that every output of
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections import Counter
@@ -29,7 +30,8 @@ from ..guard import Expect, Ledger, Policy, Reason, Rejected, check_tensors, fin
 from ..replay import StepCache
 from ..spec import build_layers
 from ..spot import expected, load_layers, recompute, tolerance
-from ..wire import Message
+from ...runtime.wire import HEADER_SLOTS
+from ..wire import GROUP, MAX_MESSAGE, Message
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -91,7 +93,7 @@ class Trust:
 
     def _ask(self, peer: str, msg: Message) -> Message:
         try:
-            return self.tr.node.request(peer, msg, self.tr.opts.request_timeout)
+            return self.tr.node.request(peer, msg, self.tr.opts.request_timeout, limit=self._limit(msg))
         except PeerRefused as e:
             raise Rejected(str(e), Reason.REFUSED, peer) from None
         except Rejected as e:
@@ -99,6 +101,20 @@ class Trust:
             raise
         except WireError as e:  # an undecodable reply: garbage, truncated, oversized
             raise Rejected(str(e), reason_of(e), peer) from None
+
+    def _limit(self, msg: Message) -> int:
+        """The largest reply that can be right: the expected tensors plus room for headers and meta."""
+        span = self.tr.assignment.stages[msg.stage]
+        if msg.kind == "commit":
+            shapes = [sh for i in span.layers for sh in self._shapes[i]]
+            nbytes = 4 * sum(math.prod(sh) for sh in shapes)
+        elif msg.kind in ("forward", "backward", "check"):
+            kind = f"check:{msg.meta.get('what')}" if msg.kind == "check" else msg.kind
+            shapes = [e.shape for e in expected(self.tr.spec, span.first, span.count, kind)[1]]
+            nbytes = 8 * sum(math.prod(sh) for sh in shapes)
+        else:
+            return MAX_MESSAGE
+        return nbytes + (64 << 10) + 8 * HEADER_SLOTS * (len(shapes) // GROUP + 1)  # meta, then a header per group
 
     def _verify(self, s: int, msg: Message, reply: Message, peer: str) -> None:
         what = f"peer {peer}'s reply to {msg.describe()}"
