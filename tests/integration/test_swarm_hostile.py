@@ -1,8 +1,8 @@
 """A swarm under hostile input: lying peers, a hostile sender, and a flood of idle TCP connections.
 
-One swarm of local peer processes serves the module: three honest peers and five that lie in their
-replies (NaN, wrong shapes, a stale step, random bytes, and ``--fault corrupt:0.05``, found only by
-spot checks). One run trains through all of them with every output spot-checked while a test
+One swarm of local peer processes serves the module: three honest peers and six that lie in their
+replies (NaN, wrong shapes, a stale step, random bytes, 4 MiB too many, and ``--fault corrupt:0.05``,
+found only by spot checks). One run trains through all of them with every output spot-checked while a test
 session sends hostile requests to an honest peer; it must end equal to one process, with every
 liar banned and every hostile message refused and counted by its reason. A second run trains
 while 150 idle TCP connections sit on the seed's port (they blocked new zenoh sessions for about
@@ -36,9 +36,9 @@ STEPS = 6
 # liar39's seeded choice corrupts its 4th, 8th, 10th and 16th outputs (5% in the long run), so the
 # test sees its ban within the first steps instead of after a random wait
 LIARS = {"nan1": "nan:0.3", "shape1": "shape:0.3", "stale1": "stale:0.3", "junk1": "garbage:0.3",
-         "liar39": "corrupt:0.05"}  # fmt: skip
+         "big1": "oversized:0.3", "liar39": "corrupt:0.05"}  # fmt: skip
 WANT_REASON = {"nan1": "nonfinite", "shape1": "bad_shape", "stale1": "replayed", "junk1": "garbage",
-               "liar39": "mismatch"}  # fmt: skip
+               "big1": "oversized", "liar39": "mismatch"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -199,12 +199,42 @@ def test_fault_modes_parse_and_tamper_only_outputs() -> None:
     out = torch.randn(2, 3)
     for mode in ("corrupt", "nan", "shape", "stale"):
         t = Tamper(mode, 1.0)
-        got, garbled = t.apply(req, Message("ok", 2, 0, 1, tensors=[out]))
-        assert not garbled and t.tampered == 1
+        got, how = t.apply(req, Message("ok", 2, 0, 1, tensors=[out]))
+        assert how == "" and t.tampered == 1
         if mode == "stale":
             assert got.step == 1
         else:
             assert got.tensors[0].shape != out.shape or not torch.equal(got.tensors[0], out)
-    assert Tamper("garbage", 1.0).apply(req, Message("ok", tensors=[out]))[1]
+    assert Tamper("garbage", 1.0).apply(req, Message("ok", tensors=[out]))[1] == "garbage"
+    assert Tamper("oversized", 1.0).apply(req, Message("ok", tensors=[out]))[1] == "oversized"
     t = Tamper("corrupt", 1.0)
     assert t.apply(Message("commit"), Message("ok", tensors=[out]))[0].tensors[0] is out and t.tampered == 0
+
+
+def test_the_trainer_names_replies_from_another_step_stage_or_microbatch() -> None:
+    from types import SimpleNamespace
+
+    from layerwise.swarm.assignment import Assignment, StageSpan
+    from layerwise.swarm.trainer.trust import Trust
+
+    stages = (StageSpan(stage=0, first=0, count=2, holder="a", copy="b"),
+              StageSpan(stage=1, first=2, count=2, holder="b", copy="a"))  # fmt: skip
+    tr: Any = SimpleNamespace(spec=SPEC, opts=SimpleNamespace(ban_after=2, spot_check=0.0), losses=[],
+                              assignment=Assignment(epoch=1, stages=stages))  # fmt: skip
+    trust = Trust(tr)
+    msg = Message("forward", 5, 1, 1, 1, {"weight": 0.5}, [torch.randn(2, 8, 16)])
+    cases = {Reason.WRONG_STAGE: Message("ok", 5, 0, 1, tensors=[torch.tensor(1.0)]),
+             Reason.REPLAYED: Message("ok", 4, 1, 1, tensors=[torch.tensor(1.0)]),
+             Reason.OUT_OF_ORDER: Message("ok", 5, 1, 0, tensors=[torch.tensor(1.0)]),
+             Reason.BAD_SHAPE: Message("ok", 5, 1, 1, tensors=[torch.ones(1)]),
+             Reason.NONFINITE: Message("ok", 5, 1, 1, tensors=[torch.tensor(float("inf"))]),
+             Reason.MALFORMED: Message("status", 5, 1, 1)}  # fmt: skip
+    for reason, reply in cases.items():
+        with pytest.raises(Rejected) as e:
+            trust._verify(1, msg, reply, "b")
+        assert e.value.reason == reason and e.value.sender == "b"
+    trust._verify(1, msg, Message("ok", 5, 1, 1, tensors=[torch.tensor(2.5)]), "b")  # the last stage's loss
+    # the largest reply that can be right: the stage's outputs plus headers, far below the 4 GiB default
+    assert 2 * 8 * 16 * 8 < trust._limit(msg) < 1 << 20
+    nparams = sum(p.numel() for m in build_layers(SPEC)[2:4] for p in m.parameters())
+    assert 4 * nparams < trust._limit(Message("commit", 5, 1)) < 4 * nparams + (1 << 20)

@@ -5,7 +5,8 @@ Modes (each applies to the replies that carry a stage's outputs: forward, backwa
 - ``corrupt``: adds noise of 5% of the output's largest value (:func:`..spot.corrupt`); the reply
   is well-formed and finite, so only a spot check can find it;
 - ``nan``: one value becomes NaN; ``shape``: the output gets an extra leading dimension;
-- ``stale``: the reply claims the previous step; ``garbage``: the reply's bytes are random.
+- ``stale``: the reply claims the previous step; ``garbage``: the reply's bytes are random;
+  ``oversized``: 4 MiB of zeros follow the reply.
 
 The peer counts what it tampered with (``tampered`` in its status), which is how the benchmark
 measures the detection rate. The choice of outputs is seeded (``seed``), so runs repeat.
@@ -23,7 +24,7 @@ import torch
 from ..spot import corrupt
 from ..wire import Message
 
-MODES = ("corrupt", "nan", "shape", "stale", "garbage")
+MODES = ("corrupt", "nan", "shape", "stale", "garbage", "oversized")
 _OUTPUTS = ("forward", "backward", "check")
 
 
@@ -55,19 +56,19 @@ class Tamper:
         self._rng = random.Random(self.seed)
         self._gen = torch.Generator().manual_seed(self.seed)
 
-    def apply(self, request: Message, reply: Message) -> tuple[Message, bool]:
-        """The reply to send instead, and whether its bytes are to be replaced by garbage."""
+    def apply(self, request: Message, reply: Message) -> tuple[Message, str]:
+        """The reply to send instead, and what to do to its bytes: "" (nothing), "garbage" or "oversized"."""
         if request.kind not in _OUTPUTS or reply.kind != "ok" or not reply.tensors:
-            return reply, False
+            return reply, ""
         with self._lock:
             if self._rng.random() >= self.p:
-                return reply, False
+                return reply, ""
             self.tampered += 1
-            if self.mode == "garbage":
-                return reply, True
+            if self.mode in ("garbage", "oversized"):
+                return reply, self.mode
             if self.mode == "stale":
                 reply.step -= 1
-                return reply, False
+                return reply, ""
             t = reply.tensors[0].detach().clone()
             if self.mode == "corrupt":
                 t = corrupt(t, self._gen)
@@ -76,8 +77,12 @@ class Tamper:
             else:  # shape
                 t = t.unsqueeze(0)
             reply.tensors = [t, *reply.tensors[1:]]
-            return reply, False
+            return reply, ""
 
 
-def garble(data: bytes) -> bytes:
-    return os.urandom(len(data))
+def spoil(data: bytes, how: str) -> bytes:
+    if how == "garbage":
+        return os.urandom(len(data))
+    if how == "oversized":
+        return data + bytes(4 << 20)
+    return data

@@ -44,7 +44,7 @@ from ..guard import Ledger, Reason, Rejected, reason_of
 from ..wire import MAX_MESSAGE, Message, decode_message, encode_message, error
 from .capacity import block_seconds, default_memory_bytes
 from .checks import run_check, validate
-from .fault import Tamper, garble, parse_tamper
+from .fault import Tamper, parse_tamper, spoil
 from .state import Span
 
 
@@ -264,7 +264,7 @@ class Peer:
     def _serve_one(self, query: Any) -> None:
         raw = query.payload.to_bytes() if query.payload is not None else b""
         self._delay(len(raw))
-        garbled = False
+        garbled = ""
         try:
             msg = decode_message(raw, "the trainer", self.opts.max_message)
             try:
@@ -285,8 +285,7 @@ class Peer:
             data = encode_message(reply)
         except Exception as e:  # a reply that cannot be encoded is answered with why, not a dead peer
             data = encode_message(error(f"peer {self.id} could not encode its reply: {type(e).__name__}: {e}"))
-        if garbled:
-            data = garble(data)
+        data = spoil(data, garbled)
         self._delay(len(data))
         query.reply(query.key_expr, data)
         query.drop()  # ends the query now: the trainer's get returns without waiting for a timeout
