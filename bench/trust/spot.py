@@ -3,7 +3,8 @@
 (a) Detection: a seed, three honest peers and one with ``--fault corrupt:0.05``; the trainer
     checks 5% of outputs (``spot_check=0.05``, probation after one mismatch, ban after two). Each
     trial runs a fresh trainer until the liar is banned (or ``max_steps``): ``steps_to_ban`` and
-    ``detection_rate`` (corrupted outputs caught / corrupted outputs sent, the peer's own count).
+    ``detection_rate`` (corrupted outputs caught / corrupted outputs sent until the ban, the peer's
+    own count: at most ``ban_after`` are caught, the rest went into training unseen).
 (b) Overhead: four honest peers, runs without checks and with 5% checks alternated; median step
     time (first step of each run left out): ``overhead`` = with / without - 1.
 
@@ -80,6 +81,8 @@ def detection(port: int, trials: int, max_steps: int) -> dict[str, Any]:
     out["steps_to_ban"] = statistics.median(banned) if banned else None
     corrupted = sum(t["corrupted"] for t in trials_)
     out["detection_rate"] = sum(t["caught"] for t in trials_) / corrupted if corrupted else None
+    out["banned_within_20"] = sum(1 for s in banned if s <= 20)
+    out["steps_to_ban_all"] = [t["steps_to_ban"] for t in trials_]
     return out
 
 
@@ -101,9 +104,10 @@ def overhead(port: int, pairs: int, steps: int) -> dict[str, Any]:
 def run(quick: bool) -> dict[str, Any]:
     port = 18500 + os.getpid() % 300
     started = time.monotonic()
-    det = detection(port, trials=1 if quick else 8, max_steps=6 if quick else 150)
+    det = detection(port, trials=1 if quick else 12, max_steps=6 if quick else 150)
     oh = overhead(port + 1, pairs=1 if quick else 4, steps=3 if quick else 30)
     return {"detection_rate": det["detection_rate"], "steps_to_ban": det["steps_to_ban"], "banned": det["banned"],
+            "banned_within_20_steps": det["banned_within_20"], "steps_to_ban_each": det["steps_to_ban_all"],
             "overhead": oh["overhead"], "step_s_without": oh["step_s_without"],
             "step_s_with_5pct": oh["step_s_with_5pct"], "spot_check": 0.05, "fault": "corrupt:0.05",
             "microbatches": SPEC.microbatches, "detection": det, "overhead_runs": oh["runs"],

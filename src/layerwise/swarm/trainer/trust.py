@@ -41,7 +41,9 @@ class Trust:
     def __init__(self, tr: Trainer) -> None:
         self.tr = tr
         self.ledger = Ledger(Policy(ban_after=tr.opts.ban_after))
-        self.rng = random.Random(tr.spec.seed * 7919 + 1)  # which outputs are checked: repeatable
+        # which outputs are checked must be unpredictable to the peers (a seeded choice could be dodged);
+        # it does not change the result, which is the same with or without checks
+        self.rng = random.SystemRandom()
         self.stats: Counter[str] = Counter()  # checks, mismatches, arbitrations, skipped checks
         self._shapes = [[tuple(p.shape) for p in m.parameters()] for m in build_layers(tr.spec)]
         self._lock = threading.Lock()
