@@ -135,7 +135,7 @@ def runs(swarm: dict[str, Any], pki: dict[str, Path]) -> dict[str, Any]:
         params = tr.final_params()
         committed = tr.committed_steps()
         time.sleep(5.5)  # past the refusal collection period: the last boundary's view is complete
-        tr.trust.at_boundary(tr)
+        tr.ident.at_boundary(tr)
         status = tr.status()
         holders = {s.holder for s in tr.assignment.stages} | {s.copy for s in tr.assignment.stages}
         failures = {f.peer: f for f in tr.failures}

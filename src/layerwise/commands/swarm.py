@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--latency-ms", type=float, default=0.0, help="emulated one-way latency per message")
     serve.add_argument("--bandwidth-mbit", type=float, default=None, help="emulated bandwidth cap, Mbit/s")
     serve.add_argument("--name", default=None, help="peer id (default host-pid-random)")
+    serve.add_argument("--fault", default="", metavar="MODE:P",
+                       help="fault injection: lie in a fraction P of outputs; MODE corrupt, nan, shape, stale or garbage")
+    serve.add_argument("--max-message-mib", type=float, default=None, metavar="MiB",
+                       help="refuse messages larger than this (default 4096)")
     train = sub.add_parser("train", help="train the model through the swarm's peers")
     _common(train)
     _spec_args(train)
@@ -53,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--checkpoint-every", type=positive_int, default=None,
                        help="steps between checkpoints, with --checkpoint (default 10)")
     train.add_argument("--resume", default=None, metavar="DIR", help="start from the checkpoint in DIR")
+    train.add_argument("--spot-check", type=float, default=0.0, metavar="P",
+                       help="probability that a stage's output is recomputed by its copy and compared (default 0; "
+                            "a peer on probation is always checked)")
+    train.add_argument("--ban-after", type=positive_int, default=2, metavar="N",
+                       help="rejected replies that ban a peer from the run (default 2; the first means probation)")
     demo = sub.add_parser("demo", help="a local swarm: N peers, K killed, J joining, checked against one process")
     demo.add_argument("--peers", type=positive_int, default=4, help="peer processes (default 4)")
     demo.add_argument("--kill", type=int, default=1, help="peers to SIGKILL at random moments (default 1)")
@@ -117,9 +126,11 @@ def _serve(args: argparse.Namespace) -> int:
     join, lst = _endpoints(args)
     identity = swarm_identity.check(args, "peer", join + lst)
     try:
+        limit = {} if args.max_message_mib is None else {"max_message": int(args.max_message_mib * (1 << 20))}
         opts = PeerOptions(swarm=args.swarm, join=join, listen=lst, name=args.name, memory_gib=args.memory,
                            speed=args.speed, latency_ms=args.latency_ms, bandwidth_mbit=args.bandwidth_mbit,
-                           lease_ms=args.lease_ms, identity=identity, crl=args.crl)  # fmt: skip
+                           lease_ms=args.lease_ms, identity=identity, crl=args.crl, fault=args.fault,
+                           **limit)  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
     serve(opts, on_ready=lambda p: print(f"peer {p.id} serving swarm {args.swarm!r}; Ctrl-C to leave", flush=True))
@@ -132,6 +143,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.wait <= 0:
         raise UsageError(f"--wait must be > 0 seconds, got {args.wait}")
+    if not 0.0 <= args.spot_check <= 1.0:
+        raise UsageError(f"--spot-check must be a probability in [0, 1], got {args.spot_check}")
     if args.checkpoint_every is not None and not args.checkpoint:
         raise UsageError("--checkpoint-every needs --checkpoint DIR (where to save)")
     if args.resume is not None and not os.path.isdir(args.resume):
@@ -142,7 +155,8 @@ def _train(args: argparse.Namespace) -> int:
     opts = TrainerOptions(swarm=args.swarm, join=join, listen=lst, min_peers=args.peers, wait_s=args.wait,
                           lease_ms=args.lease_ms, checkpoint_dir=args.checkpoint,
                           checkpoint_every=(args.checkpoint_every or 10) if args.checkpoint else 0,
-                          resume=args.resume, identity=identity, crl=args.crl)  # fmt: skip
+                          resume=args.resume, identity=identity, crl=args.crl, spot_check=args.spot_check,
+                          ban_after=args.ban_after)  # fmt: skip
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     say(f"waiting for {args.peers} peer(s) of swarm {args.swarm!r} ...")
 
@@ -158,7 +172,8 @@ def _train(args: argparse.Namespace) -> int:
             tr.train(args.steps, progress)
             steps = tr.committed_steps()
             summary = {"steps": len(tr.losses), "lost_steps": args.steps - min(steps), "final_loss": tr.losses[-1],
-                       "failures": [_failure(f) for f in tr.failures], "rebalances": tr.rebalances}  # fmt: skip
+                       "failures": [_failure(f) for f in tr.failures], "rebalances": tr.rebalances,
+                       "rejected": tr.trust.status()["rejected"], "bans": tr.trust.status()["bans"]}  # fmt: skip
     except SwarmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -227,6 +242,10 @@ def format_status(got: dict[str, Any]) -> str:
         lines.append(f"  failure: {f['peer']} at step {f['step']} ({f['phase']}), stages {f['stages']}")
     for r in tr.get("refused", [])[-10:]:  # --identity: who was refused, by name (swarm/access.py)
         lines.append(f"  refused {r['name']} (by {r.get('by', '?')}): {r['why']}")
+    if tr.get("rejected"):
+        lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(tr["rejected"].items())))
+    for b in tr.get("bans", []):
+        lines.append(f"  banned: {b['peer']} at step {b['step']} ({b['reason']})")
     return "\n".join(lines)
 
 

@@ -346,7 +346,8 @@ class Client:
             return {k: v[3] for k, v in self._sessions.items()}
 
     # -- one request through the session (Node.request calls this) ---------------------------
-    def request(self, node: Any, peer: str, key: str, is_peer: bool, msg: Any, data: bytes, timeout: float) -> Any:
+    def request(self, node: Any, peer: str, key: str, is_peer: bool, msg: Any, data: bytes, timeout: float,
+                limit: int | None = None) -> Any:  # fmt: skip
         """Say hello first if needed (the server must hold a ``peer`` certificate named ``peer``, or,
         for the trainer's key, a ``trainer`` one), then send ``data`` with its MAC."""
         from .errors import PeerRefused  # net imports us lazily; keep the cycle out of import time
@@ -359,7 +360,8 @@ class Client:
             att, counter = self._seal(sess, key, data)
             try:
                 return node.exchange(peer, key, msg, data, timeout, att,
-                                     lambda a, raw: self._opened(sess, counter, a, raw))  # fmt: skip
+                                     lambda a, raw: self._opened(sess, counter, a, raw),
+                                     **({} if limit is None else {"limit": limit}))  # fmt: skip
             except PeerRefused as e:
                 if attempt == 0 and "say hello again" in str(e):  # the server restarted or dropped us
                     self.forget(key)

@@ -24,4 +24,8 @@ class StageLost(SwarmError):
 
 
 class WireError(SwarmError):
-    """A message is malformed, too large, or of an unknown kind."""
+    """A message is malformed, too large, or of an unknown kind; ``reason`` names which (:mod:`.guard`)."""
+
+    def __init__(self, text: str, reason: str = "malformed") -> None:
+        super().__init__(text)
+        self.reason = reason

@@ -33,7 +33,8 @@ class LocalPeers:
         code = ("import json, sys, time, zenoh\nc = zenoh.Config()\n"
                 "for k, v in (('mode', '\"peer\"'), ('listen/endpoints', json.dumps([sys.argv[1]])),\n"
                 "             ('scouting/multicast/enabled', 'false'), ('scouting/gossip/enabled', 'true'),\n"
-                "             ('connect/endpoints', '[]'), ('transport/link/tx/lease', '1000')):\n"
+                "             ('connect/endpoints', '[]'), ('transport/link/tx/lease', '1000'),\n"
+                "             ('transport/unicast/accept_pending', '4096'), ('transport/unicast/accept_timeout', '2000')):\n"
                 "    c.insert_json5(k, v)\n"
                 "with zenoh.open(c):\n    time.sleep(1e9)")  # fmt: skip
         self.procs[name] = subprocess.Popen([sys.executable, "-c", code, self.endpoint], stdout=subprocess.DEVNULL,

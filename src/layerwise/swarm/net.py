@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from .identity import Identity
 
 DEFAULT_LEASE_MS = 1000
+# Idle TCP connections that never start a zenoh handshake each hold one of ``accept_pending``
+# slots (zenoh default 100) for ``accept_timeout`` (default 10 s): 150 of them blocked every new
+# session for 11 s here. With 4096 slots freed after 2 s, an attacker needs over 2000 new
+# connections a second to shut a peer's door (5000 idle ones still did: 22 s), see guard.py.
+ACCEPT_PENDING = 4096
+ACCEPT_TIMEOUT_MS = 2000
 
 
 def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms: int = DEFAULT_LEASE_MS,
@@ -40,6 +46,8 @@ def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms:
     c.insert_json5("scouting/multicast/enabled", "true" if multicast else "false")
     c.insert_json5("scouting/gossip/enabled", "true")
     c.insert_json5("transport/link/tx/lease", str(int(lease_ms)))
+    c.insert_json5("transport/unicast/accept_pending", str(ACCEPT_PENDING))
+    c.insert_json5("transport/unicast/accept_timeout", str(ACCEPT_TIMEOUT_MS))
     if identity is not None:
         tls_config(c, str(identity.dir))
     return c
@@ -82,16 +90,19 @@ class Node:
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def request(self, peer: str, msg: Message, timeout: float = 120.0, key: str | None = None) -> Message:
+    def request(self, peer: str, msg: Message, timeout: float = 120.0, key: str | None = None,
+                limit: int = MAX_MESSAGE) -> Message:  # fmt: skip
         data = encode_message(msg)
         self.bytes_sent += len(data)
         if self.auth is not None:
-            return self.auth.request(self, peer, key or peer_key(self.swarm, peer), key is None, msg, data, timeout)
-        return self.exchange(peer, key or peer_key(self.swarm, peer), msg, data, timeout)
+            return self.auth.request(self, peer, key or peer_key(self.swarm, peer), key is None, msg, data, timeout,
+                                     limit)  # fmt: skip
+        return self.exchange(peer, key or peer_key(self.swarm, peer), msg, data, timeout, limit=limit)
 
     def exchange(self, peer: str, key: str, msg: Message, data: bytes, timeout: float, attachment: bytes | None = None,
-                 check: Callable[[bytes | None, bytes], bool] | None = None) -> Message:  # fmt: skip
-        """One query, one decoded reply; ``check(attachment, payload)`` filters replies (a MAC)."""
+                 check: Callable[[bytes | None, bytes], bool] | None = None, limit: int = MAX_MESSAGE) -> Message:  # fmt: skip
+        """One query, one decoded reply (at most ``limit`` bytes); ``check(attachment, payload)``
+        filters replies (a MAC)."""
         replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.session.get(
             key, zenoh.handlers.Callback(replies.put, lambda: replies.put(None)),
@@ -116,7 +127,7 @@ class Node:
                 why, refused = _unsealed(raw, peer)  # a refusal before any session, or an impostor
                 continue
             if got is None:
-                got = decode_message(raw, f"peer {peer}", MAX_MESSAGE)
+                got = decode_message(raw, f"peer {peer}", limit)
         if got is None and refused:
             raise PeerRefused(f"peer {peer} {why}")
         if got is None:

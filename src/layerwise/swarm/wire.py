@@ -35,7 +35,7 @@ _HBYTES = HEADER_SLOTS * 8
 
 KINDS = (
     "hello", "install", "forward", "backward", "commit", "backup_apply", "promote", "get_state",
-    "status", "ok", "error", "reset", "drop",
+    "status", "ok", "error", "reset", "drop", "check",
 )  # fmt: skip
 _CODE = {k: i for i, k in enumerate(KINDS)}
 
@@ -71,29 +71,32 @@ def encode_message(msg: Message) -> bytes:
 def decode_message(data: bytes | bytearray | memoryview, sender: str, limit: int = MAX_MESSAGE) -> Message:
     """Check and decode; anything malformed, unknown or over ``limit`` raises :class:`WireError`."""
     if len(data) > limit:
-        raise WireError(f"{sender} sent {len(data)} bytes, over the limit of {limit}")
+        raise WireError(f"{sender} sent {len(data)} bytes, over the limit of {limit}", "oversized")
     if len(data) < _HEAD.size:
-        raise WireError(f"{sender} sent a truncated message ({len(data)} bytes)")
+        raise WireError(f"{sender} sent a truncated message ({len(data)} bytes)", "truncated")
     magic, version, code, step, stage, mb, epoch, nmeta = _HEAD.unpack_from(data, 0)
     if magic != MAGIC or version != VERSION:
-        raise WireError(f"{sender} sent a message that is not layerwise swarm v{VERSION}: is it the same version?")
+        raise WireError(f"{sender} sent a message that is not layerwise swarm v{VERSION}: is it the same version?",
+                        "garbage")  # fmt: skip
     if code >= len(KINDS) or nmeta > MAX_META or _HEAD.size + nmeta > len(data):
-        raise WireError(f"{sender} sent a malformed message (kind {code}, meta {nmeta} bytes)")
+        why = "truncated" if code < len(KINDS) and nmeta <= MAX_META else "garbage"
+        raise WireError(f"{sender} sent a malformed message (kind {code}, meta {nmeta} bytes)", why)
     try:
         meta = json.loads(bytes(data[_HEAD.size : _HEAD.size + nmeta]))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WireError(f"{sender} sent a message whose meta is not JSON") from None
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested deep enough to exhaust the stack
+        raise WireError(f"{sender} sent a message whose meta is not JSON", "garbage") from None
     if not isinstance(meta, dict):
-        raise WireError(f"{sender} sent a message whose meta is not a JSON object")
+        raise WireError(f"{sender} sent a message whose meta is not a JSON object", "garbage")
     msg = Message(KINDS[code], step, stage, mb, epoch, meta)
     rest = memoryview(data)[_HEAD.size + nmeta :]
     while len(rest):
         if len(rest) < _HBYTES:
-            raise WireError(f"{sender} sent {msg.describe()} with a truncated tensor header")
+            raise WireError(f"{sender} sent {msg.describe()} with a truncated tensor header", "truncated")
         try:
             info = decode_header(torch.frombuffer(bytearray(rest[:_HBYTES]), dtype=torch.int64), sender)
             if info.nbytes > len(rest) - _HBYTES:
-                raise ProtocolError(f"{sender}: payload of {len(rest) - _HBYTES} bytes, header says {info.nbytes}")
+                raise WireError(f"{sender} sent {msg.describe()} with {len(rest) - _HBYTES} payload bytes, its header "
+                                f"says {info.nbytes}", "truncated")  # fmt: skip
             raw = rest[_HBYTES : _HBYTES + info.nbytes]
             payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
             msg.tensors += decode_payload(info, payload)

@@ -15,7 +15,10 @@ peer does with each kind of message:
 Stale messages (an older step or assignment epoch) and duplicates (a second backward of one
 microbatch, a second commit of one step) are refused or acknowledged without effect, never applied.
 Test hooks: ``LAYERWISE_SWARM_FAULT=kill:forward:2:1`` makes the peer SIGKILL (``stop:`` SIGSTOP)
-itself while serving that kind of request at that step and microbatch (``*`` matches any).
+itself while serving that kind of request at that step and microbatch (``*`` matches any);
+``--fault corrupt:0.05`` (and ``nan``, ``shape``, ``stale``, ``garbage``) makes it lie in a fraction of
+its outputs (:mod:`.fault`). Every refused request is counted by its reason (:mod:`..guard`), and
+``check`` recomputes another holder's output for a spot check (:mod:`.checks`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +43,11 @@ from ..identity import Identity
 from ..net import alive_key, config, peer_key
 from ..assignment import layer_costs
 from ..spec import SwarmSpec, init_checksum
+from ..guard import Ledger, Reason, Rejected, reason_of
 from ..wire import MAX_MESSAGE, Message, decode_message, encode_message, error
 from .capacity import block_seconds, default_memory_bytes
+from .checks import run_check, validate
+from .fault import Tamper, parse_tamper, spoil
 from .state import Span
 
 ALONE_S = 5.0  # after this long with no link, a peer says it is alone (a refused TLS handshake is silent)
@@ -61,8 +68,12 @@ class PeerOptions:
     max_message: int = MAX_MESSAGE
     identity: str | None = None  # an identity directory: mutual TLS and the signed hello (access.py)
     crl: str | None = None  # a revocation list file to re-read (default: the identity's crl.pem)
+    fault: str = ""  # MODE:P, e.g. corrupt:0.05: lie in a fraction P of outputs (see .fault)
 
     def __post_init__(self) -> None:
+        parse_tamper(self.fault)  # raises ValueError on a bad --fault
+        if self.max_message < 1 << 16:
+            raise ValueError(f"--max-message must be at least 64 KiB, got {self.max_message} bytes")
         if not self.speed > 0:
             raise ValueError(f"--speed must be > 0 (1.0 = full speed), got {self.speed}")
         if self.memory_gib is not None and not self.memory_gib > 0:
@@ -86,19 +97,24 @@ class Peer:
         self.block_s: dict[str, float] = {}
         self.checksum: dict[str, float] = {}
         self.fault = _parse_fault(os.environ.get("LAYERWISE_SWARM_FAULT", ""))
+        mode = parse_tamper(opts.fault)
+        self.tamper = Tamper(mode[0], mode[1], seed=zlib.crc32(self.id.encode())) if mode else None
+        self.ledger = Ledger()  # what this peer refused, by reason
         self.served = 0
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
         if msg.kind not in ("hello", "status", "get_state") and msg.epoch < self.epoch:
-            return error(f"stale assignment epoch {msg.epoch} (peer is at {self.epoch})", msg)
+            raise _Refuse(f"stale assignment epoch {msg.epoch} (peer is at {self.epoch})", Reason.REPLAYED)
         fn = getattr(self, f"_on_{msg.kind}", None)
         if fn is None:
-            return error(f"peer {self.id} does not serve {msg.kind!r}", msg)
+            raise _Refuse(f"peer {self.id} does not serve {msg.kind!r}", Reason.MALFORMED)
+        if msg.kind in ("forward", "backward", "check"):
+            validate(self._span(msg), msg)
         self._maybe_fault(msg)
         t0 = time.perf_counter()
         reply = fn(msg)
-        if msg.kind in ("forward", "backward", "commit", "backup_apply") and self.opts.speed != 1.0:
+        if msg.kind in ("forward", "backward", "commit", "backup_apply", "check") and self.opts.speed != 1.0:
             time.sleep((time.perf_counter() - t0) * (1.0 / self.opts.speed - 1.0))  # emulated slower device
         return reply
 
@@ -112,7 +128,8 @@ class Peer:
     def _span(self, msg: Message, role: str | None = None) -> Span:
         span = self.spans.get(msg.stage)
         if span is None or (role is not None and span.role != role):
-            raise _Refuse(f"peer {self.id} holds no {role or 'copy'} of stage {msg.stage} (it has {self._have()})")
+            raise _Refuse(f"peer {self.id} holds no {role or 'copy'} of stage {msg.stage} (it has {self._have()})",
+                          Reason.WRONG_STAGE)  # fmt: skip
         return span
 
     def _have(self) -> str:
@@ -129,7 +146,8 @@ class Peer:
     def _info(self) -> dict[str, Any]:
         mem = self.opts.memory_gib * (1 << 30) if self.opts.memory_gib else default_memory_bytes()
         info = {"peer": self.id, "speed": self.opts.speed, "memory_bytes": mem, "epoch": self.epoch,
-                "spans": [s.describe() for s in self.spans.values()], "served": self.served}  # fmt: skip
+                "spans": [s.describe() for s in self.spans.values()], "served": self.served,
+                "rejected": dict(self.ledger.rejected), "tampered": self.tamper.tampered if self.tamper else 0}  # fmt: skip
         if self.guard is not None:
             info |= {"identity": self.id, "refused": self.guard.refusals.list()}
         return info
@@ -146,14 +164,16 @@ class Peer:
         spec = SwarmSpec.from_json(msg.meta["spec"])
         first, count, role = int(msg.meta["first"]), int(msg.meta["count"]), str(msg.meta["role"])
         if role not in ("holder", "copy") or not (0 <= first and count >= 1 and first + count <= spec.layers):
-            raise _Refuse(f"bad install: layers {first}+{count} as {role!r} of a {spec.layers}-layer model")
+            raise _Refuse(f"bad install: layers {first}+{count} as {role!r} of a {spec.layers}-layer model",
+                          Reason.MALFORMED)  # fmt: skip
         others = [sp for sp in self.spans.values() if sp.stage != msg.stage]
         need = sum(sum(layer_costs(sp.spec)[1][sp.first : sp.first + sp.count]) for sp in others)
         need += sum(layer_costs(spec)[1][first : first + count])  # 16 bytes per parameter, fp32 AdamW
         budget = self._info()["memory_bytes"]
         if need > budget:
             raise _Refuse(f"peer {self.id} has a memory budget of {budget / 2**30:.2f} GiB; stage {msg.stage} "
-                          f"(layers {first}-{first + count - 1}) with what it holds needs {need / 2**30:.2f} GiB")
+                          f"(layers {first}-{first + count - 1}) with what it holds needs {need / 2**30:.2f} GiB",
+                          Reason.REFUSED)  # fmt: skip
         self.spec, self.epoch = spec, msg.epoch
         span = Span(spec, stage=msg.stage, first=first, count=count, role=role, where=f"peer {self.id} (stage {msg.stage})")
         if msg.tensors:
@@ -175,7 +195,7 @@ class Peer:
         span = self._span(msg, "holder")
         self._check_step(span, msg)
         if msg.mb in span.bwd_done:
-            raise _Refuse(f"duplicate forward of microbatch {msg.mb}: its backward already ran")
+            raise _Refuse(f"duplicate forward of microbatch {msg.mb}: its backward already ran", Reason.REPLAYED)
         assert span.runner is not None
         x = msg.tensors[0]
         target = msg.tensors[1] if span.runner.is_last else None
@@ -186,8 +206,10 @@ class Peer:
     def _on_backward(self, msg: Message) -> Message:
         span = self._span(msg, "holder")
         self._check_step(span, msg)
-        if msg.mb not in span.fwd_done or msg.mb in span.bwd_done:
-            raise _Refuse(f"backward of microbatch {msg.mb} without its forward, or a duplicate")
+        if msg.mb in span.bwd_done:
+            raise _Refuse(f"duplicate backward of microbatch {msg.mb}", Reason.REPLAYED)
+        if msg.mb not in span.fwd_done:
+            raise _Refuse(f"backward of microbatch {msg.mb} before its forward", Reason.OUT_OF_ORDER)
         assert span.runner is not None
         grads = span.runner.backward(msg.mb, None if span.runner.is_last else list(msg.tensors))
         span.bwd_done.add(msg.mb)
@@ -200,7 +222,8 @@ class Peer:
         self._check_step(span, msg)
         want = int(msg.meta["microbatches"])
         if len(span.bwd_done) != want:
-            raise _Refuse(f"commit of step {msg.step} after {len(span.bwd_done)} of {want} backwards")
+            raise _Refuse(f"commit of step {msg.step} after {len(span.bwd_done)} of {want} backwards",
+                          Reason.OUT_OF_ORDER)  # fmt: skip
         grads = span.grads()
         span.apply(grads, float(msg.meta["lr"]))
         return Message("ok", msg.step, msg.stage, meta={"already": False}, tensors=grads)
@@ -213,6 +236,11 @@ class Peer:
         span.apply(list(msg.tensors), float(msg.meta["lr"]))
         return Message("ok", meta={"already": False})
 
+    def _on_check(self, msg: Message) -> Message:
+        span = self._span(msg)  # the copy (or any holder) of the stage recomputes one output
+        self._check_step(span, msg)
+        return Message("ok", msg.step, msg.stage, msg.mb, tensors=run_check(span, msg))
+
     def _on_get_state(self, msg: Message) -> Message:
         span = self._span(msg)
         return Message("ok", stage=msg.stage, meta=span.describe(), tensors=span.export())
@@ -220,7 +248,9 @@ class Peer:
     @staticmethod
     def _check_step(span: Span, msg: Message) -> None:
         if msg.step != span.step:
-            raise _Refuse(f"stale or early {msg.describe()}: stage {span.stage} here has committed {span.step} steps")
+            why = Reason.REPLAYED if msg.step < span.step else Reason.OUT_OF_ORDER
+            raise _Refuse(f"stale or early {msg.describe()}: stage {span.stage} here has committed {span.step} steps",
+                          why)  # fmt: skip
 
     # -- serving -------------------------------------------------------------------------------
     def serve(self, stop: threading.Event | None = None, ready: Any = None) -> None:
@@ -261,25 +291,32 @@ class Peer:
         raw = query.payload.to_bytes() if query.payload is not None else b""
         self._delay(len(raw))
         adm = self.guard.admit_query(query, raw) if self.guard is not None else None
+        garbled = ""
         try:
             if adm is not None and adm.session is None:  # a step of the hello, or refused before decoding
                 raise _Answer(Message("ok") if adm.hello is not None else error(str(adm.refused)))
             msg = decode_message(raw, "the trainer", self.opts.max_message)
             try:
                 reply = self.handle(msg)
-            except _Refuse as r:
+                if self.tamper is not None:
+                    reply, garbled = self.tamper.apply(msg, reply)
+            except Rejected as r:
+                self.ledger.count(r.reason)
                 reply = error(str(r), msg)
             except (ValueError, KeyError, TypeError) as e:
+                self.ledger.count(Reason.MALFORMED)
                 reply = error(f"{type(e).__name__}: {e}", msg)
         except _Answer as a:
             reply = a.reply
         except Exception as e:  # a malformed message: answer with the reason, keep serving
+            self.ledger.count(reason_of(e))
             reply = error(f"{type(e).__name__}: {e}")
         self.served += 1
         try:
             data = encode_message(reply)
         except Exception as e:  # a reply that cannot be encoded is answered with why, not a dead peer
             data = encode_message(error(f"peer {self.id} could not encode its reply: {type(e).__name__}: {e}"))
+        data = spoil(data, garbled)
         self._delay(len(data))
         query.reply(query.key_expr, data, attachment=adm.attachment(data) if adm is not None else None)
         query.drop()  # ends the query now: the trainer's get returns without waiting for a timeout
@@ -292,8 +329,11 @@ class Peer:
             time.sleep(secs)
 
 
-class _Refuse(Exception):
+class _Refuse(Rejected):
     """A request this peer will not apply: stale, duplicate, or for a stage it does not hold."""
+
+    def __init__(self, text: str, reason: Reason) -> None:
+        super().__init__(text, reason)
 
 
 class _Answer(Exception):

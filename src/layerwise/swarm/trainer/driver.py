@@ -19,6 +19,7 @@ import torch
 from ...schedule.actions import Kind
 from ...schedule.generators import build
 from ..errors import PeerLost
+from ..guard import Rejected
 from ..replay import StepCache
 from ..wire import Message
 
@@ -83,25 +84,35 @@ def _run_stage(tr: Trainer, cache: StepCache, s: int, actions: Any) -> None:
 
 
 def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message) -> Message:
-    """Send ``msg`` to stage ``s``'s holder; on a lost holder, recover, replay, and retry."""
+    """Send ``msg`` to stage ``s``'s holder; on a lost holder, recover, replay, and retry.
+
+    A reply that is rejected (:mod:`.trust`: malformed, wrong shape, NaN, a failed spot check) is
+    handled like the holder's failure: the work is redone on another peer, the holder gets a strike."""
     while True:
         holder = tr.holder(s)
         try:
+            if tr.trust.banned(holder):  # banned while holding other stages too: they move as after a failure
+                tr.recover(s, holder, cache, msg.kind, force=True)
+                continue
             if s in tr.replay_needed:
                 _replay(tr, cache, s, holder)
             msg.epoch = tr.epoch
             t0 = time.perf_counter()
-            reply = tr.node.request(holder, msg, tr.opts.request_timeout)
+            reply = tr.trust.request(s, msg, holder, cache)
             tr.request_times.append((s, msg.kind, time.perf_counter() - t0))
             tr.timeline.record(s, msg.kind, msg.mb, holder, t0, time.perf_counter())
             return reply
         except PeerLost as e:
             tr.recover(s, e.peer, cache, msg.kind)
+        except Rejected as e:
+            if not tr.trust.banned(holder):
+                tr.trust.strike(holder, e.reason)
+            tr.recover(s, holder, cache, msg.kind, force=True)
 
 
 def _replay(tr: Trainer, cache: StepCache, s: int, holder: str) -> None:
     for kind, mb in list(cache.done[s]):
-        tr.node.request(holder, _message(tr, cache, s, kind, mb), tr.opts.request_timeout)
+        tr.trust.request(s, _message(tr, cache, s, kind, mb), holder, None)  # replies checked, never spot-checked
     tr.replayed += len(cache.done[s])
     tr.replay_needed.discard(s)
     tr.mark_recovered(s)
@@ -116,6 +127,9 @@ def _commit(tr: Trainer, cache: StepCache, s: int) -> None:
     relay = Message("backup_apply", cache.step, s, -1, tr.epoch, {"lr": lr}, reply.tensors)
     copy = tr.assignment.stages[s].copy
     if copy is None:
+        return
+    if tr.trust.banned(copy):  # its state is not kept up to date any more: a fresh copy from the holder
+        tr.recopy(s)
         return
     try:
         t0 = time.perf_counter()

@@ -24,6 +24,8 @@ class TrainerOptions:
     resume: str | None = None  # a checkpoint directory to start from instead of the seed
     identity: str | None = None  # an identity directory (trainer certificate): mutual TLS, signed hello
     crl: str | None = None  # a revocation list file re-read at every step boundary (default: the identity's)
+    spot_check: float = 0.0  # probability that an output is recomputed by the stage's copy (see trust.py)
+    ban_after: int = 2  # rejected replies (strikes) that ban a peer; the first puts it on probation
 
     def __post_init__(self) -> None:
         if not self.join and not self.listen:
@@ -32,6 +34,10 @@ class TrainerOptions:
             raise ValueError(f"capacity must be measured, declared or blind, got {self.capacity!r}")
         if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
             raise ValueError("checkpoint_every needs checkpoint_dir, and must be >= 0")
+        if not 0.0 <= self.spot_check <= 1.0:
+            raise ValueError(f"--spot-check must be a probability in [0, 1], got {self.spot_check}")
+        if self.ban_after < 1:
+            raise ValueError(f"--ban-after must be >= 1, got {self.ban_after}")
         if self.min_peers < 1:
             raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
 

@@ -32,7 +32,8 @@ from ..timeline import StepTimeline
 from ..wire import Message, encode_message
 from .driver import run_step
 from .options import Failure, TrainerOptions
-from .trust import TrainerTrust
+from .identity import TrainerIdentity
+from .trust import Trust
 
 
 class Trainer:
@@ -58,14 +59,15 @@ class Trainer:
         self._checksum = init_checksum(spec)
         self.refused: set[str] = set()
         self._corpus: Any = None
-        self.trust = TrainerTrust(opts)  # identity and access (trust.py); inert without --identity
+        self.ident = TrainerIdentity(opts)  # identity and access (identity.py); inert without --identity
+        self.trust = Trust(self)  # reply checks, spot checks, probation and bans
 
     # -- session -------------------------------------------------------------------------------
     def __enter__(self) -> Trainer:
         cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
-                     identity=self.trust.identity)  # fmt: skip
+                     identity=self.ident.identity)  # fmt: skip
         self.session = zenoh.open(cfg)
-        self.node = Node(self.session, self.opts.swarm, auth=self.trust.client)
+        self.node = Node(self.session, self.opts.swarm, auth=self.ident.client)
         self.membership = Membership(self.session, self.opts.swarm)
         self._status = self.session.declare_queryable(trainer_key(self.opts.swarm), self._on_status)
         return self
@@ -76,7 +78,7 @@ class Trainer:
         self.session.close()
 
     def _on_status(self, query: Any) -> None:
-        g = self.trust.guard
+        g = self.ident.guard
         adm = g.admit_query(query, query.payload.to_bytes() if query.payload is not None else b"") if g else None
         if adm is not None and adm.session is None:
             reply = Message("ok") if adm.hello is not None else Message("error", meta={"error": adm.refused})
@@ -114,7 +116,7 @@ class Trainer:
             have = len(self.membership.snapshot())
             raise SwarmError(
                 f"only {have} of {self.opts.min_peers} peers joined swarm {self.opts.swarm!r} within "
-                f"{self.opts.wait_s:.0f} s: start more with 'layerwise swarm serve --join ENDPOINT'{self.trust.hint()}"
+                f"{self.opts.wait_s:.0f} s: start more with 'layerwise swarm serve --join ENDPOINT'{self.ident.hint()}"
             )
         # gossip makes direct links after the first ones through the seed; tokens may flap meanwhile
         self.membership.settle(quiet_s=1.0, timeout=10.0)
@@ -137,7 +139,7 @@ class Trainer:
                 except PeerLost:
                     time.sleep(0.2)
                 except Refused as e:  # its certificate (or ours, for it) failed the signed hello
-                    self.trust.refused(peer, e)
+                    self.ident.refused(peer, e)
                     self.refused.add(peer)
                     break
             else:
@@ -156,7 +158,7 @@ class Trainer:
             self.memory[peer] = float(r.meta["memory_bytes"])
 
     def peers(self) -> list[PeerInfo]:
-        live = {p: s for p, s in self.block_s.items() if self.membership.is_alive(p)}
+        live = {p: s for p, s in self.block_s.items() if self.membership.is_alive(p) and not self.trust.banned(p)}
         if self.opts.capacity == "declared":
             live = {p: 1.0 / self.declared[p] for p in live}
         speeds = relative_speeds(live) if live and self.opts.capacity != "blind" else dict.fromkeys(live, 1.0)
@@ -168,13 +170,13 @@ class Trainer:
 
     # -- step boundary: replace what died, take in who joined ---------------------------------
     def boundary(self) -> None:
-        self.trust.at_boundary(self)  # a revoked peer now counts as gone; collect the peers' refusals
+        self.ident.at_boundary(self)  # a revoked peer now counts as gone; collect the peers' refusals
         for s in range(len(self.assignment.stages)):
             span = self.assignment.stages[s]
-            if not self.membership.is_alive(span.holder) and self._gone(span.holder):
-                self.recover(s, span.holder, None)
+            if self._lost_peer(span.holder):
+                self.recover(s, span.holder, None, force=True)
                 self.mark_recovered(s)
-            elif span.copy is None or (not self.membership.is_alive(span.copy) and self._gone(span.copy)):
+            elif span.copy is None or self._lost_peer(span.copy):
                 if span.copy is not None:
                     self.note_lost(span.copy)
                 self.recopy(s)
@@ -294,20 +296,21 @@ class Trainer:
         return ("To resume, start the run again with at least 2 peers, so that every stage has a copy; "
                 "with --checkpoint DIR the trainer saves every layer's state and --resume DIR continues from it.")
 
-    def recover(self, s: int, dead: str, cache: StepCache | None, phase: str = "boundary") -> None:
-        """Give stage ``s`` a live holder again after ``dead`` was lost; mark it for replay."""
+    def recover(self, s: int, dead: str, cache: StepCache | None, phase: str = "boundary", force: bool = False) -> None:
+        """Give stage ``s`` a live holder again after ``dead`` was lost (or, ``force``, is not to be trusted
+        with this work); mark it for replay."""
         with self._lock:
             span = self.assignment.stages[s]
             if span.holder != dead and self.membership.is_alive(span.holder):
                 return  # another thread already recovered this stage
-            if not self._gone(dead):
+            if not force and not self._gone(dead):
                 return  # a moment without a route to it, not a failure: the request is sent again
             failure = self.note_lost(dead, phase)
             if failure.phase in ("relay", "boundary"):  # first seen as a copy; it failed serving as holder
                 failure.phase = phase
             failure.stages.append(s)
             failure.left_at = failure.left_at or self.membership.left_at(dead)
-            if span.copy is None or (not self.membership.is_alive(span.copy) and self._gone(span.copy)):
+            if span.copy is None or self._lost_peer(span.copy):
                 raise self._lost(span)
             busy = {x.holder for x in self.assignment.stages} | {x.copy for x in self.assignment.stages}
             spares = [p.id for p in self.peers() if p.id not in busy]
@@ -335,13 +338,16 @@ class Trainer:
         """Is ``peer`` really lost? Liveliness tokens can vanish for a moment while gossip links peers
         directly, and a request can find no route meanwhile; a dead peer stays gone, a hung one stops
         answering within the lease."""
-        if peer not in self.membership.snapshot():
-            return True  # gone for longer than the membership's grace
+        if peer not in self.membership.snapshot() or self.trust.banned(peer):
+            return True  # gone for longer than the membership's grace, or banned
         try:
             self.node.request(peer, Message("status"), timeout=self.opts.lease_ms / 1000 + 1)
             return False
         except PeerLost:
             return True
+
+    def _lost_peer(self, peer: str) -> bool:
+        return self.trust.banned(peer) or (not self.membership.is_alive(peer) and self._gone(peer))
 
     def recopy(self, s: int, to: str | None = None) -> None:
         """Make a fresh copy of stage ``s`` from its holder on ``to`` or the least busy other live peer."""
@@ -399,11 +405,12 @@ class Trainer:
             "steps_per_s": len(recent) / sum(recent) if recent else None,
             "tokens_per_s": tokens * len(recent) / sum(recent) if recent else None,
             "peers": {p: {"block_s": self.block_s.get(p), "memory_bytes": self.memory.get(p),
-                          "identity": self.trust.identity_of(p)} for p in self.membership.snapshot()},
+                          "identity": self.ident.identity_of(p), "probation": self.trust.ledger.on_probation(p),
+                          "banned": self.trust.banned(p)} for p in self.membership.snapshot()},
             "stages": [{"stage": s.stage, "layers": [s.first, s.first + s.count - 1], "holder": s.holder,
                         "copy": s.copy} for s in self.assignment.stages],
             "failures": [vars(f) for f in self.failures[-10:]],
             "losses": self.losses[-200:], "timeline": self.timeline.last(),  # the status page's curve and Gantt
             "rebalances": self.rebalances,
             "bytes_sent": self.node.bytes_sent, "bytes_received": self.node.bytes_received,
-        } | self.trust.status()  # fmt: skip
+        } | self.ident.status() | self.trust.status()  # fmt: skip

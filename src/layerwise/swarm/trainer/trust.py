@@ -1,96 +1,228 @@
-"""The trainer's side of identity and access: its certificate, who it refused, and revocations.
+"""The trainer's side of trust: check every reply, spot-check a sample, put peers on probation, ban them.
 
-Kept apart from :mod:`.trainer` so that the run's logic does not change with ``--identity``:
-:class:`TrainerTrust` opens the identity, judges each peer at its first hello (through the
-:class:`~layerwise.swarm.access.Client` of the trainer's :class:`~layerwise.swarm.net.Node`),
-and at every step boundary re-reads the revocation list: a revoked peer is banned from the
-membership, so the trainer treats it as a peer that died (its stages move to their copies).
+:meth:`Trust.request` replaces a plain request to a stage's holder. The reply must be ``ok``, for
+the step, stage and microbatch asked, with the tensors the stage produces (shapes, dtypes, finite
+values). With probability ``spot_check`` per output (and for every output of a peer on probation)
+the same forward or backward is sent at the same time to the stage's copy, which recomputes it
+from the same committed weights (:mod:`..spot`); results further apart than the fp32 tolerance go
+to the trainer, which recomputes the output itself from the copy's weights and blames whichever
+side disagrees with it. A reply that fails raises :class:`~..guard.Rejected` naming the holder:
+the driver then redoes the work elsewhere exactly as after the holder's failure, so the step is
+the same as without the fault. Each rejection is a strike (:class:`~..guard.Ledger`): probation,
+then a ban; a banned peer gets no more work and its stages move as after a failure.
+
+Cost: a checked output costs one more forward (a backward check: a forward and a backward) on the
+copy's peer, run while the holder computes; probation makes that every output of the peer.
 """
 
 from __future__ import annotations
 
-import time
+import math
+import random
+import threading
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from ..access import Client, Guard, Refusals
-from ..identity import Identity, Refused
-from ..membership import Membership
-from ..net import peer_key
-from ..wire import Message
-from .options import TrainerOptions
+import torch
+
+from ..errors import PeerLost, PeerRefused, WireError
+from ..guard import Expect, Ledger, Policy, Reason, Rejected, check_tensors, finite, reason_of, relative_error
+from ..replay import StepCache
+from ..spec import build_layers
+from ..spot import expected, load_layers, recompute, tolerance
+from ...runtime.wire import HEADER_SLOTS
+from ..wire import GROUP, MAX_MESSAGE, Message
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-COLLECT_S = 5.0  # how often the trainer asks its peers whom they refused (one small request each)
 
+class Trust:
+    def __init__(self, tr: Trainer) -> None:
+        self.tr = tr
+        self.ledger = Ledger(Policy(ban_after=tr.opts.ban_after))
+        # which outputs are checked must be unpredictable to the peers (a seeded choice could be dodged);
+        # it does not change the result, which is the same with or without checks
+        self.rng = random.SystemRandom()
+        self.stats: Counter[str] = Counter()  # checks, mismatches, arbitrations, skipped checks
+        self._shapes = [[tuple(p.shape) for p in m.parameters()] for m in build_layers(tr.spec)]
+        self._lock = threading.Lock()
 
-class TrainerTrust:
-    def __init__(self, opts: TrainerOptions) -> None:
-        self.swarm = opts.swarm
-        self.identity = Identity(opts.identity, opts.crl) if opts.identity else None
-        if self.identity is not None and self.identity.role != "trainer":
-            raise Refused(self.identity.name, f"--identity {opts.identity} holds a {self.identity.role} certificate; "
-                                              f"train needs a trainer one (layerwise swarm invite NAME --role trainer)")  # fmt: skip
-        self.client = Client(self.identity) if self.identity else None
-        self.guard = Guard(self.identity) if self.identity else None  # for the trainer's status queryable
-        self.refusals: Refusals = self.client.refusals if self.client else Refusals()
-        self.by_peers: dict[str, list[dict[str, Any]]] = {}  # what each peer refused, as it last said
-        self._collected = 0.0
-
-    def at_boundary(self, tr: Trainer) -> None:
-        """Revocations first (a revoked peer is then gone for the boundary's recovery), then, every
-        few seconds, the peers' own refusals (a peer certificate that tried trainer-only work)."""
-        if self.identity is None:
-            return
-        self.check_revocations(tr.membership)
-        if time.monotonic() - self._collected < COLLECT_S:
-            return
-        self._collected = time.monotonic()
-        for peer in sorted({p.id for p in tr.peers()}):
-            try:
-                got = tr.node.request(peer, Message("status"), timeout=tr.opts.lease_ms / 1000 + 1)
-            except Exception:  # a peer that died meanwhile is the failure path's business, not ours
-                continue
-            self.by_peers[peer] = [dict(r, by=peer) for r in got.meta.get("refused", [])]
-
-    def refused(self, peer: str, err: Refused) -> None:
-        self.refusals.add(err.name if err.name not in ("(unknown)", "") else peer, err.why)
-
-    def check_revocations(self, membership: Membership) -> list[str]:
-        """Re-read the revocation list; ban peers whose certificate it revokes. Returns them."""
-        if self.identity is None or self.client is None or not self.identity.refresh():
-            return []
-        banned = []
-        for key, serial in self.client.serials().items():
-            if serial in self.identity.revoked:
-                peer = key.rsplit("/", 1)[-1]
-                membership.ban(peer)
-                self.refusals.add(peer, f"certificate revoked (serial {serial:x}) during the run; its stages move "
-                                        f"to their copies")  # fmt: skip
-                banned.append(peer)
-        self.client.forget()  # the next hellos carry the new list to every peer
-        return banned
-
-    def hint(self) -> str:
-        """Why peers may be missing with identities: TLS refusals never reach this process."""
-        if self.identity is None:
-            return ""
-        return (f" --identity DIR (a peer certificate of the same CA as {self.identity.name}'s); mutual TLS refuses "
-                f"other certificates in silence: a refused peer logs 'linked to no process'")  # fmt: skip
-
-    def identity_of(self, peer: str) -> str | None:
-        if self.client is None:
-            return None
-        sess = self.client.session_for(peer_key(self.swarm, peer))
-        return sess[2] if sess else None
-
+    # -- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        mine = [dict(r, by="trainer") for r in self.refusals.list()]
-        if self.guard is not None:
-            mine += [dict(r, by="trainer") for r in self.guard.refusals.list()]
-        out: dict[str, Any] = {"refused": sorted(mine + [r for v in self.by_peers.values() for r in v],
-                                                 key=lambda r: r["at"])[-100:]}  # fmt: skip
-        if self.identity is not None:
-            out["identity"] = self.identity.name
-        return out
+        snap = self.ledger.snapshot()
+        return {"rejected": snap["rejected"], "bans": snap["bans"], "spot_checks": dict(self.stats),
+                "spot_check_rate": self.tr.opts.spot_check}  # fmt: skip
+
+    def banned(self, peer: str | None) -> bool:
+        return peer is not None and self.ledger.banned(peer)
+
+    def strike(self, peer: str, reason: Reason) -> str:
+        verdict = self.ledger.strike(peer, reason, len(self.tr.losses))
+        if verdict == "ban":
+            print(f"warning: peer {peer} is banned from this run ({reason} after earlier rejections); its stages "
+                  f"move to other peers", flush=True)  # fmt: skip
+            # its copies are replaced now, so that a stage whose holder is banned next still has one;
+            # the stages it holds move at their next request (driver.call_stage), between two actions
+            for span in list(self.tr.assignment.stages):
+                if span.copy == peer:
+                    self.tr.recopy(span.stage)
+        return verdict
+
+    # -- one request ---------------------------------------------------------------------------
+    def request(self, s: int, msg: Message, holder: str, cache: StepCache | None) -> Message:
+        """Ask ``holder`` (stage ``s``) for ``msg``; a reply that is not to be used raises Rejected(sender=holder)."""
+        span = self.tr.assignment.stages[s]
+        check = self._check_message(s, msg, holder, span.copy, cache)
+        result: dict[str, Any] = {}
+        worker = None
+        if check is not None:
+            assert span.copy is not None
+            worker = threading.Thread(target=self._ask_checker, args=(span.copy, check, result), daemon=True)
+            worker.start()
+        try:
+            reply = self._ask(holder, msg)
+            self._verify(s, msg, reply, holder)
+        finally:
+            if worker is not None:
+                worker.join()
+        if check is not None:
+            assert span.copy is not None
+            self._compare(s, msg, check, reply, holder, span.copy, result)
+        if self.banned(holder):  # banned by another stage's thread while this request ran
+            raise Rejected(f"peer {holder} was banned during {msg.describe()}", Reason.REFUSED, holder)
+        return reply
+
+    def _ask(self, peer: str, msg: Message) -> Message:
+        try:
+            return self.tr.node.request(peer, msg, self.tr.opts.request_timeout, limit=self._limit(msg))
+        except PeerRefused as e:
+            raise Rejected(str(e), Reason.REFUSED, peer) from None
+        except Rejected as e:
+            e.sender = peer
+            raise
+        except WireError as e:  # an undecodable reply: garbage, truncated, oversized
+            raise Rejected(str(e), reason_of(e), peer) from None
+
+    def _limit(self, msg: Message) -> int:
+        """The largest reply that can be right: the expected tensors plus room for headers and meta."""
+        span = self.tr.assignment.stages[msg.stage]
+        if msg.kind == "commit":
+            shapes = [sh for i in span.layers for sh in self._shapes[i]]
+            nbytes = 4 * sum(math.prod(sh) for sh in shapes)
+        elif msg.kind in ("forward", "backward", "check"):
+            kind = f"check:{msg.meta.get('what')}" if msg.kind == "check" else msg.kind
+            shapes = [e.shape for e in expected(self.tr.spec, span.first, span.count, kind)[1]]
+            nbytes = 8 * sum(math.prod(sh) for sh in shapes)
+        else:
+            return MAX_MESSAGE
+        return nbytes + (64 << 10) + 8 * HEADER_SLOTS * (len(shapes) // GROUP + 1)  # meta, then a header per group
+
+    def _verify(self, s: int, msg: Message, reply: Message, peer: str) -> None:
+        what = f"peer {peer}'s reply to {msg.describe()}"
+        if reply.kind != "ok":
+            raise Rejected(f"{what}: a {reply.kind!r} message", Reason.MALFORMED, peer)
+        if msg.kind == "commit":
+            if reply.step != msg.step or reply.stage != msg.stage:
+                raise Rejected(f"{what} is for step {reply.step}, stage {reply.stage}", _routing(msg, reply), peer)
+            if not reply.meta.get("already"):
+                span = self.tr.assignment.stages[s]
+                shapes = [sh for i in span.layers for sh in self._shapes[i]]
+                check_tensors(reply.tensors, [Expect(sh, True) for sh in shapes], what)
+            return
+        if msg.kind not in ("forward", "backward", "check"):
+            return
+        if (reply.step, reply.stage, reply.mb) != (msg.step, msg.stage, msg.mb):
+            raise Rejected(f"{what} is for step {reply.step}, stage {reply.stage}, microbatch {reply.mb}",
+                           _routing(msg, reply), peer)  # fmt: skip
+        span = self.tr.assignment.stages[s]
+        kind = f"check:{msg.meta['what']}" if msg.kind == "check" else msg.kind
+        _, want = expected(self.tr.spec, span.first, span.count, kind)
+        try:
+            check_tensors(reply.tensors, want, what)
+        except Rejected as e:
+            e.sender = peer
+            raise
+
+    # -- spot checks ---------------------------------------------------------------------------
+    def _check_message(self, s: int, msg: Message, holder: str, copy: str | None,
+                       cache: StepCache | None) -> Message | None:  # fmt: skip
+        if msg.kind not in ("forward", "backward") or cache is None:
+            return None
+        if msg.kind == "backward" and s == 0:
+            return None  # the first stage's backward returns nothing to compare (token ids have no gradient)
+        with self._lock:
+            chosen = self.ledger.on_probation(holder) or self.rng.random() < self.tr.opts.spot_check
+        if not chosen:
+            return None
+        if copy is None or copy == holder or self.banned(copy):
+            self.stats["skipped"] += 1  # no other holder of these layers right now
+            return None
+        last = s == cache.stages - 1
+        weight = 1.0 / cache.microbatches
+        if msg.kind == "forward":
+            tensors = list(msg.tensors)
+        else:
+            x = cache.inputs[s][msg.mb]
+            tensors = [x] + ([cache.targets[msg.mb]] if last else []) + list(msg.tensors)
+        return Message("check", msg.step, s, msg.mb, msg.epoch, {"what": msg.kind, "weight": weight}, tensors)
+
+    def _ask_checker(self, copy: str, check: Message, result: dict[str, Any]) -> None:
+        try:
+            reply = self._ask(copy, check)
+            self._verify(check.stage, check, reply, copy)
+            result["reply"] = reply
+        except BaseException as e:  # reported by _compare
+            result["error"] = e
+
+    def _compare(self, s: int, msg: Message, check: Message, reply: Message, holder: str, copy: str,
+                 result: dict[str, Any]) -> None:  # fmt: skip
+        err = result.get("error")
+        if isinstance(err, Rejected):  # the checker sent something unusable: its strike, not the holder's
+            self.strike(copy, err.reason)
+            self.stats["skipped"] += 1
+            return
+        if err is not None:  # the checker is gone or busy failing: the boundary replaces a dead copy
+            self.stats["skipped"] += 1
+            return
+        self.stats["checks"] += 1
+        span = self.tr.assignment.stages[s]
+        tol = tolerance(self.tr.spec, span.count, msg.kind)
+        other: Message = result["reply"]
+        if _agree(reply.tensors, other.tensors, tol):
+            return
+        self.stats["mismatches"] += 1
+        local = self._arbitrate(s, check, copy)
+        holder_ok = local is not None and _agree(reply.tensors, local, tol)
+        checker_ok = local is not None and _agree(other.tensors, local, tol)
+        if not checker_ok:
+            self.strike(copy, Reason.MISMATCH)
+        if not holder_ok:
+            raise Rejected(f"peer {holder}'s {msg.describe()} differs from its recomputation by another holder "
+                           f"(beyond the fp32 tolerance {tol:.1e})", Reason.MISMATCH, holder)  # fmt: skip
+
+    def _arbitrate(self, s: int, check: Message, copy: str) -> list[torch.Tensor] | None:
+        """The trainer recomputes the output itself, from the copy's committed weights."""
+        self.stats["arbitrations"] += 1
+        span = self.tr.assignment.stages[s]
+        try:
+            state = self.tr.node.request(copy, Message("get_state", stage=s, epoch=self.tr.epoch))
+            finite(state.tensors, f"peer {copy}'s weights of stage {s}")
+            layers = load_layers(self.tr.spec, span.first, span.count, state.tensors)
+        except (PeerLost, WireError, ValueError):
+            return None  # no arbiter: both sides are treated as wrong, the work is redone elsewhere
+        last = span.first + span.count == self.tr.spec.layers
+        return recompute(layers, is_first=span.first == 0, is_last=last, what=str(check.meta["what"]),
+                         tensors=list(check.tensors), weight=float(check.meta["weight"]))  # fmt: skip
+
+
+def _agree(a: list[torch.Tensor], b: list[torch.Tensor], tol: float) -> bool:
+    return len(a) == len(b) and all(relative_error(x, y) <= tol for x, y in zip(a, b))
+
+
+def _routing(msg: Message, reply: Message) -> Reason:
+    if reply.stage != msg.stage:
+        return Reason.WRONG_STAGE
+    if reply.step < msg.step:
+        return Reason.REPLAYED
+    return Reason.OUT_OF_ORDER
