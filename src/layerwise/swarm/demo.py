@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from .compress import Compression
 from .errors import SwarmError
 from .local import LocalPeers
 from .reference import max_diff, reference
@@ -26,7 +27,7 @@ from .spec import SwarmSpec
 from .trainer import Trainer, TrainerOptions
 
 
-def run_demo(args: argparse.Namespace, spec: SwarmSpec) -> int:
+def run_demo(args: argparse.Namespace, spec: SwarmSpec, compress: Compression | None = None) -> int:
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     rng = random.Random(args.seed)
     steps = args.steps
@@ -37,7 +38,10 @@ def run_demo(args: argparse.Namespace, spec: SwarmSpec) -> int:
     name = f"demo-{os.getpid()}"
     say(f"layerwise swarm demo: {args.peers} peers + a trainer on {endpoint}, {steps} steps; "
         f"SIGKILL at steps {kill_steps or 'none'}, joins at steps {join_steps or 'none'}")  # fmt: skip
-    opts = TrainerOptions(swarm=name, listen=(endpoint,), min_peers=args.peers, wait_s=180)
+    compress = compress or Compression()
+    opts = TrainerOptions(swarm=name, listen=(endpoint,), min_peers=args.peers, wait_s=180, compress=compress)
+    if not compress.exact:
+        say(f"--compress {compress.mode}: lossy, so the run is not expected to equal one process")
     summary: dict[str, Any] = {}
     started = time.perf_counter()
     with LocalPeers(name, endpoint) as peers, Trainer(spec, opts) as tr:

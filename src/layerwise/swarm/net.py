@@ -25,7 +25,11 @@ DEFAULT_LEASE_MS = 1000
 
 
 def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms: int = DEFAULT_LEASE_MS,
-           multicast: bool = False) -> zenoh.Config:  # fmt: skip
+           multicast: bool = False, relay: Sequence[str] = ()) -> zenoh.Config:  # fmt: skip
+    if relay:  # behind NAT: a client of the relay, which carries everything (relay.py)
+        from .relay import client_config
+
+        return client_config(relay, lease_ms)
     c = zenoh.Config()
     c.insert_json5("mode", '"peer"')
     c.insert_json5("listen/endpoints", json.dumps(list(listen) or ["tcp/127.0.0.1:0"]))
@@ -56,10 +60,12 @@ class Node:
         self.swarm = swarm
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.bytes_by_kind: dict[str, int] = {}  # request kind -> bytes sent and received (bench/trust)
 
     def request(self, peer: str, msg: Message, timeout: float = 120.0, key: str | None = None) -> Message:
         data = encode_message(msg)
         self.bytes_sent += len(data)
+        self.bytes_by_kind[msg.kind] = self.bytes_by_kind.get(msg.kind, 0) + len(data)
         replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.session.get(
             key or peer_key(self.swarm, peer),
@@ -81,6 +87,7 @@ class Node:
                 continue
             raw = reply.ok.payload.to_bytes()
             self.bytes_received += len(raw)
+            self.bytes_by_kind[msg.kind] += len(raw)
             if got is None:
                 got = decode_message(raw, f"peer {peer}", MAX_MESSAGE)
         if got is None:

@@ -14,8 +14,9 @@ from .net import Node, config, trainer_key
 from .wire import Message
 
 
-def query_status(swarm: str, join: Sequence[str], lease_ms: int = 1000, settle_s: float = 1.0) -> dict[str, Any]:
-    with zenoh.open(config(connect=join, lease_ms=lease_ms)) as session:
+def query_status(swarm: str, join: Sequence[str], lease_ms: int = 1000, settle_s: float = 1.0,
+                 relay: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
+    with zenoh.open(config(connect=join, lease_ms=lease_ms, relay=relay)) as session:
         members = Membership(session, swarm)
         time.sleep(settle_s)  # liveliness history and gossip need a moment to arrive
         node = Node(session, swarm)

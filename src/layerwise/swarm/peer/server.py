@@ -35,6 +35,7 @@ import zenoh
 
 from ..net import alive_key, config, peer_key
 from ..assignment import layer_costs
+from ..compress import Streams, pack_reply, unpack
 from ..spec import SwarmSpec, init_checksum
 from ..wire import MAX_MESSAGE, Message, decode_message, encode_message, error
 from .capacity import block_seconds, default_memory_bytes
@@ -54,6 +55,7 @@ class PeerOptions:
     lease_ms: int = 1000  # zenoh link lease: a hung peer is dropped after about this long
     threads: int = 1  # torch threads
     max_message: int = MAX_MESSAGE
+    relay: tuple[str, ...] = ()  # relays (zenoh routers) to connect out to, as a zenoh client (relay.py)
 
     def __post_init__(self) -> None:
         if not self.speed > 0:
@@ -62,7 +64,7 @@ class PeerOptions:
             raise ValueError(f"--memory must be > 0 GiB, got {self.memory_gib}")
         if self.latency_ms < 0 or (self.bandwidth_mbit is not None and not self.bandwidth_mbit > 0):
             raise ValueError("--latency-ms must be >= 0 and --bandwidth-mbit > 0")
-        if not self.join and not self.listen:
+        if not self.join and not self.listen and not self.relay:
             raise ValueError("a peer needs --join ENDPOINT (or --listen ENDPOINT for the first process of a swarm)")
 
 
@@ -77,6 +79,7 @@ class Peer:
         self.checksum: dict[str, float] = {}
         self.fault = _parse_fault(os.environ.get("LAYERWISE_SWARM_FAULT", ""))
         self.served = 0
+        self.streams: dict[int, Streams] = {}  # per held stage: error feedback of what it sends (compress.py)
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
@@ -126,6 +129,7 @@ class Peer:
 
     def _on_reset(self, msg: Message) -> Message:
         self.spans.clear()
+        self.streams.clear()
         self.epoch = msg.epoch
         return Message("ok")
 
@@ -146,6 +150,7 @@ class Peer:
         if msg.tensors:
             span.load(msg.tensors, int(msg.meta["step"]))
         self.spans[msg.stage] = span
+        self.streams.pop(msg.stage, None)
         return Message("ok", meta={"step": span.step})
 
     def _on_drop(self, msg: Message) -> Message:
@@ -156,6 +161,7 @@ class Peer:
     def _on_promote(self, msg: Message) -> Message:
         span = self._span(msg)
         span.make_holder()
+        self.streams.pop(msg.stage, None)
         return Message("ok", meta={"step": span.step})
 
     def _on_forward(self, msg: Message) -> Message:
@@ -164,11 +170,12 @@ class Peer:
         if msg.mb in span.bwd_done:
             raise _Refuse(f"duplicate forward of microbatch {msg.mb}: its backward already ran")
         assert span.runner is not None
-        x = msg.tensors[0]
-        target = msg.tensors[1] if span.runner.is_last else None
+        inputs = unpack(msg.meta, msg.tensors, msg.describe())
+        x = inputs[0]
+        target = inputs[1] if span.runner.is_last else None
         out = span.runner.forward(msg.mb, x, target, float(msg.meta.get("weight", 1.0)))
         span.fwd_done.add(msg.mb)
-        return Message("ok", msg.step, msg.stage, msg.mb, tensors=[out.detach()])
+        return self._reply(msg, "fwd", [out.detach()])
 
     def _on_backward(self, msg: Message) -> Message:
         span = self._span(msg, "holder")
@@ -176,9 +183,15 @@ class Peer:
         if msg.mb not in span.fwd_done or msg.mb in span.bwd_done:
             raise _Refuse(f"backward of microbatch {msg.mb} without its forward, or a duplicate")
         assert span.runner is not None
-        grads = span.runner.backward(msg.mb, None if span.runner.is_last else list(msg.tensors))
+        grads = span.runner.backward(msg.mb, None if span.runner.is_last else unpack(msg.meta, msg.tensors, msg.describe()))
         span.bwd_done.add(msg.mb)
-        return Message("ok", msg.step, msg.stage, msg.mb, tensors=list(grads))
+        return self._reply(msg, "bwd", list(grads))
+
+    def _reply(self, msg: Message, direction: str, tensors: list[torch.Tensor]) -> Message:
+        """Compressed as the request asks (``meta['compress']``); error feedback per stage and stream."""
+        streams = self.streams.setdefault(msg.stage, Streams())
+        meta, wire = pack_reply(msg.meta.get("compress"), streams, msg.step, direction, msg.mb, tensors)
+        return Message("ok", msg.step, msg.stage, msg.mb, meta=meta, tensors=wire)
 
     def _on_commit(self, msg: Message) -> Message:
         span = self._span(msg, "holder")
@@ -190,6 +203,8 @@ class Peer:
             raise _Refuse(f"commit of step {msg.step} after {len(span.bwd_done)} of {want} backwards")
         grads = span.grads()
         span.apply(grads, float(msg.meta["lr"]))
+        if msg.stage in self.streams:
+            self.streams[msg.stage].commit(msg.step)
         return Message("ok", msg.step, msg.stage, meta={"already": False}, tensors=grads)
 
     def _on_backup_apply(self, msg: Message) -> Message:
@@ -213,7 +228,7 @@ class Peer:
     def serve(self, stop: threading.Event | None = None, ready: Any = None) -> None:
         stop = stop or threading.Event()
         torch.set_num_threads(self.opts.threads)
-        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms)
+        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms, relay=self.opts.relay)
         work: queue.SimpleQueue[Any] = queue.SimpleQueue()
         with zenoh.open(cfg) as session:
             qbl = session.declare_queryable(peer_key(self.opts.swarm, self.id), zenoh.handlers.Callback(work.put))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..compress import Compression
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainerOptions:
@@ -22,9 +24,11 @@ class TrainerOptions:
     checkpoint_dir: str | None = None  # where to save every layer's state at step boundaries
     checkpoint_every: int = 0  # steps between checkpoints; 0 = never
     resume: str | None = None  # a checkpoint directory to start from instead of the seed
+    relay: tuple[str, ...] = ()  # relays (zenoh routers) to connect out to, as a zenoh client (relay.py)
+    compress: Compression = Compression()  # activations between stages; anything but "none" is inexact
 
     def __post_init__(self) -> None:
-        if not self.join and not self.listen:
+        if not self.join and not self.listen and not self.relay:
             raise ValueError("the trainer needs --join ENDPOINT (or --listen ENDPOINT if it starts the swarm)")
         if self.capacity not in ("measured", "declared", "blind"):
             raise ValueError(f"capacity must be measured, declared or blind, got {self.capacity!r}")

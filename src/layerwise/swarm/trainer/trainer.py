@@ -57,7 +57,7 @@ class Trainer:
 
     # -- session -------------------------------------------------------------------------------
     def __enter__(self) -> Trainer:
-        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms)
+        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms, relay=self.opts.relay)
         self.session = zenoh.open(cfg)
         self.node = Node(self.session, self.opts.swarm)
         self.membership = Membership(self.session, self.opts.swarm)
