@@ -33,23 +33,36 @@ def test_bf16_roundtrip_error_bound() -> None:
     assert float(((y - x).abs() / x.abs().clamp_min(1e-30)).max()) <= 2**-8
 
 
+@pytest.mark.parametrize("mode, levels", [("int8", 127), ("int4", 7)])
 @pytest.mark.parametrize("block", [1, 7, 64, 1000])
-def test_int8_roundtrip_error_bound_per_block(block: int) -> None:
-    x = _x(1)
-    y = _roundtrip(x, Compression(mode="int8", block=block))
+@pytest.mark.parametrize("shape", [(2, 32, 64), (3, 5, 7)])  # 7 * 15 = 105: odd, and not a multiple of a block
+def test_blockwise_roundtrip_error_bound_per_block(mode: str, levels: int, block: int, shape: tuple[int, ...]) -> None:
+    x = _x(1, shape)
+    y = _roundtrip(x, Compression(mode=mode, block=block))
     err = (y - x).reshape(-1)
     flat = x.reshape(-1)
-    for i in range(0, flat.numel(), block):  # |error| <= absmax / 254 within each block (plus fp32 rounding)
-        bound = float(flat[i : i + block].abs().max()) / 254 * (1 + 1e-5) + 1e-12
+    for i in range(0, flat.numel(), block):  # |error| <= absmax / (2 levels) within each block (plus fp32 rounding)
+        bound = float(flat[i : i + block].abs().max()) / (2 * levels) * (1 + 1e-5) + 1e-12
         assert float(err[i : i + block].abs().max()) <= bound
-    assert not torch.equal(y, x)
+    assert block == 1 or not torch.equal(y, x)  # a block of one element is its own scale: exact
 
 
-def test_int8_zero_and_constant_blocks() -> None:
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_blockwise_zero_and_constant_blocks(mode: str) -> None:
     x = torch.zeros(4, 64)
     x[1] = 3.0
-    y = _roundtrip(x, Compression(mode="int8"))
+    x[2] = -0.5
+    y = _roundtrip(x, Compression(mode=mode))
     assert torch.equal(y, x)
+
+
+def test_wire_bytes_per_element() -> None:
+    x = _x(0, (2, 32, 64))  # 4096 elements, 64 blocks of 64
+    sizes = {}
+    for mode in ("bf16", "int8", "int4", "lowrank"):
+        _, wire, _ = encode_tensor(x, Compression(mode=mode, rank=8))
+        sizes[mode] = sum(t.numel() * t.element_size() for t in wire)
+    assert sizes == {"bf16": 8192, "int8": 4096 + 256, "int4": 2048 + 256, "lowrank": 2 * 32 * 8 * 4}
 
 
 def test_lowrank_is_the_orthogonal_projection() -> None:
@@ -72,13 +85,14 @@ def test_token_ids_targets_and_scalars_are_never_compressed() -> None:
             assert entry == {"c": "raw"} and wire[0] is not None and torch.equal(wire[0], t)
 
 
-def test_error_feedback_bounds_the_accumulated_error() -> None:
+@pytest.mark.parametrize("mode, levels", [("int8", 127), ("int4", 7)])
+def test_error_feedback_bounds_the_accumulated_error(mode: str, levels: int) -> None:
     """Along one stream, the sum of errors stays one residual with error feedback, and grows without."""
     n = 200
     xs = [_x(10 + i, (2, 8, 64)) * 0.1 + 0.05 for i in range(n)]  # a bias, as activations have
     totals = {}
     for ef in (True, False):
-        cfg = Compression(mode="int8", block=64, error_feedback=ef)
+        cfg = Compression(mode=mode, block=64, error_feedback=ef)
         streams = Streams()
         total = torch.zeros(2, 8, 64)
         for k, x in enumerate(xs):
@@ -86,7 +100,7 @@ def test_error_feedback_bounds_the_accumulated_error() -> None:
             total += unpack({"packed": p.entries}, p.wire)[0] - x
             streams.commit(k)
         totals[ef] = float(total.abs().max())
-    one_error = float(xs[0].abs().max()) / 254
+    one_error = max(float(x.abs().max()) for x in xs) / (2 * levels)
     assert totals[True] <= 2 * one_error  # telescoping: the sum of errors is minus the last residual
     assert totals[False] > 5 * totals[True]
 
@@ -167,6 +181,8 @@ def test_trainer_side_pass_through() -> None:
         ([{"c": "int8", "shape": "2x64", "block": 64, "dtype": "float32"}], [torch.zeros(128, dtype=torch.int8), torch.ones(2)]),
         ([{"c": "int8", "shape": [2, 64], "block": 64, "dtype": "object"}], [torch.zeros(128, dtype=torch.int8), torch.ones(2)]),
         ([{"c": "int8", "shape": [2, 64], "block": 64, "dtype": "float32"}], [torch.zeros(128, dtype=torch.int8)]),
+        ([{"c": "int4", "shape": [2, 64], "block": 64, "dtype": "float32"}], [torch.zeros(128, dtype=torch.uint8), torch.ones(2)]),
+        ([{"c": "int4", "shape": [2, 64], "block": 64, "dtype": "float32"}], [torch.zeros(64, dtype=torch.int8), torch.ones(2)]),
         ([{"c": "bf16", "dtype": "float32"}], [torch.zeros(4, 4)]),
         ([{"c": "lowrank", "rank": 8, "seed": 0, "hidden": 64, "dtype": "float32"}], [torch.zeros(4, 7)]),
         ([{"c": "lowrank", "rank": 8, "seed": 0, "hidden": 8, "dtype": "float32"}], [torch.zeros(4, 8)]),
@@ -184,7 +200,7 @@ def test_bad_input_is_refused_with_a_reason(entries: object, wire: list[torch.Te
 
 
 def test_bad_settings_are_refused() -> None:
-    for meta in ({"mode": "int4"}, {"mode": "int8", "block": 0}, {"mode": "lowrank", "rank": -1}, {"x": 1}, "int8",
+    for meta in ({"mode": "int2"}, {"mode": "int8", "block": 0}, {"mode": "lowrank", "rank": -1}, {"x": 1}, "int8",
                  {"mode": "int8", "ef": "yes"}, {"mode": "lowrank", "seed": 2**70}):  # fmt: skip
         with pytest.raises(WireError):
             Compression.from_meta(meta)
