@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from layerwise.swarm.compress import Compression
+from layerwise.swarm.lossy_reference import compressed_reference
 from layerwise.swarm.reference import max_diff, reference
 from layerwise.swarm.spec import SwarmSpec
 
@@ -43,7 +44,8 @@ def runs(swarm: LocalSwarm) -> dict[str, Any]:
         with swarm.trainer(SPEC, 3, compress=Compression(mode=mode, rank=8)) as tr:
             tr.train(STEPS)
             out[mode] = {"losses": list(tr.losses), "params": tr.final_params(), "failures": list(tr.failures),
-                         "bytes": sum(tr.node.bytes_by_kind.get(k, 0) for k in ("forward", "backward"))}  # fmt: skip
+                         "bytes": sum(tr.node.bytes_by_kind.get(k, 0) for k in ("forward", "backward")),
+                         "counts": tr.assignment.counts()}  # fmt: skip
     out["want"] = reference(SPEC, STEPS)
     return out
 
@@ -63,6 +65,14 @@ def test_compressed_runs_train_with_fewer_bytes(runs: dict[str, Any], mode: str,
     assert max_diff(got["params"], want) > 0.0  # it was compressed: not equal to one process
     if tol is not None:  # lowrank: a fixed projection loses most of each activation here (8 of 32 directions)
         assert all(abs(a - b) <= tol * b for a, b in zip(got["losses"], losses))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4", "lowrank"])
+def test_compressed_runs_equal_the_same_codecs_in_one_process(runs: dict[str, Any], mode: str) -> None:
+    """Bit for bit: the trainer forwards what peers encoded untouched, and error feedback advances once per step."""
+    got = runs[mode]
+    params, losses = compressed_reference(SPEC, STEPS, Compression(mode=mode, rank=8), got["counts"])
+    assert got["losses"] == losses and max_diff(got["params"], params) == 0.0
 
 
 def test_a_peer_killed_mid_step_of_a_compressed_run_loses_no_step(swarm: LocalSwarm, runs: dict[str, Any]) -> None:

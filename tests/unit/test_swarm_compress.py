@@ -214,3 +214,18 @@ def test_bad_settings_are_refused() -> None:
 def test_decode_tensor_rejects_a_lying_entry_count() -> None:
     with pytest.raises(WireError):
         decode_tensor({"c": "int8"}, [torch.zeros(3)])
+
+
+def test_compressed_reference_without_compression_is_one_process() -> None:
+    from layerwise.swarm.lossy_reference import compressed_reference
+    from layerwise.swarm.reference import max_diff, reference
+    from layerwise.swarm.spec import SwarmSpec
+
+    spec = SwarmSpec(width=16, heads=2, blocks=2, seq=8, batch_size=4, microbatches=2, data=__file__)
+    want, losses = reference(spec, 2)
+    got, got_losses = compressed_reference(spec, 2, Compression(), [1, 2, 1])
+    assert got_losses == losses and max_diff(got, want) == 0.0
+    lossy, lossy_losses = compressed_reference(spec, 2, Compression(mode="int8"), [1, 2, 1])
+    assert lossy_losses[0] != losses[0] or max_diff(lossy, want) > 0.0
+    with pytest.raises(ValueError, match="do not cover"):
+        compressed_reference(spec, 1, Compression(), [1, 1])
