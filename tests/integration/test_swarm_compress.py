@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,3 +87,15 @@ def test_a_peer_killed_mid_step_of_a_compressed_run_loses_no_step(swarm: LocalSw
     assert committed == [STEPS] * len(committed)
     _, losses = runs["want"]
     assert all(abs(a - b) <= 0.01 * b for a, b in zip(tr.losses, losses))
+
+
+def test_bad_compress_and_relay_options_get_one_error_line() -> None:
+    here = ["--listen", "tcp/127.0.0.1:1"]  # refused before any session opens on it
+    bad = (["train", *here, "--compress", "int2"], ["train", *here, "--compress-rank", "0"], ["demo", "--compress", "fp8"],
+           ["train", "--relay", "tcp/127.0.0.1:1", "--join", "tcp/127.0.0.1:2"], ["serve", "--relay", "localhost"],
+           ["status", "--relay", "tcp/127.0.0.1:1", "--join", "tcp/127.0.0.1:2"], ["relay", "--listen", "nonsense"],
+           ["relay"])  # fmt: skip
+    for args in bad:
+        proc = subprocess.run([sys.executable, "-m", "layerwise", "swarm", *args], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr, args
