@@ -106,7 +106,8 @@ def run(quick: bool) -> dict[str, Any]:
     for seed in range(seeds):
         spec = dataclasses.replace(SPEC, seed=seed)
         for name, cfg in MODES.items() if seed else ():
-            params, _ = compressed_reference(spec, steps, dataclasses.replace(cfg, seed=seed), modes[name]["counts"])
+            cfg_seed = dataclasses.replace(cfg, seed=seed)
+            params, _ = compressed_reference(spec, steps, cfg_seed, modes[name]["counts"])
             held[name].append(held_out_loss(spec, params))
         full, _ = reference(spec, steps, microbatched=False)
         held["noise"].append(held_out_loss(spec, full))

@@ -59,7 +59,8 @@ def test_none_stays_equal_to_one_process(runs: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("mode, fewer, tol", [("bf16", 0.75, 0.01), ("int8", 0.6, 0.01), ("int4", 0.5, 0.05),
                                              ("lowrank", 0.6, None)])  # fmt: skip
-def test_compressed_runs_train_with_fewer_bytes(runs: dict[str, Any], mode: str, fewer: float, tol: float | None) -> None:
+def test_compressed_runs_train_with_fewer_bytes(runs: dict[str, Any], mode: str, fewer: float,
+                                                tol: float | None) -> None:  # fmt: skip
     want, losses = runs["want"]
     got = runs[mode]
     assert not got["failures"] and len(got["losses"]) == STEPS and all(math.isfinite(x) for x in got["losses"])
@@ -91,7 +92,8 @@ def test_a_peer_killed_mid_step_of_a_compressed_run_loses_no_step(swarm: LocalSw
 
 def test_bad_compress_and_relay_options_get_one_error_line() -> None:
     here = ["--listen", "tcp/127.0.0.1:1"]  # refused before any session opens on it
-    bad = (["train", *here, "--compress", "int2"], ["train", *here, "--compress-rank", "0"], ["demo", "--compress", "fp8"],
+    bad = (["train", *here, "--compress", "int2"], ["train", *here, "--compress-rank", "0"],
+           ["demo", "--compress", "fp8"],
            ["train", "--relay", "tcp/127.0.0.1:1", "--join", "tcp/127.0.0.1:2"], ["serve", "--relay", "localhost"],
            ["status", "--relay", "tcp/127.0.0.1:1", "--join", "tcp/127.0.0.1:2"], ["relay", "--listen", "nonsense"],
            ["relay"])  # fmt: skip

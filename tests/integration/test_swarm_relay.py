@@ -110,7 +110,8 @@ def netns() -> Iterator[Namespaces]:
 def test_two_groups_behind_nat_train_through_a_relay(netns: Namespaces) -> None:
     ra, rb = f"tcp/10.{NET}.1.1:7447", f"tcp/10.{NET}.2.1:7447"
     # no route between the groups: a TCP connect from a to b's address fails at once
-    probe = netns.run("a", ["-c", f"import socket; s = socket.socket(); s.settimeout(2); s.connect(('10.{NET}.2.2', 9))"])
+    connect = f"import socket; s = socket.socket(); s.settimeout(2); s.connect(('10.{NET}.2.2', 9))"
+    probe = netns.run("a", ["-c", connect])
     _, err = probe.communicate(timeout=30)
     assert probe.returncode != 0 and ("unreachable" in err or "timed out" in err), err
 

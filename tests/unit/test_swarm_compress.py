@@ -168,26 +168,32 @@ def test_trainer_side_pass_through() -> None:
     assert torch.equal(decoded(item), out[0])
 
 
+_I8 = {"c": "int8", "shape": [2, 64], "block": 64, "dtype": "float32"}
+_I4 = dict(_I8, c="int4")
+_LR = {"c": "lowrank", "rank": 8, "seed": 0, "hidden": 64, "dtype": "float32"}
+_CODES = torch.zeros(128, dtype=torch.int8)
+
+
 @pytest.mark.parametrize(
     "entries, wire",
     [
-        ([{"c": "int8", "shape": [2, 64], "block": 64, "dtype": "float32"}], [torch.zeros(100, dtype=torch.int8), torch.ones(2)]),
-        ([{"c": "int8", "shape": [2, 64], "block": 64, "dtype": "float32"}], [torch.zeros(128, dtype=torch.int8), torch.ones(3)]),
-        ([{"c": "int8", "shape": [2, 64], "block": 64, "dtype": "float32"}], [torch.zeros(128), torch.ones(2)]),
-        ([{"c": "int8", "shape": [2, 64], "block": 64, "dtype": "float32"}], [torch.zeros(128, dtype=torch.int8), torch.tensor([1.0, float("nan")])]),
-        ([{"c": "int8", "shape": [2, 64], "block": 64, "dtype": "float32"}], [torch.zeros(128, dtype=torch.int8), torch.tensor([1.0, -1.0])]),
-        ([{"c": "int8", "shape": [2, -64], "block": 64, "dtype": "float32"}], [torch.zeros(128, dtype=torch.int8), torch.ones(2)]),
-        ([{"c": "int8", "shape": [2, 64], "block": 0, "dtype": "float32"}], [torch.zeros(128, dtype=torch.int8), torch.ones(2)]),
-        ([{"c": "int8", "shape": "2x64", "block": 64, "dtype": "float32"}], [torch.zeros(128, dtype=torch.int8), torch.ones(2)]),
-        ([{"c": "int8", "shape": [2, 64], "block": 64, "dtype": "object"}], [torch.zeros(128, dtype=torch.int8), torch.ones(2)]),
-        ([{"c": "int8", "shape": [2, 64], "block": 64, "dtype": "float32"}], [torch.zeros(128, dtype=torch.int8)]),
-        ([{"c": "int4", "shape": [2, 64], "block": 64, "dtype": "float32"}], [torch.zeros(128, dtype=torch.uint8), torch.ones(2)]),
-        ([{"c": "int4", "shape": [2, 64], "block": 64, "dtype": "float32"}], [torch.zeros(64, dtype=torch.int8), torch.ones(2)]),
+        ([_I8], [torch.zeros(100, dtype=torch.int8), torch.ones(2)]),
+        ([_I8], [_CODES, torch.ones(3)]),
+        ([_I8], [torch.zeros(128), torch.ones(2)]),
+        ([_I8], [_CODES, torch.tensor([1.0, float("nan")])]),
+        ([_I8], [_CODES, torch.tensor([1.0, -1.0])]),
+        ([dict(_I8, shape=[2, -64])], [_CODES, torch.ones(2)]),
+        ([dict(_I8, block=0)], [_CODES, torch.ones(2)]),
+        ([dict(_I8, shape="2x64")], [_CODES, torch.ones(2)]),
+        ([dict(_I8, dtype="object")], [_CODES, torch.ones(2)]),
+        ([_I8], [torch.zeros(128, dtype=torch.int8)]),
+        ([_I4], [torch.zeros(128, dtype=torch.uint8), torch.ones(2)]),
+        ([_I4], [torch.zeros(64, dtype=torch.int8), torch.ones(2)]),
         ([{"c": "bf16", "dtype": "float32"}], [torch.zeros(4, 4)]),
-        ([{"c": "lowrank", "rank": 8, "seed": 0, "hidden": 64, "dtype": "float32"}], [torch.zeros(4, 7)]),
-        ([{"c": "lowrank", "rank": 8, "seed": 0, "hidden": 8, "dtype": "float32"}], [torch.zeros(4, 8)]),
-        ([{"c": "lowrank", "rank": 8, "seed": -1, "hidden": 64, "dtype": "float32"}], [torch.zeros(4, 8)]),
-        ([{"c": "lowrank", "rank": 8, "seed": 0, "hidden": 10**9, "dtype": "float32"}], [torch.zeros(4, 8)]),
+        ([_LR], [torch.zeros(4, 7)]),
+        ([dict(_LR, hidden=8)], [torch.zeros(4, 8)]),
+        ([dict(_LR, seed=-1)], [torch.zeros(4, 8)]),
+        ([dict(_LR, hidden=10**9)], [torch.zeros(4, 8)]),
         ([{"c": "zstd"}], [torch.zeros(4)]),
         ([{"c": "raw"}], [torch.zeros(4), torch.zeros(4)]),  # a tensor beyond the entries
         ([{"c": "raw"}, {"c": "raw"}], [torch.zeros(4)]),  # an entry beyond the tensors

@@ -219,7 +219,8 @@ def _status_web(args: argparse.Namespace) -> int:
 
     host = args.web_host or "127.0.0.1"
     try:
-        serve_status_page(StatusProbe(args.swarm, join, args.lease_ms, tuple(args.relay)), host, args.web, lambda m: print(m, flush=True))
+        probe = StatusProbe(args.swarm, join, args.lease_ms, tuple(args.relay))
+        serve_status_page(probe, host, args.web, lambda m: print(m, flush=True))
     except OSError as e:
         print(f"error: cannot serve the status page on {host}:{args.web}: {e.strerror or e}", file=sys.stderr)
         return 1

@@ -196,7 +196,7 @@ def decode_tensor(entry: dict[str, Any], wire: list[torch.Tensor], what: str = "
         return wire[0].to(out)
     if codec == "lowrank":
         coef, rank, seed = wire[0], entry.get("rank"), entry.get("seed")
-        if not isinstance(rank, int) or not isinstance(seed, int) or not 1 <= rank <= MAX_RANK or not 0 <= seed < 1 << 62:
+        if not (isinstance(rank, int) and isinstance(seed, int) and 1 <= rank <= MAX_RANK and 0 <= seed < 1 << 62):
             raise bad(f"rank {rank!r}, seed {seed!r}")
         if coef.dtype != torch.float32 or coef.dim() < 2 or coef.shape[-1] != rank:
             raise bad(f"coefficients {coef.dtype} {tuple(coef.shape)} for rank {rank}")

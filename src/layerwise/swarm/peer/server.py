@@ -183,7 +183,8 @@ class Peer:
         if msg.mb not in span.fwd_done or msg.mb in span.bwd_done:
             raise _Refuse(f"backward of microbatch {msg.mb} without its forward, or a duplicate")
         assert span.runner is not None
-        grads = span.runner.backward(msg.mb, None if span.runner.is_last else unpack(msg.meta, msg.tensors, msg.describe()))
+        inputs = None if span.runner.is_last else unpack(msg.meta, msg.tensors, msg.describe())
+        grads = span.runner.backward(msg.mb, inputs)
         span.bwd_done.add(msg.mb)
         return self._reply(msg, "bwd", list(grads))
 
@@ -228,7 +229,8 @@ class Peer:
     def serve(self, stop: threading.Event | None = None, ready: Any = None) -> None:
         stop = stop or threading.Event()
         torch.set_num_threads(self.opts.threads)
-        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms, relay=self.opts.relay)
+        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
+                     relay=self.opts.relay)  # fmt: skip
         work: queue.SimpleQueue[Any] = queue.SimpleQueue()
         with zenoh.open(cfg) as session:
             qbl = session.declare_queryable(peer_key(self.opts.swarm, self.id), zenoh.handlers.Callback(work.put))

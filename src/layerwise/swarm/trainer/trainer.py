@@ -59,7 +59,8 @@ class Trainer:
 
     # -- session -------------------------------------------------------------------------------
     def __enter__(self) -> Trainer:
-        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms, relay=self.opts.relay)
+        cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
+                     relay=self.opts.relay)  # fmt: skip
         self.session = zenoh.open(cfg)
         self.node = Node(self.session, self.opts.swarm)
         self.membership = Membership(self.session, self.opts.swarm)
