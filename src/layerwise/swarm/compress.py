@@ -36,7 +36,9 @@ residual waits as pending until the stage commits step ``k``. A message sent aga
 replay) is therefore encoded bit for bit as before, never advancing the stream twice.
 Not kept: a stage's copy has no residuals (they are as large as the activations; relaying them at
 each commit would cost more than the compression saves), so a stage that moves to another peer
-(a failure, a rebalance) restarts its streams from zero residual.
+(a failure, a rebalance) restarts its streams from zero residual; after a replay on the new
+holder, the residuals of the replayed messages are its own re-encodings' (the trainer forwards
+the original holder's bytes, which it already has), so error feedback is approximate for one step.
 """
 
 from __future__ import annotations
