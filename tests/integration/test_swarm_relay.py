@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import select
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,8 +116,9 @@ def test_two_groups_behind_nat_train_through_a_relay(netns: Namespaces) -> None:
     assert probe.returncode != 0 and ("unreachable" in err or "timed out" in err), err
 
     relay = netns.run("r", ["-m", "layerwise", "swarm", "relay", "--listen", ra, "--listen", rb])
-    time.sleep(1.0)
-    assert relay.poll() is None, relay.communicate()[1]
+    assert relay.stdout is not None
+    ready, _, _ = select.select([relay.stdout], [], [], 60.0)  # "relay listening on ..." once it listens
+    assert ready and relay.stdout.readline().startswith("relay listening"), relay.communicate(timeout=10)[1]
     swarm = f"relay-{os.getpid()}"
     for ns, name, ep in (("a", "a1", ra), ("b", "b1", rb), ("b", "b2", rb)):
         netns.run(ns, ["-m", "layerwise", "swarm", "serve", "--swarm", swarm, "--name", name, "--relay", ep])

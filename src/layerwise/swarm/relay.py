@@ -12,7 +12,8 @@ cannot reach each other directly (two NATs), their queries find no route through
 Costs: every message crosses two links (sender -> relay -> receiver), the relay's bandwidth is
 shared by the whole swarm, and the relay is one more single point of failure besides the
 trainer (peers and the trainer lose each other when it dies). Several relays may be given
-(``--relay`` repeated): zenoh connects to the first it reaches. The relay is content-blind:
+(``--relay`` repeated): zenoh connects to the first it reaches. A process started before its
+relay waits up to a minute for it (zenoh's clients otherwise give up at once). The relay is content-blind:
 it forwards the same messages the peers would exchange directly, so training is unchanged
 (equal to one process with ``--compress none``).
 """
@@ -27,11 +28,15 @@ from collections.abc import Callable, Sequence
 import zenoh
 
 
+CONNECT_TIMEOUT_MS = 60_000  # a process started before its relay waits this long for it
+
+
 def client_config(relay: Sequence[str], lease_ms: int) -> zenoh.Config:
     """A zenoh client of the relay(s): connects out only; everything goes through the router."""
     c = zenoh.Config()
     c.insert_json5("mode", '"client"')
     c.insert_json5("connect/endpoints", json.dumps(list(relay)))
+    c.insert_json5("connect/timeout_ms", str(CONNECT_TIMEOUT_MS))  # zenoh's client default: fail at once
     c.insert_json5("scouting/multicast/enabled", "false")
     c.insert_json5("transport/link/tx/lease", str(int(lease_ms)))
     return c
