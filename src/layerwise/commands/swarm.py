@@ -18,6 +18,9 @@ def _common(p: argparse.ArgumentParser, *, listen: bool = True) -> None:
     if listen:
         p.add_argument("--listen", action="append", default=[], metavar="ENDPOINT",
                        help="listen here (the first process of a swarm), e.g. tcp/127.0.0.1:7447")
+    p.add_argument("--relay", action="append", default=[], metavar="ENDPOINT",
+                   help="connect out to this relay ('layerwise swarm relay') instead of joining peers: "
+                        "for processes behind NAT (repeatable)")
     p.add_argument("--swarm", default="layerwise", help="the swarm's name (default layerwise)")
     p.add_argument("--lease-ms", type=positive_int, default=1000,
                    help="zenoh link lease: a hung peer is dropped after about this long (default 1000)")
@@ -33,6 +36,11 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="gpipe", help="stage order (default gpipe)")
     p.add_argument("--seed", type=int, default=0, help="weights and data seed")
     p.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
+    p.add_argument("--compress", choices=("none", "bf16", "int8", "int4", "lowrank"), default="none",
+                   help="activations and their gradients between stages: none (default, exact), bf16, int8 or int4 "
+                        "(blockwise, error feedback) or lowrank (fixed projection); all but none change the results")
+    p.add_argument("--compress-rank", type=positive_int, default=8, metavar="R",
+                   help="directions kept of the hidden size with --compress lowrank (default 8)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     demo.add_argument("--join", type=int, default=0, help="peers to start mid-run (default 0)")
     demo.add_argument("--port", type=int, default=17447, help="the seed's port on 127.0.0.1 (default 17447)")
     _spec_args(demo)
+    relay = sub.add_parser("relay", help="a rendezvous and relay (zenoh router) for peers behind NAT")
+    relay.add_argument("--listen", action="append", default=[], metavar="ENDPOINT", required=True,
+                       help="where peers connect out to, e.g. tcp/0.0.0.0:7447 (repeatable)")
+    relay.add_argument("--lease-ms", type=positive_int, default=1000, help="zenoh link lease (default 1000)")
     status = sub.add_parser("status", help="peers, spans, step rate and recent failures of a running swarm")
     _common(status, listen=False)
     # the live status page (swarm/web.py)
@@ -86,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.swarm_command in ("init", "invite", "revoke"):
         return swarm_identity.run(args)
-    return {"serve": _serve, "train": _train, "demo": _demo, "status": _status}[args.swarm_command](args)
+    commands = {"serve": _serve, "train": _train, "demo": _demo, "status": _status, "relay": _relay}
+    return commands[args.swarm_command](args)
 
 
 def check_endpoint(text: str) -> str:
@@ -102,11 +115,27 @@ def _endpoints(args: argparse.Namespace, listen: bool = True) -> tuple[tuple[str
     try:
         join = tuple(check_endpoint(e) for e in args.join)
         lst = tuple(check_endpoint(e) for e in getattr(args, "listen", []))
+        relay = tuple(check_endpoint(e) for e in getattr(args, "relay", []))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if not join and not lst:
-        raise UsageError("give --join ENDPOINT (or --listen ENDPOINT for the first process of a swarm)")
+    if relay and (join or lst):
+        raise UsageError("--relay connects out through a relay only: leave out --join and --listen")
+    if relay and getattr(args, "identity", None):
+        raise UsageError("--identity cannot be combined with --relay yet: the relay (a zenoh router) has no "
+                         "certificate of the swarm; join the peers directly for mutual TLS")
+    if not join and not lst and not relay:
+        raise UsageError("give --join ENDPOINT (or --listen ENDPOINT for the first process of a swarm, "
+                         "or --relay ENDPOINT behind NAT)")
     return join, lst
+
+
+def compression_from_args(args: argparse.Namespace) -> Any:
+    from layerwise.swarm.compress import Compression
+
+    try:
+        return Compression(mode=args.compress, rank=args.compress_rank, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def spec_from_args(args: argparse.Namespace) -> Any:
@@ -130,7 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
         opts = PeerOptions(swarm=args.swarm, join=join, listen=lst, name=args.name, memory_gib=args.memory,
                            speed=args.speed, latency_ms=args.latency_ms, bandwidth_mbit=args.bandwidth_mbit,
                            lease_ms=args.lease_ms, identity=identity, crl=args.crl, fault=args.fault,
-                           **limit)  # fmt: skip
+                           relay=tuple(args.relay), **limit)  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
     serve(opts, on_ready=lambda p: print(f"peer {p.id} serving swarm {args.swarm!r}; Ctrl-C to leave", flush=True))
@@ -152,11 +181,15 @@ def _train(args: argparse.Namespace) -> int:
     join, lst = _endpoints(args)
     identity = swarm_identity.check(args, "trainer", join + lst)
     spec = spec_from_args(args)
-    opts = TrainerOptions(swarm=args.swarm, join=join, listen=lst, min_peers=args.peers, wait_s=args.wait,
-                          lease_ms=args.lease_ms, checkpoint_dir=args.checkpoint,
-                          checkpoint_every=(args.checkpoint_every or 10) if args.checkpoint else 0,
-                          resume=args.resume, identity=identity, crl=args.crl, spot_check=args.spot_check,
-                          ban_after=args.ban_after)  # fmt: skip
+    try:
+        opts = TrainerOptions(swarm=args.swarm, join=join, listen=lst, min_peers=args.peers, wait_s=args.wait,
+                              lease_ms=args.lease_ms, checkpoint_dir=args.checkpoint,
+                              checkpoint_every=(args.checkpoint_every or 10) if args.checkpoint else 0,
+                              resume=args.resume, identity=identity, crl=args.crl, spot_check=args.spot_check,
+                              ban_after=args.ban_after, relay=tuple(args.relay),
+                              compress=compression_from_args(args))  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     say(f"waiting for {args.peers} peer(s) of swarm {args.swarm!r} ...")
 
@@ -174,6 +207,7 @@ def _train(args: argparse.Namespace) -> int:
             summary = {"steps": len(tr.losses), "lost_steps": args.steps - min(steps), "final_loss": tr.losses[-1],
                        "failures": [_failure(f) for f in tr.failures], "rebalances": tr.rebalances,
                        "rejected": tr.trust.status()["rejected"], "bans": tr.trust.status()["bans"]}  # fmt: skip
+            summary["losses"] = tr.losses
     except SwarmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -196,7 +230,7 @@ def _status(args: argparse.Namespace) -> int:
 
     join, _ = _endpoints(args, listen=False)
     identity = swarm_identity.check(args, None, join)
-    got = query_status(args.swarm, join, args.lease_ms, identity=identity, crl=args.crl)
+    got = query_status(args.swarm, join, args.lease_ms, identity=identity, crl=args.crl, relay=tuple(args.relay))
     if args.json:
         print(json.dumps(got))
     else:
@@ -218,7 +252,8 @@ def _status_web(args: argparse.Namespace) -> int:
 
     host = args.web_host or "127.0.0.1"
     try:
-        probe = StatusProbe(args.swarm, join, args.lease_ms, identity=identity, crl=args.crl)
+        probe = StatusProbe(args.swarm, join, args.lease_ms, identity=identity, crl=args.crl,
+                            relay=tuple(args.relay))  # fmt: skip
         serve_status_page(probe, host, args.web, lambda m: print(m, flush=True))
     except OSError as e:
         print(f"error: cannot serve the status page on {host}:{args.web}: {e.strerror or e}", file=sys.stderr)
@@ -249,6 +284,22 @@ def format_status(got: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _relay(args: argparse.Namespace) -> int:
+    from layerwise.swarm.relay import run_relay
+
+    try:
+        listen = [check_endpoint(e) for e in args.listen]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        run_relay(listen, args.lease_ms,
+                  on_ready=lambda: print(f"relay listening on {', '.join(listen)}; Ctrl-C to stop", flush=True))
+    except Exception as e:  # zenoh could not listen there (address in use, not this host's): one line, no traceback
+        print(f"error: relay cannot listen on {', '.join(listen)}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from layerwise.swarm.demo import run_demo
 
@@ -256,4 +307,4 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     if args.kill < 0 or args.join < 0 or args.kill >= args.peers:
         raise UsageError(f"--kill must be in [0, --peers) and --join >= 0, got --kill {args.kill} --join {args.join}")
-    return run_demo(args, spec_from_args(args))
+    return run_demo(args, spec_from_args(args), compression_from_args(args))

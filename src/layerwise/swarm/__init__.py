@@ -3,7 +3,8 @@
 Peers (``layerwise swarm serve``) hold contiguous spans of layers; a trainer (``layerwise swarm
 train``) owns the data and the loss, assigns spans with the partition solver from each peer's
 measured speed and memory, drives the microbatches of each step through the holders in the order
-of a pipeline schedule, and commits each step. Training is synchronous and equal to one process:
+of a pipeline schedule, and commits each step. Training is synchronous and equal to one process
+(unless activations are compressed, :mod:`.compress`):
 a step is committed on every stage or on none, and nothing is lost when a peer dies.
 
 How a step survives a peer's death (the design, with its costs):

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any
 
+from .compress import Compression
 from .errors import SwarmError
 from .identity import throwaway
 from .local import LocalPeers
@@ -29,7 +30,7 @@ from .spec import SwarmSpec
 from .trainer import Trainer, TrainerOptions
 
 
-def run_demo(args: argparse.Namespace, spec: SwarmSpec) -> int:
+def run_demo(args: argparse.Namespace, spec: SwarmSpec, compress: Compression | None = None) -> int:
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     rng = random.Random(args.seed)
     steps = args.steps
@@ -45,8 +46,11 @@ def run_demo(args: argparse.Namespace, spec: SwarmSpec) -> int:
     tmp = tempfile.mkdtemp(prefix="layerwise-demo-ca-") if mtls else None
     ids = throwaway(tmp, name, {"trainer": "trainer"} | {f"peer{i}": "peer" for i in range(args.peers)}
                     | {f"joiner{j + 1}": "peer" for j in range(args.join)}) if tmp else {}  # fmt: skip
+    compress = compress or Compression()
     opts = TrainerOptions(swarm=name, listen=(endpoint,), min_peers=args.peers, wait_s=180,
-                          identity=str(ids["trainer"]) if ids else None)  # fmt: skip
+                          identity=str(ids["trainer"]) if ids else None, compress=compress)  # fmt: skip
+    if not compress.exact:
+        say(f"--compress {compress.mode}: lossy, so the run is not expected to equal one process")
     started = time.perf_counter()
     try:
         return _run(args, spec, say, rng, steps, kill_steps, join_steps, endpoint, name, opts, ids, started)

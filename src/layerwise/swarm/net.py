@@ -38,7 +38,14 @@ ACCEPT_TIMEOUT_MS = 2000
 
 
 def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms: int = DEFAULT_LEASE_MS,
-           multicast: bool = False, identity: Identity | None = None) -> zenoh.Config:  # fmt: skip
+           multicast: bool = False, identity: Identity | None = None,
+           relay: Sequence[str] = ()) -> zenoh.Config:  # fmt: skip
+    if relay:  # behind NAT: a client of the relay, which carries everything (relay.py)
+        if identity is not None:  # refused by the CLI first; a relay with TLS needs its own certificate
+            raise ValueError("--identity cannot be combined with --relay yet: the relay has no certificate")
+        from .relay import client_config
+
+        return client_config(relay, lease_ms)
     c = zenoh.Config()
     c.insert_json5("mode", '"peer"')
     c.insert_json5("listen/endpoints", json.dumps(list(listen) or [f"{'tls' if identity else 'tcp'}/127.0.0.1:0"]))
@@ -89,11 +96,13 @@ class Node:
         self.auth = auth  # with an identity: the signed hello and a MAC on every request (access.py)
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.bytes_by_kind: dict[str, int] = {}  # request kind -> bytes sent and received (bench/trust)
 
     def request(self, peer: str, msg: Message, timeout: float = 120.0, key: str | None = None,
                 limit: int = MAX_MESSAGE) -> Message:  # fmt: skip
         data = encode_message(msg)
         self.bytes_sent += len(data)
+        self.bytes_by_kind[msg.kind] = self.bytes_by_kind.get(msg.kind, 0) + len(data)
         if self.auth is not None:
             return self.auth.request(self, peer, key or peer_key(self.swarm, peer), key is None, msg, data, timeout,
                                      limit)  # fmt: skip
@@ -126,6 +135,7 @@ class Node:
             if check is not None and not check(_attachment(reply.ok), raw):
                 why, refused = _unsealed(raw, peer)  # a refusal before any session, or an impostor
                 continue
+            self.bytes_by_kind[msg.kind] = self.bytes_by_kind.get(msg.kind, 0) + len(raw)
             if got is None:
                 got = decode_message(raw, f"peer {peer}", limit)
         if got is None and refused:

@@ -21,12 +21,13 @@ class StatusProbe:
     """One zenoh session kept open, so that ``poll`` can be called every second (the web page)."""
 
     def __init__(self, swarm: str, join: Sequence[str], lease_ms: int = 1000, identity: str | None = None,
-                 crl: str | None = None) -> None:  # fmt: skip
-        self.swarm, self.join, self.lease_ms = swarm, tuple(join), lease_ms
+                 crl: str | None = None, relay: Sequence[str] = ()) -> None:  # fmt: skip
+        self.swarm, self.join, self.lease_ms, self.relay = swarm, tuple(join), lease_ms, tuple(relay)
         self.identity = Identity(identity, crl) if identity else None  # --identity: mutual TLS, signed hello
 
     def __enter__(self) -> StatusProbe:
-        self.session = zenoh.open(config(connect=self.join, lease_ms=self.lease_ms, identity=self.identity))
+        self.session = zenoh.open(config(connect=self.join, lease_ms=self.lease_ms, identity=self.identity,
+                                         relay=self.relay))  # fmt: skip
         self.members = Membership(self.session, self.swarm)
         self.node = Node(self.session, self.swarm, auth=Client(self.identity) if self.identity else None)
         return self
@@ -61,7 +62,8 @@ class StatusProbe:
 
 
 def query_status(swarm: str, join: Sequence[str], lease_ms: int = 1000, settle_s: float = 1.0,
-                 identity: str | None = None, crl: str | None = None) -> dict[str, Any]:  # fmt: skip
-    with StatusProbe(swarm, join, lease_ms, identity, crl) as probe:
+                 identity: str | None = None, crl: str | None = None,
+                 relay: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
+    with StatusProbe(swarm, join, lease_ms, identity, crl, relay) as probe:
         time.sleep(settle_s)  # liveliness history and gossip need a moment to arrive
         return probe.poll()

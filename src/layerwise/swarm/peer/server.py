@@ -23,6 +23,7 @@ its outputs (:mod:`.fault`). Every refused request is counted by its reason (:mo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import signal
@@ -42,6 +43,7 @@ from ..access import Guard
 from ..identity import Identity
 from ..net import alive_key, config, peer_key
 from ..assignment import layer_costs
+from ..compress import Streams, pack_reply, unpack
 from ..spec import SwarmSpec, init_checksum
 from ..guard import Ledger, Reason, Rejected, reason_of
 from ..wire import MAX_MESSAGE, Message, decode_message, encode_message, error
@@ -69,6 +71,7 @@ class PeerOptions:
     identity: str | None = None  # an identity directory: mutual TLS and the signed hello (access.py)
     crl: str | None = None  # a revocation list file to re-read (default: the identity's crl.pem)
     fault: str = ""  # MODE:P, e.g. corrupt:0.05: lie in a fraction P of outputs (see .fault)
+    relay: tuple[str, ...] = ()  # relays (zenoh routers) to connect out to, as a zenoh client (relay.py)
 
     def __post_init__(self) -> None:
         parse_tamper(self.fault)  # raises ValueError on a bad --fault
@@ -80,7 +83,7 @@ class PeerOptions:
             raise ValueError(f"--memory must be > 0 GiB, got {self.memory_gib}")
         if self.latency_ms < 0 or (self.bandwidth_mbit is not None and not self.bandwidth_mbit > 0):
             raise ValueError("--latency-ms must be >= 0 and --bandwidth-mbit > 0")
-        if not self.join and not self.listen:
+        if not self.join and not self.listen and not self.relay:
             raise ValueError("a peer needs --join ENDPOINT (or --listen ENDPOINT for the first process of a swarm)")
 
 
@@ -101,6 +104,7 @@ class Peer:
         self.tamper = Tamper(mode[0], mode[1], seed=zlib.crc32(self.id.encode())) if mode else None
         self.ledger = Ledger()  # what this peer refused, by reason
         self.served = 0
+        self.streams: dict[int, Streams] = {}  # per held stage: error feedback of what it sends (compress.py)
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
@@ -110,6 +114,9 @@ class Peer:
         if fn is None:
             raise _Refuse(f"peer {self.id} does not serve {msg.kind!r}", Reason.MALFORMED)
         if msg.kind in ("forward", "backward", "check"):
+            if "packed" in msg.meta:  # compressed inputs (--compress): checked and used as the values they stand for
+                msg = dataclasses.replace(msg, meta={k: v for k, v in msg.meta.items() if k != "packed"},
+                                          tensors=unpack(msg.meta, msg.tensors, msg.describe()))  # fmt: skip
             validate(self._span(msg), msg)
         self._maybe_fault(msg)
         t0 = time.perf_counter()
@@ -157,6 +164,7 @@ class Peer:
 
     def _on_reset(self, msg: Message) -> Message:
         self.spans.clear()
+        self.streams.clear()
         self.epoch = msg.epoch
         return Message("ok")
 
@@ -179,6 +187,7 @@ class Peer:
         if msg.tensors:
             span.load(msg.tensors, int(msg.meta["step"]))
         self.spans[msg.stage] = span
+        self.streams.pop(msg.stage, None)
         return Message("ok", meta={"step": span.step})
 
     def _on_drop(self, msg: Message) -> Message:
@@ -189,6 +198,7 @@ class Peer:
     def _on_promote(self, msg: Message) -> Message:
         span = self._span(msg)
         span.make_holder()
+        self.streams.pop(msg.stage, None)
         return Message("ok", meta={"step": span.step})
 
     def _on_forward(self, msg: Message) -> Message:
@@ -197,11 +207,12 @@ class Peer:
         if msg.mb in span.bwd_done:
             raise _Refuse(f"duplicate forward of microbatch {msg.mb}: its backward already ran", Reason.REPLAYED)
         assert span.runner is not None
-        x = msg.tensors[0]
-        target = msg.tensors[1] if span.runner.is_last else None
+        inputs = unpack(msg.meta, msg.tensors, msg.describe())
+        x = inputs[0]
+        target = inputs[1] if span.runner.is_last else None
         out = span.runner.forward(msg.mb, x, target, float(msg.meta.get("weight", 1.0)))
         span.fwd_done.add(msg.mb)
-        return Message("ok", msg.step, msg.stage, msg.mb, tensors=[out.detach()])
+        return self._reply(msg, "fwd", [out.detach()])
 
     def _on_backward(self, msg: Message) -> Message:
         span = self._span(msg, "holder")
@@ -211,9 +222,16 @@ class Peer:
         if msg.mb not in span.fwd_done:
             raise _Refuse(f"backward of microbatch {msg.mb} before its forward", Reason.OUT_OF_ORDER)
         assert span.runner is not None
-        grads = span.runner.backward(msg.mb, None if span.runner.is_last else list(msg.tensors))
+        inputs = None if span.runner.is_last else unpack(msg.meta, msg.tensors, msg.describe())
+        grads = span.runner.backward(msg.mb, inputs)
         span.bwd_done.add(msg.mb)
-        return Message("ok", msg.step, msg.stage, msg.mb, tensors=list(grads))
+        return self._reply(msg, "bwd", list(grads))
+
+    def _reply(self, msg: Message, direction: str, tensors: list[torch.Tensor]) -> Message:
+        """Compressed as the request asks (``meta['compress']``); error feedback per stage and stream."""
+        streams = self.streams.setdefault(msg.stage, Streams())
+        meta, wire = pack_reply(msg.meta.get("compress"), streams, msg.step, direction, msg.mb, tensors)
+        return Message("ok", msg.step, msg.stage, msg.mb, meta=meta, tensors=wire)
 
     def _on_commit(self, msg: Message) -> Message:
         span = self._span(msg, "holder")
@@ -226,6 +244,8 @@ class Peer:
                           Reason.OUT_OF_ORDER)  # fmt: skip
         grads = span.grads()
         span.apply(grads, float(msg.meta["lr"]))
+        if msg.stage in self.streams:
+            self.streams[msg.stage].commit(msg.step)
         return Message("ok", msg.step, msg.stage, meta={"already": False}, tensors=grads)
 
     def _on_backup_apply(self, msg: Message) -> Message:
@@ -257,7 +277,7 @@ class Peer:
         stop = stop or threading.Event()
         torch.set_num_threads(self.opts.threads)
         cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
-                     identity=self.identity)  # fmt: skip
+                     identity=self.identity, relay=self.opts.relay)  # fmt: skip
         work: queue.SimpleQueue[Any] = queue.SimpleQueue()
         with zenoh.open(cfg) as session:
             qbl = session.declare_queryable(peer_key(self.opts.swarm, self.id), zenoh.handlers.Callback(work.put))

@@ -18,6 +18,7 @@ import torch
 
 from ...schedule.actions import Kind
 from ...schedule.generators import build
+from ..compress import attach, kept
 from ..errors import PeerLost
 from ..guard import Rejected
 from ..replay import StepCache
@@ -61,11 +62,14 @@ def _in_threads(cache: StepCache, jobs: list[Any]) -> None:
 
 def _message(tr: Trainer, cache: StepCache, s: int, kind: str, mb: int) -> Message:
     last = s == cache.stages - 1
+    # compressed inputs are forwarded as they came; the reply is compressed as asked (compress.py)
+    meta: dict[str, Any] = {} if tr.opts.compress.exact else {"compress": tr.opts.compress.to_meta()}
     if kind == "forward":
-        tensors = [cache.wait(cache.inputs, s, mb)] + ([cache.targets[mb]] if last else [])
-        return Message("forward", cache.step, s, mb, tr.epoch, {"weight": 1.0 / cache.microbatches}, tensors)
-    grads = [] if last else list(cache.wait(cache.grads, s, mb))
-    return Message("backward", cache.step, s, mb, tr.epoch, tensors=grads)
+        meta["weight"] = 1.0 / cache.microbatches
+        items = [cache.wait(cache.inputs, s, mb)] + ([cache.targets[mb]] if last else [])
+        return Message("forward", cache.step, s, mb, tr.epoch, meta, attach(meta, items))
+    grads = attach(meta, [] if last else [cache.wait(cache.grads, s, mb)])
+    return Message("backward", cache.step, s, mb, tr.epoch, meta, grads)
 
 
 def _run_stage(tr: Trainer, cache: StepCache, s: int, actions: Any) -> None:
@@ -77,9 +81,9 @@ def _run_stage(tr: Trainer, cache: StepCache, s: int, actions: Any) -> None:
         if kind == "forward" and last:
             cache.losses[a.microbatch] = float(out.tensors[0])
         elif kind == "forward":
-            cache.put(cache.inputs, s + 1, a.microbatch, out.tensors[0])
+            cache.put(cache.inputs, s + 1, a.microbatch, kept(out.meta, out.tensors, single=True))
         elif s > 0:
-            cache.put(cache.grads, s - 1, a.microbatch, out.tensors)
+            cache.put(cache.grads, s - 1, a.microbatch, kept(out.meta, out.tensors, single=False))
         cache.done[s].append((kind, a.microbatch))
 
 

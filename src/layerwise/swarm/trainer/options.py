@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..compress import Compression
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainerOptions:
@@ -26,9 +28,11 @@ class TrainerOptions:
     crl: str | None = None  # a revocation list file re-read at every step boundary (default: the identity's)
     spot_check: float = 0.0  # probability that an output is recomputed by the stage's copy (see trust.py)
     ban_after: int = 2  # rejected replies (strikes) that ban a peer; the first puts it on probation
+    relay: tuple[str, ...] = ()  # relays (zenoh routers) to connect out to, as a zenoh client (relay.py)
+    compress: Compression = Compression()  # activations between stages; anything but "none" is inexact
 
     def __post_init__(self) -> None:
-        if not self.join and not self.listen:
+        if not self.join and not self.listen and not self.relay:
             raise ValueError("the trainer needs --join ENDPOINT (or --listen ENDPOINT if it starts the swarm)")
         if self.capacity not in ("measured", "declared", "blind"):
             raise ValueError(f"capacity must be measured, declared or blind, got {self.capacity!r}")
@@ -36,6 +40,9 @@ class TrainerOptions:
             raise ValueError("checkpoint_every needs checkpoint_dir, and must be >= 0")
         if not 0.0 <= self.spot_check <= 1.0:
             raise ValueError(f"--spot-check must be a probability in [0, 1], got {self.spot_check}")
+        if self.spot_check > 0 and not self.compress.exact:
+            raise ValueError(f"--spot-check cannot be combined with --compress {self.compress.mode}: a lossy codec's "
+                             f"error is above the tolerance a recomputation is compared with")  # fmt: skip
         if self.ban_after < 1:
             raise ValueError(f"--ban-after must be >= 1, got {self.ban_after}")
         if self.min_peers < 1:

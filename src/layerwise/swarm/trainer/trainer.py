@@ -65,7 +65,7 @@ class Trainer:
     # -- session -------------------------------------------------------------------------------
     def __enter__(self) -> Trainer:
         cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
-                     identity=self.ident.identity)  # fmt: skip
+                     identity=self.ident.identity, relay=self.opts.relay)  # fmt: skip
         self.session = zenoh.open(cfg)
         self.node = Node(self.session, self.opts.swarm, auth=self.ident.client)
         self.membership = Membership(self.session, self.opts.swarm)
