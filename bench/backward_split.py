@@ -5,10 +5,11 @@ of a GPT block, a whole GPT block, the LM head) on one microbatch of the GPT of
 ``bench/pipeline_vs_torch.py`` (width 256, context 128, 2 rows), as a one-layer pipeline stage
 (``runtime.stage.Stage``; the embedding as a first stage, whose input is tokens): run the forward,
 then either the stage's fused backward (B) or its I then its W, exactly as a pipeline rank runs
-them; time only the backward part. The split is the runtime's: the linear layers' weight
-gradients deferred to W (``runtime/weight_store.py``), or, in a stage without linear layers, the
-general graph split (``runtime/backward_split.py``), also measured on every kind for comparison
-(``graph_*``). Runs alternate fused / split / graph split, one thread, median over repetitions.
+them; time only the backward part. The split is the runtime's (``path``): ``deferred`` (the linear
+layers' weight gradients wait for W, ``runtime/weight_store.py``), ``graph`` (the general graph
+split of ``runtime/backward_split.py``, for matrix weights outside ``nn.Linear``) or ``whole``
+(only vector weights and embeddings: I is the whole backward). The general graph split is also
+measured on every kind for comparison (``graph_*``). Runs alternate fused / split / graph split, one thread, median over repetitions.
 Times are this process's CPU time (``time.process_time``): on a shared machine, wall time mostly
 measures the other processes. Checks that all give the same gradients. Writes
 ``bench/results/backward_split.json`` and prints a table; the target is ``split_over_fused <= 1.05``.
@@ -129,7 +130,7 @@ def measure(kind: str, layer: nn.Module, x: torch.Tensor, reps: int) -> dict[str
 
     f, s, g = med("fused", 2), med("split", 2), med("graph", 2)
     return {
-        "path": "deferred linear weights" if _stage(layer, x.is_floating_point() is False, True)._linears else "graph split",
+        "path": _stage(layer, not x.is_floating_point(), True)._split,  # deferred, graph or whole
         "fused_ms": 1e3 * f,
         "input_ms": 1e3 * med("split", 0),
         "weight_ms": 1e3 * med("split", 1),

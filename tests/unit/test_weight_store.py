@@ -130,3 +130,35 @@ def test_deferring_leaves_the_module_as_it_was() -> None:
     assert "forward" not in lin.__dict__
     with torch.no_grad(), deferring([lin], store=None):  # type: ignore[arg-type]
         lin(torch.randn(2, 4))  # no graph: plain F.linear, the store is never touched
+
+
+class _Matmul(nn.Module):
+    """A matrix weight outside nn.Linear: the stage falls back to the general graph split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w)
+
+
+@pytest.mark.parametrize(("make", "mode"), [(lambda: nn.LayerNorm(8), "whole"), (_Matmul, "graph"),
+                                            (lambda: nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)), "deferred")])  # fmt: skip
+def test_each_split_mode_gives_the_fused_gradients(make: Any, mode: str) -> None:
+    torch.manual_seed(0)
+    layer = make()
+    ref = copy.deepcopy(layer)
+    st = _stage([layer], False, False, True)
+    assert st._split == mode
+    x, gy = torch.randn(4, 8), torch.randn(4, 8)
+    xr = x.clone().requires_grad_(True)
+    ref(xr).backward(gy)
+    st.forward(0, x)
+    (gin,) = st.backward_input(0, [gy])
+    assert torch.equal(gin, xr.grad)
+    matrices = [p for p in layer.parameters() if p.dim() == 2]
+    assert all((p.grad is None) == (mode != "whole") for p in matrices), "I leaves matrix weights to W unless whole"
+    st.backward_weight(0)
+    for pr, p in zip(ref.parameters(), layer.parameters()):
+        assert torch.equal(pr.grad, p.grad)

@@ -66,8 +66,15 @@ class Stage:
         self.split_backward = split_backward
         self.where = where  # "rank 1 (stage 1)", for messages
         self._saved: dict[int, Any] = {}  # microbatch -> what its backward needs
-        # Linear layers whose weight gradients wait for W (none: the general split, or no split).
+        # How I and W divide the backward: "deferred" (the linear layers' weight gradients wait
+        # for W), "graph" (the general split, for matrix weights in other layers), or "whole"
+        # (only vector weights and embeddings, whose gradients are reductions and lookups not
+        # worth a second pass: I is the whole backward, W has nothing left to do).
         self._linears = deferrable(self.layers) if split_backward else []
+        self._split = "deferred" if self._linears else "graph" if any(
+            p.dim() >= 2 and not isinstance(m, nn.Embedding)
+            for layer in self.layers for m in layer.modules() for p in m.parameters(recurse=False)
+        ) else "whole"  # fmt: skip
 
     def parameters(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -151,6 +158,10 @@ class Stage:
     def backward_input(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Input-gradient half (I): only the gradients the previous stage needs; keeps, at every
         node where a weight's subgraph branches off, the gradient W starts from."""
+        if self._split == "whole":
+            gin = self.backward(mb, grads)
+            self._saved[mb] = None  # W: nothing left
+            return gin
         inputs, outs, store = self._saved.pop(mb)
         o, go = self._pairs(outs, grads, mb)
         if store is None:
@@ -170,10 +181,10 @@ class Stage:
     def backward_weight(self, mb: int) -> None:
         """Weight-gradient half (W): the deferred linear weight gradients, or the weight side
         of the graph from the gradients I kept."""
-        pending: Pending | WeightGrads = self._saved.pop(mb)
+        pending: Pending | WeightGrads | None = self._saved.pop(mb)
         if isinstance(pending, WeightGrads):
             pending.run()
-        else:
+        elif pending is not None:
             backward_weight(pending)
 
     def _pairs(
