@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from layerwise.models import GPTConfig  # noqa: E402
 from layerwise.models.gpt import Block, Embedding, Head  # noqa: E402
 from layerwise.runtime.backward_split import backward_input, backward_weight  # noqa: E402
+from layerwise.runtime.malloc import keep_heap  # noqa: E402
 from layerwise.runtime.stage import Stage  # noqa: E402
 
 
@@ -145,29 +146,17 @@ def measure(kind: str, layer: nn.Module, x: torch.Tensor, reps: int) -> dict[str
     }
 
 
-def _keep_heap() -> bool:
-    """glibc: keep large buffers on the heap. Otherwise the gradients I keeps for W push later
-    buffers over the adaptive mmap threshold, and each is mapped afresh and page-faulted."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 2**31 - 1))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
     ap.add_argument("--reps", type=int, default=200)
-    ap.add_argument("--keep-heap", action="store_true",
-                    help="mallopt: no mmap for large buffers, no heap trimming (as bench/balance.py does)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's mmap threshold adaptive (the ranks layerwise.launch starts set it: runtime/malloc.py)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "backward_split.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    kept = _keep_heap() if args.keep_heap else False
+    kept = False if args.default_malloc else keep_heap()  # as in every rank layerwise.launch starts
     cfg = GPTConfig(vocab=256, context=128, width=256, heads=4, blocks=1)
     reps = 5 if args.quick else args.reps
     results = {kind: measure(kind, layer, x, reps) for kind, (layer, x) in _kinds(cfg, rows=2).items()}
