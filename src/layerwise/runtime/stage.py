@@ -91,7 +91,7 @@ class Stage:
             inputs: list[torch.Tensor] = []
         else:
             x, inputs = _as_leaves(x)
-        store = WeightGrads() if self._linears else None
+        store = WeightGrads() if self._linears and torch.is_grad_enabled() else None  # none: evaluate()
         with deferring(self._linears, store) if store is not None else contextlib.nullcontext():
             for j, layer in enumerate(self.layers):
                 x = self._call(layer, j, mb, x)
