@@ -2,12 +2,17 @@
 
 For each layer kind (a linear layer, layer norm, the token + position embedding, the attention half
 of a GPT block, a whole GPT block, the LM head) on one microbatch of the GPT of
-``bench/pipeline_vs_torch.py`` (width 256, context 128, 2 rows): run the forward, then either one
-fused backward or ``backward_input`` followed by ``backward_weight``; time only the backward part.
-Runs alternate fused / split, one thread, median over repetitions. Times are this process's CPU
-time (``time.process_time``): on a shared machine, wall time mostly measures the other processes.
-Checks that both give the same gradients. Writes ``bench/results/backward_split.json`` and prints a table; the target is
-``split_over_fused <= 1.05``.
+``bench/pipeline_vs_torch.py`` (width 256, context 128, 2 rows), as a one-layer pipeline stage
+(``runtime.stage.Stage``; the embedding as a first stage, whose input is tokens): run the forward,
+then either the stage's fused backward (B) or its I then its W, exactly as a pipeline rank runs
+them; time only the backward part. The split is the runtime's (``path``): ``deferred`` (the linear
+layers' weight gradients wait for W, ``runtime/weight_store.py``), ``graph`` (the general graph
+split of ``runtime/backward_split.py``, for matrix weights outside ``nn.Linear``) or ``whole``
+(only vector weights and embeddings: I is the whole backward). The general graph split is also
+measured on every kind for comparison (``graph_*``). Runs alternate fused / split / graph split, one thread, median over repetitions.
+Times are this process's CPU time (``time.process_time``): on a shared machine, wall time mostly
+measures the other processes. Checks that all give the same gradients. Writes
+``bench/results/backward_split.json`` and prints a table; the target is ``split_over_fused <= 1.05``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from layerwise.models import GPTConfig  # noqa: E402
 from layerwise.models.gpt import Block, Embedding, Head  # noqa: E402
 from layerwise.runtime.backward_split import backward_input, backward_weight  # noqa: E402
+from layerwise.runtime.malloc import keep_heap  # noqa: E402
+from layerwise.runtime.stage import Stage  # noqa: E402
 
 
 class Attention(nn.Module):
@@ -65,79 +72,91 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_(x.is_floating_point())
 
 
-def _once(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, split: bool) -> tuple[float, float, float]:
-    """(seconds of I or of the fused backward, seconds of W, seconds of both)."""
+def _stage(layer: nn.Module, first: bool, split: bool) -> Stage:
+    return Stage(index=0 if first else 1, layers=[layer], first_layer=0, is_first=first, is_last=False,
+                 loss_fn=None, split_backward=split, where="bench")  # fmt: skip
+
+
+def _once(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, how: str) -> tuple[float, float, float]:
+    """(seconds of I or of the fused backward, seconds of W, seconds of both); ``how`` is
+    ``fused``, ``split`` (the runtime's stage) or ``graph`` (the general graph split)."""
     for p in layer.parameters():
         p.grad = None
-    xs = _leaf(x)
-    y = layer(xs)
-    params = list(layer.parameters())
+    first = not x.is_floating_point()
     clock = time.process_time  # CPU seconds of this process (one thread)
-    if not split:
+    if how == "graph":
+        xs = _leaf(x)
+        y = layer(xs)
         t0 = clock()
-        y.backward(gy)
+        _, pending = backward_input([y], [gy], [xs] if xs.requires_grad else [], list(layer.parameters()))
         t1 = clock()
-        return t1 - t0, 0.0, t1 - t0
+        backward_weight(pending)
+        t2 = clock()
+        return t1 - t0, t2 - t1, t2 - t0
+    stage = _stage(layer, first, how == "split")
+    stage.forward(0, x)
     t0 = clock()
-    _, pending = backward_input([y], [gy], [xs] if xs.requires_grad else [], params)
-    t1 = clock()
-    backward_weight(pending)
-    t2 = clock()
+    if how == "fused":
+        stage.backward(0, [gy])
+        t1 = t2 = clock()
+    else:
+        stage.backward_input(0, [gy])
+        t1 = clock()
+        stage.backward_weight(0)
+        t2 = clock()
     return t1 - t0, t2 - t1, t2 - t0
 
 
 def measure(kind: str, layer: nn.Module, x: torch.Tensor, reps: int) -> dict[str, Any]:
     with torch.no_grad():
         gy = torch.randn_like(layer(x))
-    fused_grads, split_grads = [], []
-    for split, out in ((False, fused_grads), (True, split_grads)):
-        _once(layer, x, gy, split)
-        out.extend(p.grad.clone() for p in layer.parameters() if p.grad is not None)
-    same = len(fused_grads) == len(split_grads) and all(torch.equal(a, b) for a, b in zip(fused_grads, split_grads))
+    grads: dict[str, list[torch.Tensor]] = {}
+    for how in ("fused", "split", "graph"):
+        _once(layer, x, gy, how)
+        grads[how] = [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+
     for _ in range(3):  # warm-up
-        _once(layer, x, gy, False)
-        _once(layer, x, gy, True)
-    fused, inp, wgt, both = [], [], [], []
-    for _ in range(reps):  # alternate, so a burst of load hits both sides
-        fused.append(_once(layer, x, gy, False)[2])
-        i, w, t = _once(layer, x, gy, True)
-        inp.append(i)
-        wgt.append(w)
-        both.append(t)
-    f, s = statistics.median(fused), statistics.median(both)
+        for how in ("fused", "split", "graph"):
+            _once(layer, x, gy, how)
+    times: dict[str, list[tuple[float, float, float]]] = {"fused": [], "split": [], "graph": []}
+    for _ in range(reps):  # alternate, so a burst of load hits every variant
+        for how in times:
+            times[how].append(_once(layer, x, gy, how))
+
+    def med(how: str, k: int) -> float:
+        return statistics.median(t[k] for t in times[how])
+
+    f, s, g = med("fused", 2), med("split", 2), med("graph", 2)
     return {
+        "path": _stage(layer, not x.is_floating_point(), True)._split,  # deferred, graph or whole
         "fused_ms": 1e3 * f,
-        "input_ms": 1e3 * statistics.median(inp),
-        "weight_ms": 1e3 * statistics.median(wgt),
+        "input_ms": 1e3 * med("split", 0),
+        "weight_ms": 1e3 * med("split", 1),
         "split_ms": 1e3 * s,
         "split_over_fused": s / f,
-        "identical_gradients": same,
+        # median over repetitions of (this repetition's I + W) / (its fused backward, run just before)
+        "split_over_fused_paired": statistics.median(b[2] / a[2] for a, b in zip(times["fused"], times["split"])),
+        "identical_gradients": same(grads["fused"], grads["split"]),
+        "graph_split_ms": 1e3 * g,
+        "graph_split_over_fused": g / f,
+        "graph_identical_gradients": same(grads["fused"], grads["graph"]),
     }
-
-
-def _keep_heap() -> bool:
-    """glibc: keep large buffers on the heap. Otherwise the gradients I keeps for W push later
-    buffers over the adaptive mmap threshold, and each is mapped afresh and page-faulted."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 2**31 - 1))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
     ap.add_argument("--reps", type=int, default=200)
-    ap.add_argument("--keep-heap", action="store_true",
-                    help="mallopt: no mmap for large buffers, no heap trimming (as bench/balance.py does)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's mmap threshold adaptive (the ranks layerwise.launch starts set it: runtime/malloc.py)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "backward_split.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    kept = _keep_heap() if args.keep_heap else False
+    kept = False if args.default_malloc else keep_heap()  # as in every rank layerwise.launch starts
     cfg = GPTConfig(vocab=256, context=128, width=256, heads=4, blocks=1)
     reps = 5 if args.quick else args.reps
     results = {kind: measure(kind, layer, x, reps) for kind, (layer, x) in _kinds(cfg, rows=2).items()}
@@ -153,10 +172,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
-    print(f"{'layer':<12} {'fused ms':>9} {'I ms':>7} {'W ms':>7} {'I+W ms':>7} {'ratio':>6}  same grads")
+    print(f"{'layer':<12} {'fused ms':>9} {'I ms':>7} {'W ms':>7} {'I+W ms':>7} {'ratio':>6} {'paired':>6}  same grads | graph split ratio")
     for k, r in results.items():
         print(f"{k:<12} {r['fused_ms']:9.3f} {r['input_ms']:7.3f} {r['weight_ms']:7.3f} {r['split_ms']:7.3f} "
-              f"{r['split_over_fused']:6.3f}  {r['identical_gradients']}")
+              f"{r['split_over_fused']:6.3f} {r['split_over_fused_paired']:6.3f}  {r['identical_gradients']!s:5} | "
+              f"{r['graph_split_over_fused']:6.3f} ({r['path']})")
     print(f"(load average {out['load_average']:.1f} on {out['cpus']} cores; target ratio <= 1.05)")
     return out
 

@@ -1,7 +1,10 @@
 """Does ``layerwise.partition`` pay off when measured? Balanced vs uniform, capacity-aware vs blind.
 
-GPT models are profiled in this process (one thread, ``profile_with_loss``), partitioned, and
-trained by two CPU processes (one stage and one thread each) under six partitions:
+GPT models are profiled in two processes at once, one thread each (``profile_with_loss`` and an
+AdamW step on every contiguous range of layers; the mean of the two), as the two ranks then run:
+profiled alone, with the other core idle, a layer ran up to 1.2x faster than inside the pipeline.
+They are partitioned and trained by two CPU processes (one stage and one thread each) under six
+partitions:
 
 (a) ``uniform`` (even layer counts) vs ``balanced`` (``balance="time"``) on equal devices:
     throughput ratio ``balanced_vs_uniform``; the balanced plan's predicted step time against the
@@ -20,13 +23,15 @@ trained by two CPU processes (one stage and one thread each) under six partition
 
 All six partitions live in the same two processes; each repetition times ``steps`` steps of
 every partition, in alternating order, after untimed warm-up steps; the median over repetitions
-is reported. Writes ``bench/results/balance.json``. For diagnosis it also records, per timed block,
+is reported. The whole run (profile, plans, training) is repeated ``--runs`` times (3): the
+headline numbers are medians over the runs, and ``spread`` gives each run's value, min and max.
+Writes ``bench/results/balance.json``. For diagnosis it also records, per timed block,
 the share of the CPU that other processes used (a shared machine disturbs the timings), and, per
 partition, three recorded steps: each stage's compute inside the running pipeline against its
 profile, and the simulator's error when fed the runtime's own per-stage costs.
 
-    python bench/balance.py            # about 2-3 minutes on 2 cores
-    python bench/balance.py --quick    # smoke test, under a minute
+    python bench/balance.py            # 3 runs, about 5-7 minutes on 2 cores
+    python bench/balance.py --quick    # smoke test, one run, under a minute
 """
 
 from __future__ import annotations
@@ -215,23 +220,59 @@ def _profile(cfg: dict[str, Any], blocks: int, vocab: int | None = None) -> tupl
     return model, costs
 
 
-def _stage_optimizer_s(cfg: dict[str, Any], model: Any, counts: list[int]) -> list[float]:
-    """Per stage, seconds of one AdamW step on the parameters that stage holds, measured up front
-    (``profile_optimizer`` with each stage's layers as one module: one optimizer per stage, as in
-    the runtime, and a tied weight counted in every stage holding a copy). The last cost entry is
-    the loss, which has no parameters."""
+def profile_rank(cfg: dict[str, Any], specs: list[tuple[int, int]]) -> dict[str, Any]:
+    """In each of the two launched processes at once: the per-layer costs of each (blocks,
+    vocabulary) model, and one AdamW step on every contiguous range of its layers (every stage a
+    2-stage plan can have). Both processes compute throughout, as the two ranks do when they
+    train: one thread each on the machine's two cores, sharing its caches and memory bandwidth.
+    Profiled alone, a layer ran up to 1.2x faster than inside the running pipeline."""
+    import dataclasses
+
+    import torch
+
+    torch.set_num_threads(1)
+    _keep_heap(cfg["keep_heap"])
+    out: dict[str, Any] = {}
+    for blocks, vocab in specs:
+        model, costs = _profile(cfg, blocks, vocab)
+        n = blocks + 2  # [embedding, blocks..., head]; the loss (last cost entry) has no parameters
+        ranges = {f"{a},{b}": _optimizer_s(cfg, model, a, b) for a in range(n) for b in range(a + 1, n + 1)}
+        out[f"{blocks},{vocab}"] = {"costs": [dataclasses.asdict(c) for c in costs], "optimizer": ranges}
+    return out
+
+
+def _optimizer_s(cfg: dict[str, Any], model: Any, first: int, end: int) -> float:
+    """Seconds of one AdamW step on the parameters of layers [first, end) (one optimizer, as a
+    stage has). A tied weight counts in every stage that holds a copy."""
     import torch
 
     from layerwise.partition.profile import profile_optimizer
     from layerwise.runtime.split import as_layers
 
-    layers, groups, first = as_layers(model), [], 0
-    for c in counts:
-        groups.append(torch.nn.ModuleList(layers[first:first + c]))
-        first += c
-    # one call per stage: within one call a tied weight would count in the first stage only
-    return [profile_optimizer([g], lambda p: torch.optim.AdamW(p, lr=cfg["lr"]), repeats=10, warmup=3)[0]
-            for g in groups]  # fmt: skip
+    group = torch.nn.ModuleList(as_layers(model)[first:end])
+    return profile_optimizer([group], lambda p: torch.optim.AdamW(p, lr=cfg["lr"]), repeats=10, warmup=3)[0]
+
+
+def _profiles(cfg: dict[str, Any], specs: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[list[Any], dict[str, float]]]:
+    """:func:`profile_rank` in two processes at once; per layer and per range, the mean of the two."""
+    from layerwise import launch
+    from layerwise.partition import LayerCost
+
+    ranks = launch(profile_rank, 2, cfg, specs, threads=1, timeout=900)
+    out = {}
+    for blocks, vocab in specs:
+        key = f"{blocks},{vocab}"
+        per = [r[key] for r in ranks]
+        costs = [LayerCost(**{k: statistics.mean(c[k] for c in layer) for k in layer[0]})
+                 for layer in zip(*(p["costs"] for p in per))]  # fmt: skip
+        optimizer = {k: statistics.mean(p["optimizer"][k] for p in per) for k in per[0]["optimizer"]}
+        out[(blocks, vocab)] = (costs, optimizer)
+    return out
+
+
+def _stage_optimizer(ranges: dict[str, float], counts: list[int]) -> list[float]:
+    bounds = [sum(counts[:k]) for k in range(len(counts) + 1)]
+    return [ranges[f"{a},{b}"] for a, b in zip(bounds, bounds[1:])]
 
 
 def _ratios(costs: list[Any]) -> dict[str, float]:
@@ -293,6 +334,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (numbers not meaningful)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "balance.json"))
+    parser.add_argument("--runs", type=int, default=None,
+                        help="whole runs (profile, plan, train), for the spread from run to run (default 3)")  # fmt: skip
     parser.add_argument("--vocab", type=int, help="override the vocabulary (the head's cost)")
     parser.add_argument("--blocks", type=int, help="override the number of transformer blocks")
     parser.add_argument("--microbatches", type=int, help="override the microbatches per step")
@@ -302,6 +345,7 @@ def main() -> int:
     cfg = dict(QUICK if args.quick else FULL)
     cfg["keep_heap"] = _keep_heap(not args.default_malloc)
     cfg.update({k: getattr(args, k) for k in ("vocab", "blocks", "microbatches") if getattr(args, k) is not None})
+    runs = args.runs or (1 if args.quick else 3)
     began = time.perf_counter()
     load_before = os.getloadavg()
     if load_before[0] > 1.0:
@@ -310,14 +354,53 @@ def main() -> int:
 
     import torch
 
+    torch.set_num_threads(1)
+    reports = []
+    for k in range(runs):
+        print(f"-- run {k + 1} of {runs}")
+        reports.append(_run(cfg, args.quick))
+        _print(reports[-1])
+    keys = ("balanced_vs_uniform", "aware_vs_blind", "balanced_vs_uniform_head_two_blocks", "prediction_error")
+    spread = {key: {"values": [r[key] for r in reports], "median": statistics.median(r[key] for r in reports),
+                    "min": min(r[key] for r in reports), "max": max(r[key] for r in reports)}
+              for key in keys}  # fmt: skip
+    report: dict[str, Any] = {key: spread[key]["median"] for key in keys}  # medians over the runs
+    report["spread"] = spread
+    report["predicted"] = {key: statistics.median(r["predicted"][key] for r in reports) for key in reports[0]["predicted"]}
+    report["met"] = {k: _met(k, report[k]) for k in TARGETS}
+    report["targets"] = reports[0]["targets"]
+    report["runs"] = reports
+    report["config"] = {**cfg, "runs": runs, "stages": 2, "schedule": "1f1b", "slow_speed": SLOW, "quick": args.quick,
+                        "batch_rows": cfg["rows"] * cfg["microbatches"], "optimizer": "AdamW", "threads_per_process": 1,
+                        "profiled": "in two processes at once, one thread each, as the ranks train (profile_rank)",
+                        "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                        "wall_s": time.perf_counter() - began}  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nover {runs} runs (median, min-max):")
+    for key in keys:
+        v = spread[key]
+        print(f"  {key:<36} {v['median']:6.3f}  ({v['min']:.3f}-{v['max']:.3f})  runs: "
+              + ", ".join(f"{x:.3f}" for x in v["values"]))
+    print(f"wrote {args.out} in {report['config']['wall_s']:.0f} s")
+    return 0
+
+
+def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """One whole run: profile in two processes, plan, train every partition, report."""
     import layerwise.partition
     from layerwise import launch
     from layerwise.partition import Device
 
-    torch.set_num_threads(1)  # profile on one core, as each training process runs
+    began = time.perf_counter()
     m = cfg["microbatches"]
-    model, costs = _profile(cfg, cfg["blocks"], cfg["uneven_vocab"])  # part (a)
-    model2, costs2 = _profile(cfg, cfg["blocks"])  # part (b), and (a) with a two-block head
+    heavy, light = (cfg["blocks"], cfg["uneven_vocab"]), (cfg["blocks"], cfg["vocab"])
+    profiles = _profiles(cfg, [heavy, light])
+    model, model2 = _model(cfg, vocab=cfg["uneven_vocab"]), _model(cfg)
+    (costs, ranges), (costs2, ranges2) = profiles[heavy], profiles[light]
     ratios, ratios2 = _ratios(costs), _ratios(costs2)
     for vocab, c, r in ((cfg["uneven_vocab"], costs, ratios), (cfg["vocab"], costs2, ratios2)):
         print(f"vocabulary {vocab}: per-layer fwd+bwd (ms, one microbatch of {cfg['rows']}x{cfg['context']} "
@@ -342,7 +425,7 @@ def main() -> int:
             ("balanced_head2", list(plans["balanced_head2"]), 1.0, cfg["vocab"]),
             ("blind", list(plans["blind"]), SLOW, cfg["vocab"]), ("aware", list(plans["aware"]), SLOW, cfg["vocab"])]  # fmt: skip
     print("partitions: " + ", ".join(f"{n} {c}" for n, c, _, _ in runs))
-    optimizer = {n: _stage_optimizer_s(cfg, model if n in ("uniform", "balanced") else model2, list(p))
+    optimizer = {n: _stage_optimizer(ranges if n in ("uniform", "balanced") else ranges2, list(p))
                  for n, p in plans.items()}  # fmt: skip
     results = launch(train, 2, cfg, runs, threads=1, timeout=900)
     step = results[0]["step_s"]
@@ -353,6 +436,7 @@ def main() -> int:
     med = {name: statistics.median(v) for name, v in step.items()}
 
     deeper: dict[str, Any] = {}
+    # simulated only (never trained here): profiled in this process alone
     deep_model, deep_costs = _profile(cfg, cfg["deep_blocks"])
     for stages in (4, 8):
         mb = 2 * stages
@@ -398,20 +482,11 @@ def main() -> int:
             "simulated_deeper": {"blocks": cfg["deep_blocks"], **deeper},
             "loss_first_last": {n: [results[0]["first_loss"][n], results[0]["last_loss"][n]] for n in step},
         },
-        "config": {**cfg, "stages": 2, "schedule": "1f1b", "slow_speed": SLOW, "quick": args.quick,
-                   "batch_rows": cfg["rows"] * m, "optimizer": "AdamW", "threads_per_process": 1,
-                   "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                   "wall_s": time.perf_counter() - began},  # fmt: skip
+        "load_average_after": os.getloadavg(),
+        "wall_s": time.perf_counter() - began,
     }
     report["met"] = {k: _met(k, report[k]) for k in TARGETS}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    _print(report)
-    print(f"wrote {args.out} in {report['config']['wall_s']:.0f} s")
-    return 0
+    return report
 
 
 def _met(key: str, value: float) -> bool:
@@ -442,7 +517,7 @@ def _print(report: dict[str, Any]) -> None:
                   f"bubble {100 * e['predicted_bubble']:4.1f}%")  # fmt: skip
     print()
     u = report["balanced_vs_uniform_head_two_blocks"]
-    print(f"{'(head of two blocks)':<20} {u:6.3f}  (balanced vs uniform on vocabulary {report['config']['vocab']}, "
+    print(f"{'(head of two blocks)':<20} {u:6.3f}  (balanced vs uniform on the lighter vocabulary, "
           f"simulator predicts {report['predicted']['balanced_vs_uniform_head_two_blocks']:.3f})")
     for key, target in report["targets"].items():
         value = report[key]

@@ -59,6 +59,18 @@ def _setup(cfg: dict[str, Any], schedule: str = "1f1b") -> tuple[list[Any], list
                           heads=cfg["heads"], blocks=cfg["blocks"], tie_embeddings=False))  # fmt: skip
     layers = model.pipeline_layers()  # [embedding, block x blocks, head]
     n = STAGES * CHUNKS.get(schedule, 1)
+    if schedule == "zbv":
+        # The V puts the first and the last stage on rank 0: an even split ([2, 2, 2, 2]) gives
+        # rank 0 the cheap embedding and head plus 2 blocks, rank 1 4 blocks. Both systems get
+        # layerwise.partition's time-balanced split from FLOP estimates instead ([3, 1, 2, 2]:
+        # 3 blocks per rank), the same in every run.
+        import layerwise
+        from layerwise.partition import estimate_layers
+
+        sample = torch.randint(0, cfg["vocab"], (cfg["batch"] // cfg["microbatches"], cfg["context"]))
+        costs = estimate_layers(layers, sample)
+        plan = layerwise.partition(None, STAGES, costs=costs, schedule=schedule, microbatches=cfg["microbatches"])
+        return layers, list(plan)
     base, extra = divmod(len(layers), n)
     counts = [base + (1 if s < extra else 0) for s in range(n)]
     return layers, counts
@@ -326,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {**cfg, "stages": STAGES, "threads_per_process": 1, "backend": "gloo",
                    "model": "layerwise.models.GPT (untied embeddings)", "optimizer": "AdamW",
                    "tokens_per_step": cfg["batch"] * cfg["context"],
-                   "partition": "layers [embedding, blocks..., head] split evenly into 2 stages",
+                   "partition": "layers [embedding, blocks..., head] split evenly into 2 stages; zbv: "
+                                "layerwise.partition(balance='time') on FLOP estimates, 4 model stages",
                    "throughput": "tokens/s of a run = tokens per step / its median step time (slower "
                                  "rank), warm-up excluded; tokens_per_s = median over runs",
                    "budget_s": budget, "max_wait_quiet_s": max_wait, "noisy_cores": noisy},

@@ -1,8 +1,16 @@
 """Every pipeline schedule on 2 stages: measured throughput and bubble against the simulator's.
 
 The GPT of ``bench/pipeline_vs_torch.py`` (6 blocks of width 256, context 128, untied embeddings,
-batch 16), split uniformly over the model stages a schedule has (2, or 4 for interleaved and ZB-V),
-trained by 2 CPU processes with one thread each. For m in {4, 8} and every schedule, runs alternate
+batch 16), split over the model stages a schedule has (2, or 4 for interleaved and ZB-V) by
+``layerwise.partition(balance="time")`` on FLOP estimates (``estimate_layers``: deterministic, the
+same split in every run; [4, 4] for the 2-stage schedules, [2, 2, 2, 2] for interleaved and
+[3, 1, 2, 2] for ZB-V, whose V puts the first and the last stage on rank 0: a uniform [2, 2, 2, 2]
+gives rank 0 the cheap embedding and head and 2 blocks against rank 1's 4), trained by 2 CPU
+processes with cores / ranks intra-op threads each (1 on 2 cores). That is torchrun's rule
+(``OMP_NUM_THREADS=1`` when it starts several processes per host) and ``layerwise.launch``'s
+default: with more threads than their share the ranks compete for the cores, and an action runs
+about twice as fast while the other rank waits as while it computes, so per-stage mean costs stop
+predicting the step. For m in {4, 8} and every schedule, runs alternate
 (gpipe, 1f1b, ..., zbv, then again), each in a fresh pair of processes with warm-up steps and timed
 steps whose timelines are recorded.
 
@@ -37,7 +45,23 @@ QUICK: dict[str, Any] = {"vocab": 256, "width": 64, "heads": 4, "blocks": 2, "co
                          "microbatches": (4,), "warmup": 1, "steps": 2, "reps": 1, "lr": 1e-3}  # fmt: skip
 
 
-def run_rank(cfg: dict[str, Any], schedule: str, m: int) -> dict[str, Any]:
+def split_of(cfg: dict[str, Any], schedule: str, m: int) -> list[int]:
+    """The time-balanced layer counts per model stage, from FLOP estimates (the same every run)."""
+    import torch
+
+    import layerwise
+    from layerwise.models import GPT, GPTConfig
+    from layerwise.partition import estimate_layers
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab=cfg["vocab"], context=cfg["context"], width=cfg["width"], heads=cfg["heads"],
+                          blocks=cfg["blocks"], tie_embeddings=False))  # fmt: skip
+    sample = torch.randint(0, cfg["vocab"], (cfg["batch"] // m, cfg["context"]))
+    costs = estimate_layers(model.pipeline_layers(), sample)
+    return list(layerwise.partition(None, STAGES, costs=costs, schedule=schedule, microbatches=m, chunks=2))
+
+
+def run_rank(cfg: dict[str, Any], schedule: str, m: int, split: list[int]) -> dict[str, Any]:
     """Inside each launched rank: train, record every timed step, return rank 0's summary."""
     import torch
     import torch.distributed as dist
@@ -51,7 +75,7 @@ def run_rank(cfg: dict[str, Any], schedule: str, m: int) -> dict[str, Any]:
     model = GPT(GPTConfig(vocab=cfg["vocab"], context=cfg["context"], width=cfg["width"], heads=cfg["heads"],
                           blocks=cfg["blocks"], tie_embeddings=False))  # fmt: skip
     pipe = layerwise.Pipeline(model.pipeline_layers(), stages=STAGES, loss_fn=lm_loss, schedule=schedule,
-                              microbatches=m, chunks=2, partition="uniform", record=True,
+                              microbatches=m, chunks=2, partition=split, record=True,
                               optimizer=lambda p: torch.optim.AdamW(p, lr=cfg["lr"]))  # fmt: skip
 
     def batch(step: int) -> tuple[Any, Any]:
@@ -80,10 +104,11 @@ def run_rank(cfg: dict[str, Any], schedule: str, m: int) -> dict[str, Any]:
     return {"rank": dist.get_rank(), "step_s": steps, "bubbles": rows}
 
 
-def _one(cfg: dict[str, Any], schedule: str, m: int) -> dict[str, Any]:
+def _one(cfg: dict[str, Any], schedule: str, m: int, split: list[int]) -> dict[str, Any]:
     import layerwise
 
-    ranks = layerwise.launch(run_rank, STAGES, cfg, schedule, m, threads=1, timeout=300.0)
+    threads = max(1, (os.cpu_count() or 1) // STAGES)  # cores / ranks, as torchrun and launch's default
+    ranks = layerwise.launch(run_rank, STAGES, cfg, schedule, m, split, threads=threads, timeout=300.0)
     step = max(statistics.median(r["step_s"]) for r in ranks)
     rows = ranks[0]["bubbles"]
     return {
@@ -94,6 +119,7 @@ def _one(cfg: dict[str, Any], schedule: str, m: int) -> dict[str, Any]:
         "predicted_makespan_s": statistics.mean(r[3] for r in rows),
         "replayed_bubble": statistics.mean(r[4] for r in rows),
         "load_average": os.getloadavg()[0],
+        "split": split,
     }
 
 
@@ -108,10 +134,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg["reps"] = args.reps
     start = time.time()
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {f"m{m}": {s: [] for s in SCHEDULES} for m in cfg["microbatches"]}
+    splits = {(s, m): split_of(cfg, s, m) for s in SCHEDULES for m in cfg["microbatches"]}
     for rep in range(cfg["reps"]):
         for m in cfg["microbatches"]:
             for schedule in SCHEDULES:  # alternated: a burst of load hits one run of each, not one schedule
-                run = _one(cfg, schedule, m)
+                run = _one(cfg, schedule, m, splits[(schedule, m)])
                 runs[f"m{m}"][schedule].append(run)
                 print(f"  rep {rep} m={m} {schedule:11s} {run['tokens_per_s']:7.0f} tokens/s  bubble measured "
                       f"{run['measured_bubble']:.3f} predicted {run['predicted_bubble']:.3f} replayed {run['replayed_bubble']:.3f}  "
@@ -119,12 +146,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "schedules",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {**cfg, "microbatches": list(cfg["microbatches"]), "stages": STAGES, "threads_per_process": 1,
-                   "partition": "uniform over the schedule's model stages (2, or 4 for interleaved and zbv)",
+        "config": {**cfg, "microbatches": list(cfg["microbatches"]), "stages": STAGES,
+                   "threads_per_process": max(1, (os.cpu_count() or 1) // STAGES),
+                   "partition": "layerwise.partition(balance='time') on estimate_layers (FLOPs), per schedule",
                    "cores": os.cpu_count()},  # fmt: skip
     }
     for key, per in runs.items():
-        med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in per.items()}
+        med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "split"} for s, rs in per.items()}
         base, base_pred = med["1f1b"]["tokens_per_s"], med["1f1b"]["predicted_makespan_s"]
         result[key] = {
             s: {
@@ -138,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "predicted_makespan_ms": 1e3 * v["predicted_makespan_s"],
                 "runs_tokens_per_s": [r["tokens_per_s"] for r in per[s]],
                 "runs_load_average": [r["load_average"] for r in per[s]],
+                "split": per[s][0]["split"],
             }
             for s, v in med.items()
         }

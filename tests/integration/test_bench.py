@@ -36,6 +36,18 @@ def test_balance_quick(tmp_path: Path) -> None:
     for key in ("balanced_vs_uniform", "aware_vs_blind", "prediction_error", "balanced_vs_uniform_head_two_blocks"):
         assert r[key] > 0
     assert set(r["met"]) == {"balanced_vs_uniform", "aware_vs_blind", "prediction_error"}
+    for key in ("balanced_vs_uniform", "prediction_error"):  # the spread over runs (one in --quick)
+        assert r["spread"][key]["min"] <= r[key] <= r["spread"][key]["max"]
+        assert len(r["spread"][key]["values"]) == len(r["runs"]) == r["config"]["runs"]
+
+
+def test_schedules_quick(tmp_path: Path) -> None:
+    r = _run("schedules.py", tmp_path / "schedules.json")
+    for schedule in ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zbv"):
+        row = r["m4"][schedule]
+        for key in ("tokens_per_s", "speedup_vs_1f1b", "measured_bubble", "predicted_bubble", "predicted_speedup_vs_1f1b"):
+            assert row[key] >= 0, (schedule, key)
+        assert sum(row["split"]) == 2 + 2  # the quick model's embedding, 2 blocks and head
 
 
 def test_backward_split_quick(tmp_path: Path) -> None:

@@ -53,35 +53,54 @@ class Pending:
     """What I leaves for W: boundary nodes with their gradients, and outputs W does whole."""
 
     boundaries: list[_Boundary] = field(default_factory=list)
-    whole: list[tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor]]] = field(default_factory=list)
+    # (outputs, their gradients, the parameters to reach; None: the graph is untouched, run it all)
+    whole: list[tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None]] = field(default_factory=list)
 
 
 def _node_of(t: torch.Tensor) -> Node:
     return get_gradient_edge(t).node  # grad_fn, or the gradient accumulator of a leaf
 
 
-def _children(node: Node) -> list[Node]:
-    return [n for n, _ in node.next_functions if n is not None]
+def _masks(roots: list[Node], marks: dict[Node, int]) -> tuple[dict[Node, int], dict[Node, list[Node]]]:
+    """One walk of the graph under ``roots``: for every node, the bit-or of the ``marks`` of the
+    nodes reachable from it (itself included), and its children.
 
-
-def _reach(roots: list[Node], targets: set[Node]) -> dict[Node, frozenset[Node]]:
-    """For every node under ``roots``: the nodes of ``targets`` reachable from it."""
-    memo: dict[Node, frozenset[Node]] = {}
-    empty: frozenset[Node] = frozenset()
+    Bits instead of sets and one walk instead of one per question: this analysis runs on every
+    microbatch, and on a small layer it costs as much as the backward itself.
+    """
+    masks: dict[Node, int] = {}
+    kids: dict[Node, list[Node]] = {}
     for root in roots:
-        stack: list[tuple[Node, bool]] = [(root, False)]
+        if root in masks:
+            continue
+        stack: list[Node] = [root]
         while stack:  # iterative post-order: graphs of deep stages exceed Python's recursion
-            node, expanded = stack.pop()
-            if node in memo:
+            node = stack[-1]
+            below = kids.get(node)
+            if below is None:
+                below = kids[node] = [n for n, _ in node.next_functions if n is not None]
+                todo = [c for c in below if c not in masks]
+                if todo:
+                    stack.extend(todo)
+                    continue
+            stack.pop()
+            if node in masks:
                 continue
-            if expanded:
-                below = [memo[c] for c in _children(node)]
-                mine = frozenset((node,)) if node in targets else empty
-                memo[node] = mine.union(*below) if below else mine
-                continue
-            stack.append((node, True))
-            stack.extend((c, False) for c in _children(node) if c not in memo)
-    return memo
+            m = marks.get(node, 0)
+            for c in below:
+                m |= masks[c]
+            masks[node] = m
+    return masks, kids
+
+
+def _bits(mask: int) -> list[int]:
+    out, k = [], 0
+    while mask:
+        if mask & 1:
+            out.append(k)
+        mask >>= 1
+        k += 1
+    return out
 
 
 def backward_input(
@@ -95,34 +114,55 @@ def backward_input(
     pending = Pending()
     if not outputs:
         return [torch.zeros_like(t) for t in inputs], pending
+    if not inputs:  # the first stage: nothing to send back, W does the whole backward
+        if any(p.requires_grad for p in params):  # None: a plain backward, as the fused one
+            pending.whole.append((list(outputs), None if grads is None else list(grads), None))
+        return [], pending
     roots = [_node_of(o) for o in outputs]
-    on_path = _reach(roots, {_node_of(t) for t in inputs})
-    order = {_node_of(p): k for k, p in enumerate(params) if p.requires_grad}
-    below = _reach(roots, set(order))  # the parameters (their accumulators) under each node
+    # Bit 0: an input's accumulator is reachable (the node is on the input path); bit k + 1:
+    # parameter k's accumulator is.
+    marks: dict[Node, int] = {}
+    for t in inputs:
+        n = _node_of(t)
+        marks[n] = marks.get(n, 0) | 1
+    for k, p in enumerate(params):
+        if p.requires_grad:
+            n = _node_of(p)
+            marks[n] = marks.get(n, 0) | (2 << k)
+    masks, kids = _masks(roots, marks)
 
-    def params_of(nodes: frozenset[Node]) -> list[torch.Tensor]:
-        return [params[order[n]] for n in sorted(nodes, key=order.__getitem__)]
+    def params_of(mask: int) -> list[torch.Tensor]:
+        return [params[k] for k in _bits(mask >> 1)]
 
     # Outputs that do not depend on the inputs: W does their whole backward.
-    whole = [k for k, r in enumerate(roots) if not on_path[r] and below[r]]
+    whole = [k for k, r in enumerate(roots) if not masks[r] & 1 and masks[r] > 1]
     if whole:
         outs = [outputs[k] for k in whole]
         gs = None if grads is None else [grads[k] for k in whole]
-        pending.whole.append((outs, gs, params_of(frozenset().union(*(below[roots[k]] for k in whole)))))
+        below = 0
+        for k in whole:
+            below |= masks[roots[k]]
+        pending.whole.append((outs, gs, params_of(below)))
 
     seen: set[Node] = set()
-    stack = [r for r in roots if on_path[r]]
+    stack = [r for r in roots if masks[r] & 1]
     while stack:  # boundary nodes, in a fixed (graph) order
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        path = [c for c in _children(node) if on_path[c]]
-        side = [c for c in _children(node) if not on_path[c] and below[c]]
-        if side:
-            targets = frozenset().union(*(below[c] for c in side))
-            via_path = frozenset().union(*(below[c] for c in path))
-            pending.boundaries.append(_Boundary(node, params_of(targets), path if targets & via_path else []))
+        path: list[Node] = []
+        side = via_path = 0
+        for c in kids[node]:
+            m = masks[c]
+            if m & 1:
+                path.append(c)
+                via_path |= m
+            else:
+                side |= m
+        if side > 1:
+            conflict = path if (side & via_path) >> 1 else []
+            pending.boundaries.append(_Boundary(node, params_of(side), conflict))
         stack.extend(path)
 
     handles = []
@@ -132,7 +172,7 @@ def backward_input(
 
         handles.append(b.node.register_prehook(keep))
     try:
-        used = [k for k, r in enumerate(roots) if on_path[r]]
+        used = [k for k, r in enumerate(roots) if masks[r] & 1]
         got: Sequence[torch.Tensor | None] = [None] * len(inputs)
         if used and inputs:
             got = torch.autograd.grad(
@@ -153,7 +193,10 @@ def backward_weight(pending: Pending) -> None:
     # autograd.backward(..., inputs=params) accumulates through the parameters' own gradient
     # accumulators, in place as the fused backward does, instead of adding copies here.
     for outs, gs, params in pending.whole:
-        torch.autograd.backward(outs, gs, retain_graph=True, inputs=params)
+        if params is None:
+            torch.autograd.backward(outs, gs)
+        else:
+            torch.autograd.backward(outs, gs, retain_graph=True, inputs=params)
     for b in pending.boundaries:
         if b.grads is None:  # I never reached it (its gradient was not needed for the inputs)
             continue

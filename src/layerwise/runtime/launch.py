@@ -47,6 +47,9 @@ def _child(fn: Callable[..., Any], rank: int, nprocs: int, port: int, folder: st
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LAYERWISE_STATE_DIR=folder,
     )  # fmt: skip
+    from .malloc import keep_heap
+
+    keep_heap()  # large buffers stay on the heap: no page faults on every microbatch (see malloc.py)
     import torch
 
     torch.set_num_threads(threads)

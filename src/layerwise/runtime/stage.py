@@ -3,14 +3,16 @@
 Each stage keeps its own autograd graph per microbatch: inputs that arrive from another stage
 become fresh leaves, so a backward stops at the stage boundary and the input gradient is what is
 sent back. For zero-bubble schedules the backward is split into I (input gradient) and W (weight
-gradient, Qi et al., 2023) inside the stage's one autograd graph: I runs only the nodes on the
-path to the stage's inputs and keeps the gradient at each node where a weight's subgraph branches
-off; W starts there and runs only the weight side. Nothing is computed twice; see
-:mod:`layerwise.runtime.backward_split` for how.
+gradient, Qi et al., 2023) inside the stage's one autograd graph. Where the stage has plain
+``nn.Linear`` layers, I is one ordinary backward in which each linear layer defers its weight
+gradient and W computes them (:mod:`layerwise.runtime.weight_store`); a stage without any runs the
+general split of :mod:`layerwise.runtime.backward_split` (I runs only the nodes on the path to the
+stage's inputs, W the weight side from where it branches off). Nothing is computed twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from .backward_split import Pending, backward_input, backward_weight
+from .weight_store import WeightGrads, deferrable, deferring
 from .errors import StageError
 from .split import describe_layer, sample_shapes
 from .wire import flatten
@@ -63,6 +66,15 @@ class Stage:
         self.split_backward = split_backward
         self.where = where  # "rank 1 (stage 1)", for messages
         self._saved: dict[int, Any] = {}  # microbatch -> what its backward needs
+        # How I and W divide the backward: "deferred" (the linear layers' weight gradients wait
+        # for W), "graph" (the general split, for matrix weights in other layers), or "whole"
+        # (only vector weights and embeddings, whose gradients are reductions and lookups not
+        # worth a second pass: I is the whole backward, W has nothing left to do).
+        self._linears = deferrable(self.layers) if split_backward else []
+        self._split = "deferred" if self._linears else "graph" if any(
+            p.dim() >= 2 and not isinstance(m, nn.Embedding)
+            for layer in self.layers for m in layer.modules() for p in m.parameters(recurse=False)
+        ) else "whole"  # fmt: skip
 
     def parameters(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -79,16 +91,19 @@ class Stage:
             inputs: list[torch.Tensor] = []
         else:
             x, inputs = _as_leaves(x)
-        for j, layer in enumerate(self.layers):
-            x = self._call(layer, j, mb, x)
+        store = WeightGrads() if self._linears and torch.is_grad_enabled() else None  # none: evaluate()
+        with deferring(self._linears, store) if store is not None else contextlib.nullcontext():
+            for j, layer in enumerate(self.layers):
+                x = self._call(layer, j, mb, x)
+            if self.is_last:
+                loss = self._loss(mb, x, target) * weight
         if self.is_last:
-            loss = self._loss(mb, x, target) * weight
             outs = [loss]  # the loss belongs to the last layer's graph
             result: Any = loss.detach()
         else:
             outs = _diff_outputs(x)
             result = x
-        self._saved[mb] = (inputs, outs)
+        self._saved[mb] = (inputs, outs, store)
         return result
 
     def drop_saved(self) -> None:
@@ -138,7 +153,7 @@ class Stage:
     # -- backward --------------------------------------------------------------------------
     def backward(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Full backward (B): accumulate weight gradients, return the input gradients."""
-        inputs, outs = self._saved.pop(mb)
+        inputs, outs, _ = self._saved.pop(mb)
         pairs = self._pairs(outs, grads, mb)
         if pairs[0]:
             torch.autograd.backward(pairs[0], pairs[1])
@@ -147,16 +162,34 @@ class Stage:
     def backward_input(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Input-gradient half (I): only the gradients the previous stage needs; keeps, at every
         node where a weight's subgraph branches off, the gradient W starts from."""
-        inputs, outs = self._saved.pop(mb)
+        if self._split == "whole":
+            gin = self.backward(mb, grads)
+            self._saved[mb] = None  # W: nothing left
+            return gin
+        inputs, outs, store = self._saved.pop(mb)
         o, go = self._pairs(outs, grads, mb)
-        gin, pending = backward_input(o, go, inputs, self.parameters())
-        self._saved[mb] = pending
-        return gin if inputs else []
+        if store is None:
+            gin, pending = backward_input(o, go, inputs, self.parameters())
+            self._saved[mb] = pending
+            return gin if inputs else []
+        if o:  # one backward; the linear layers leave their weight gradients in the store
+            with deferring(self._linears, store):  # activation checkpointing recomputes through it
+                store.active = True
+                try:
+                    torch.autograd.backward(o, go)
+                finally:
+                    store.active = False
+        self._saved[mb] = store
+        return [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs]
 
     def backward_weight(self, mb: int) -> None:
-        """Weight-gradient half (W): the weight side of the graph, from the gradients I kept."""
-        pending: Pending = self._saved.pop(mb)
-        backward_weight(pending)
+        """Weight-gradient half (W): the deferred linear weight gradients, or the weight side
+        of the graph from the gradients I kept."""
+        pending: Pending | WeightGrads | None = self._saved.pop(mb)
+        if isinstance(pending, WeightGrads):
+            pending.run()
+        elif pending is not None:
+            backward_weight(pending)
 
     def _pairs(
         self, outs: list[torch.Tensor], grads: list[torch.Tensor] | None, mb: int
