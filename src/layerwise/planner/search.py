@@ -15,7 +15,7 @@ from .cluster import Cluster
 from .estimate import Estimate, estimate
 from .memory import PRECISIONS, RECOMPUTE, Precision
 from .model import ModelSpec
-from .strategy import SCHEDULES, Strategy, StrategyError
+from .strategy import SCHEDULES, SPLIT_BACKWARD, Strategy, StrategyError
 
 _MAX_MICRO = 64
 _CHUNKS = (2, 4, 8)
@@ -86,6 +86,8 @@ def enumerate_strategies(model: ModelSpec, cluster: Cluster, global_batch: int, 
                     for zero in [pins.zero_stage] if pins.zero_stage is not None else (0, 1, 2, 3):
                         if zero > 0 and dp == 1 and pins.zero_stage is None:
                             continue  # nothing to shard over
+                        if zero == 3 and dp > 1 and sched in SPLIT_BACKWARD and None in (pins.zero_stage, pins.schedule):
+                            continue  # the runtime cannot run them together (estimate says why when both are pinned)
                         for rc in [pins.recompute] if pins.recompute else RECOMPUTE:
                             out.append(Strategy(dp=dp, tp=tp, pp=pp, schedule=sched, chunks=chunks, micro=micro,
                                                 zero_stage=zero, recompute=rc, offload=bool(pins.offload)))
@@ -96,12 +98,12 @@ def _schedules(pp: int, m: int, units: int, pins: Pins) -> list[tuple[str, int]]
     if pins.schedule:
         if pins.schedule == "interleaved":
             return [("interleaved", c) for c in ([pins.chunks] if pins.chunks else _CHUNKS) if pp * c <= units]
-        return [(pins.schedule, 1)]
+        return [(pins.schedule, 2 if pins.schedule == "zbv" else 1)]
     if pp == 1:
         return [("1f1b", 1)]
     # GPipe is left out unless pinned: 1F1B has its bubble and holds fewer microbatches
     # (Narayanan et al., 2021, Sec. 2.2.1), so it never loses to it.
-    out = [(name, 1) for name in SCHEDULES if name not in ("interleaved", "gpipe")]
+    out = [(name, 1) for name in SCHEDULES if name not in ("interleaved", "gpipe") and (name != "zbv" or 2 * pp <= units)]
     # Megatron's interleaved schedule needs m a multiple of p (the generator handles any m, at
     # the cost of a validation per try; the search keeps to the paper's case).
     if m and m % pp == 0:
@@ -150,8 +152,8 @@ def plan(model: ModelSpec, cluster: Cluster, global_batch: int, *, pins: Pins = 
     )
     chosen = ranked[: max(exact, top)]
     # The closed forms misjudge schedules differently (interleaving's fill and drain on uneven
-    # stages most), so the fastest two of each schedule are replayed too.
-    counts: dict[tuple[str, int], int] = {}
+    # stages most), so the fastest two of each schedule and ZeRO stage are replayed too.
+    counts: dict[tuple[str, int, int], int] = {}
     for e in chosen:
         counts[_kind(e)] = counts.get(_kind(e), 0) + 1
     for e in ranked[len(chosen):]:
@@ -168,8 +170,10 @@ def plan(model: ModelSpec, cluster: Cluster, global_batch: int, *, pins: Pins = 
     return PlanResult(closest, considered, len(closest), rejected[:top] if not closest else [])
 
 
-def _kind(e: Estimate) -> tuple[str, int]:
-    return (e.strategy.schedule, e.strategy.chunks)
+def _kind(e: Estimate) -> tuple[str, int, int]:
+    # ZeRO-0/1/2 share the pipeline (its replay is cached) and differ in when the data-parallel
+    # collectives run, which the closed forms cannot tell apart: each gets its own two replays.
+    return (e.strategy.schedule, e.strategy.chunks, e.strategy.zero_stage)
 
 
 def _pins_dict(p: Pins) -> dict[str, Any]:
