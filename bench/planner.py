@@ -161,6 +161,12 @@ def measure_dp_calls(widths: list[int], counts: list[int], reps: int) -> dict[st
     return out
 
 
+# Per unit of layerwise.parallel.data, per microbatch (ZeRO-3) or step (DDP), 2 ranks: ring steps
+# and bytes through each rank's link per byte of the unit. ZeRO-3: 2 all-gathers + 1 reduce-scatter
+# (3 steps, 1.5 x the bytes); DDP: 1 all-reduce (2 steps, 1 x).
+DP_CALLS = {"fsdp": (3, 1.5), "ddp": (2, 1.0)}
+
+
 def fit_dp_calls(raw: dict[str, Any], widths: list[int], counts: list[int],
                  calls: dict[str, tuple[int, float]]) -> dict[str, Any]:
     """Latency and bandwidth per call of the runtime's data-parallel collectives, fitted like
@@ -324,7 +330,7 @@ def run_config(conf: dict[str, Any], warmup: int, steps: int, speed_reps: int) -
     }
     nbytes["total"] = sum(nbytes.values())
     return {"step_times": times, "memory": nbytes, "partition": list(pipe.partition),
-            "speed_flops": speeds, "optimizer_params_per_s": updates}
+            "speed_flops": speeds, "speed_flops_timed": speeds[speed_reps:], "optimizer_params_per_s": updates}
 
 
 def _local(t: Any) -> Any:
@@ -401,14 +407,13 @@ def measured_part(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
     if only:
         configs = [c for c in configs if any(o in c["name"] for o in only)]
     load0 = os.getloadavg()[0]
-    act = BATCH * MODEL["context"] * MODEL["width"] * 4
     raw = launch(measure_links, 2, LINK_SIZES, 3 if quick else 10, threads=1, timeout=300)[0]
     links: dict[str, Any] = fit_links(raw)
     widths, counts = [256, 512, 1024], [4, 12]
     raw_dp = launch(measure_dp_calls, 2, widths, counts, 2 if quick else 6, threads=1, timeout=300)[0]
     raw_tp = launch(measure_tp_calls, 2, LINK_SIZES, [2, 6], 3 if quick else 10, threads=1, timeout=300)[0]
-    for mode, (steps, vol) in {"fsdp": (3, 1.5), "ddp": (2, 1.0)}.items():  # see fit_dp_calls
-        links[mode] = fit_dp_calls({mode: raw_dp[mode]}, widths, counts, {mode: (steps, vol)})
+    for mode, call in DP_CALLS.items():  # each fitted to its own calls
+        links[mode] = fit_dp_calls({mode: raw_dp[mode]}, widths, counts, {mode: call})
     links["tp"] = fit_tp_calls(raw_tp)
     print(f"  links: message {links['latency'] * 1e3:.2f} ms + bytes / {links['bandwidth'] / 1e9:.2f} GB/s; per call "
           + ", ".join(f"{k} {links[k]['latency'] * 1e3:.2f} ms, {links[k]['bandwidth'] / 1e9:.2f} GB/s"
@@ -416,9 +421,10 @@ def measured_part(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for conf in configs:
         res = launch(run_config, 2, conf, warmup, steps, 2 if quick else 4, threads=1, timeout=900)
-        # Speed samples interleave with the timed steps, so both see the same share of a shared
-        # machine; the medians of each are compared.
-        speed = statistics.median(x for r in res for x in r["speed_flops"])
+        # Speed samples interleave with the timed steps (one before each), so both see the same
+        # share of a shared machine; the medians of each are compared. The samples taken before
+        # the warm-up steps are kept in the JSON, not used.
+        speed = statistics.median(x for r in res for x in r["speed_flops_timed"])
         update = statistics.median(x for r in res for x in r["optimizer_params_per_s"])
         est = predict(conf, speed, update, links, res[0]["partition"])
         measured_t = statistics.median(res[0]["step_times"])
@@ -470,7 +476,11 @@ def megatron_part() -> dict[str, Any]:
         _, a, h, l, t, p, n, batch, _ = row
         model = ModelSpec(layers=l, hidden=h, heads=a, vocab=51200, seq=2048)
         cluster = Cluster.uniform(devices=n, devices_per_node=8, memory_gib=80, tflops=312, efficiency=eff)
-        return plan(model, cluster, batch, pins=Pins(tp=t, pp=p, recompute="full", zero_stage=0, offload=False), top=1).best
+        # The schedules Megatron-LM had in 2021 (1F1B, interleaved), not the zero-bubble ones since.
+        best = [plan(model, cluster, batch, top=1, pins=Pins(tp=t, pp=p, schedule=sched, recompute="full", zero_stage=0,
+                                                              offload=False)).best
+                for sched in (("1f1b", "interleaved") if p > 1 else ("1f1b",))]  # fmt: skip
+        return max((b for b in best if b is not None), key=lambda b: (b.feasible, b.tflops_per_device))
 
     # Calibrate on the smallest row: predicted TFLOP/s grows with the efficiency; bisect.
     lo, hi = 0.05, 1.0
