@@ -409,8 +409,8 @@ def measured_part(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
     load0 = os.getloadavg()[0]
     raw = launch(measure_links, 2, LINK_SIZES, 3 if quick else 10, threads=1, timeout=300)[0]
     links: dict[str, Any] = fit_links(raw)
-    widths, counts = [256, 512, 1024], [4, 12]
-    raw_dp = launch(measure_dp_calls, 2, widths, counts, 2 if quick else 6, threads=1, timeout=300)[0]
+    widths, counts = [256, 512, 1024], [4, 16]
+    raw_dp = launch(measure_dp_calls, 2, widths, counts, 2 if quick else 10, threads=1, timeout=300)[0]
     raw_tp = launch(measure_tp_calls, 2, LINK_SIZES, [2, 6], 3 if quick else 10, threads=1, timeout=300)[0]
     for mode, call in DP_CALLS.items():  # each fitted to its own calls
         links[mode] = fit_dp_calls({mode: raw_dp[mode]}, widths, counts, {mode: call})

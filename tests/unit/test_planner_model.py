@@ -94,7 +94,8 @@ def test_fsdp_units_are_the_runtimes() -> None:
                                             bias=False, norm="rmsnorm", vocab=99, seq=16)])
 def test_block_modules_add_up_to_the_layer(spec: ModelSpec) -> None:
     assert sum(spec.block_modules()) == spec.params_per_layer()
-    assert len(spec.block_modules()) == (4 if spec.fused_qkv else 6) + spec.gated_mlp
+    # matrices (Q/K/V fused or three, output, 2 or 3 MLP) and the two norms
+    assert len(spec.block_modules()) == (4 if spec.fused_qkv else 6) + spec.gated_mlp + 2
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cl.add_argument("--device-tflops", type=float, metavar="T", help="peak dense TFLOP/s per device at "
                     "the training precision (A100 312, H100 SXM 989)")
     cl.add_argument("--efficiency", type=float, help="achievable fraction of --device-tflops for a "
-                    "transformer block's matrix multiplies (default 0.44: Megatron-LM's smallest "
+                    "transformer block's matrix multiplies (default 0.48: Megatron-LM's smallest "
                     "published run, calibrated in bench/README.md)")
     cl.add_argument("--intra-node-gbps", type=float, default=300.0, help="GB/s per device inside a node (default 300)")
     cl.add_argument("--inter-node-gbps", type=float, default=25.0, help="GB/s per device between nodes (default 25)")

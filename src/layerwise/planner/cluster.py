@@ -24,10 +24,11 @@ GIB = 2**30
 
 # Default achievable fraction of peak for a transformer layer's matrix multiplies. Calibrated on
 # the smallest row of Narayanan et al. (2021) Table 1 (1.7B parameters, 32 A100s, 137 TFLOP/s
-# per GPU measured, 44% of peak): with every communication and the bubble modelled, the compute
-# has to run at this fraction of the 312 TFLOP/s peak for the planner to predict that row.
-# See bench/README.md, section planner.
-DEFAULT_EFFICIENCY = 0.44
+# per GPU measured, 44% of peak): with every communication (the data-parallel all-reduce after
+# the backward, as Megatron-LM did then), the optimizer step and the bubble modelled, the
+# compute has to run at this fraction of the 312 TFLOP/s peak for the planner to predict that
+# row (bisection: 0.479). See bench/README.md, section planner.
+DEFAULT_EFFICIENCY = 0.48
 
 
 class ClusterError(ValueError):
@@ -148,18 +149,20 @@ class Cluster:
             return self.latency, bw
         return call.latency, min(bw, call.bandwidth)
 
-    def all_reduce(self, nbytes: float, ranks: int, bw: float, call: CallCost | None = None) -> float:
+    def all_reduce(self, nbytes: float, ranks: int, bw: float, call: CallCost | None = None, calls: int = 1) -> float:
+        """``calls`` all-reduces of ``nbytes`` in total (the latency is paid per call)."""
         if ranks <= 1 or nbytes <= 0:
             return 0.0
         alpha, bw = self._cost(bw, call)
-        return 2 * (ranks - 1) * alpha + 2 * (ranks - 1) / ranks * nbytes / bw
+        return calls * 2 * (ranks - 1) * alpha + 2 * (ranks - 1) / ranks * nbytes / bw
 
-    def all_gather(self, nbytes: float, ranks: int, bw: float, call: CallCost | None = None) -> float:
-        """Gather (or reduce-scatter) ``nbytes`` in total, ``nbytes / ranks`` from each rank."""
+    def all_gather(self, nbytes: float, ranks: int, bw: float, call: CallCost | None = None, calls: int = 1) -> float:
+        """Gather (or reduce-scatter) ``nbytes`` in total, ``nbytes / ranks`` from each rank, in
+        ``calls`` calls."""
         if ranks <= 1 or nbytes <= 0:
             return 0.0
         alpha, bw = self._cost(bw, call)
-        return (ranks - 1) * alpha + (ranks - 1) / ranks * nbytes / bw
+        return calls * (ranks - 1) * alpha + (ranks - 1) / ranks * nbytes / bw
 
     def p2p(self, nbytes: float, bw: float) -> float:
         return self.latency + nbytes / bw

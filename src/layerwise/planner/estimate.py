@@ -128,8 +128,10 @@ class _Layout:
     stage_params: tuple[float, ...]  # per stage, parameters on one tensor-parallel rank
     rank_params: tuple[float, ...]  # per pipeline rank, the same summed over its stages
     stage_layers: tuple[int, ...]  # per stage, units it holds
-    stage_dp_units: tuple[tuple[float, ...], ...]  # per stage, parameters of each layer (one FSDP/DDP unit each)
-    stage_z3_units: tuple[tuple[float, ...], ...]  # per stage, parameters of each ZeRO-3 unit (whole, before tp)
+    # Per stage, FSDP/DDP units (one per layer) and ZeRO-3 units (each large matrix its own):
+    # (count, parameters in all, first unit's, last unit's), whole, before tensor parallelism.
+    stage_dp_units: tuple[tuple[int, float, float, float], ...]
+    stage_z3_units: tuple[tuple[int, float, float, float], ...]
     peaks: tuple[float, ...]  # per pipeline rank, peak saved activations (bytes)
     transient: float  # bytes on top of them while recomputing a block
     compute: tuple[tuple[float, float, float], ...]  # per stage, F, I, W compute seconds
@@ -187,9 +189,19 @@ def _layout(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int, 
 
     params_u = unit_params(model, n_stages > 1)
     modules = [model.embedding_modules(), model.block_modules(), model.head_modules(own_copy=n_stages > 1)]
-    stage_mods = [[modules[0]] * he + [modules[1]] * nb + [modules[2]] * hh for he, nb, hh in shape]
-    dp_units = tuple(tuple(u for mods in layers for u in layer_units(mods, zero3=False)) for layers in stage_mods)
-    z3_units = tuple(tuple(u for mods in layers for u in layer_units(mods, zero3=True)) for layers in stage_mods)
+
+    def stage_units(zero3: bool) -> tuple[tuple[int, float, float, float], ...]:
+        kinds = [layer_units(mods, zero3=zero3) for mods in modules]  # embedding, block, head
+        out = []
+        for he, nb, hh in shape:
+            counts = (he, nb, hh)
+            units = [u for k, c in zip(kinds, counts) if c for u in k]  # one of each kind present
+            n = sum(len(k) * c for k, c in zip(kinds, counts))
+            total = sum(sum(k) * c for k, c in zip(kinds, counts))
+            out.append((n, total, units[0] if units else 0.0, units[-1] if units else 0.0))
+        return tuple(out)
+
+    dp_units, z3_units = stage_units(False), stage_units(True)
     act_kw: dict[str, Any] = dict(micro=s.micro, tp=s.tp, sp=s.sp, precision=precision)
     block_act = mem.layer_activation_bytes(model, recompute=s.recompute, **act_kw)
     act_u = [mem.embedding_activation_bytes(model, **act_kw), block_act, mem.head_activation_bytes(model, **act_kw)]
@@ -274,7 +286,9 @@ def estimate(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int,
     lay = _layout(model, cluster, base_s, global_batch, precision, part, timing == "sim")
     transient = lay.transient
     if s.zero_stage == 3 and s.dp > 1:  # two gathered units: the one computing and the one prefetched
-        transient += 2 * max(max(u, default=0.0) for u in lay.stage_z3_units) / s.tp * precision.param
+        biggest = max(max(layer_units(mods, zero3=True), default=0.0) for mods in
+                      (model.embedding_modules(), model.block_modules(), model.head_modules(own_copy=s.stages > 1)))
+        transient += 2 * biggest / s.tp * precision.param
     worst, worst_margin, budget = _memory(lay.rows, s, precision, transient)
     if lay.approx and worst_margin > 0 and _memory(lay.rows_low, s, precision, transient)[1] <= 0:
         # The bounds disagree on whether it fits: walk the schedule for the exact peaks.
@@ -305,20 +319,23 @@ def estimate(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int,
         if s.dp > 1 and s.zero_stage == 3:
             # Every microbatch gathers each unit in its forward and again in its backward, and
             # reduce-scatters its gradients (layerwise.parallel.data, reshard_after_forward).
-            units = [u / s.tp for u in lay.stage_z3_units[st]]
-            gathers = [cluster.all_gather(u * precision.param, s.dp, dp_bw, cluster.fsdp_call) for u in units]
-            scatter = sum(cluster.all_gather(u * precision.grad, s.dp, dp_bw, cluster.fsdp_call) for u in units)
-            extra_f, extra_b = sum(gathers), sum(gathers) + scatter
-            if cluster.overlap and gathers:  # FSDP2 prefetches the next unit while one computes
-                extra_f = max(gathers[0], extra_f - cf)
-                extra_b = max(gathers[-1], extra_b - ci - cw)
+            n, total, first, last = lay.stage_z3_units[st]
+            total /= s.tp
+            call = cluster.fsdp_call
+            gather = cluster.all_gather(total * precision.param, s.dp, dp_bw, call, n)
+            scatter = cluster.all_gather(total * precision.grad, s.dp, dp_bw, call, n)
+            extra_f, extra_b = gather, gather + scatter
+            if cluster.overlap and n:  # FSDP2 prefetches the next unit while one computes
+                extra_f = max(cluster.all_gather(first / s.tp * precision.param, s.dp, dp_bw, call), extra_f - cf)
+                extra_b = max(cluster.all_gather(last / s.tp * precision.param, s.dp, dp_bw, call), extra_b - ci - cw)
         elif s.dp > 1:
-            units = [u / s.tp for u in lay.stage_dp_units[st]]
+            n, total, _, _ = lay.stage_dp_units[st]
+            total /= s.tp
             if s.zero_stage == 0:  # DDP (FSDP2's replicate): an all-reduce per layer
-                end[r] += sum(cluster.all_reduce(u * precision.grad, s.dp, dp_bw, cluster.ddp_call) for u in units)
+                end[r] += cluster.all_reduce(total * precision.grad, s.dp, dp_bw, cluster.ddp_call, n)
             else:  # parameters gathered at the first forward, gradients reduce-scattered at the end
-                start[r] += sum(cluster.all_gather(u * precision.param, s.dp, dp_bw, cluster.fsdp_call) for u in units)
-                end[r] += sum(cluster.all_gather(u * precision.grad, s.dp, dp_bw, cluster.fsdp_call) for u in units)
+                start[r] += cluster.all_gather(total * precision.param, s.dp, dp_bw, cluster.fsdp_call, n)
+                end[r] += cluster.all_gather(total * precision.grad, s.dp, dp_bw, cluster.fsdp_call, n)
         zcomm.append(extra_f + extra_b)
         fs.append(cf + lay.tp_comm[st][0] + extra_f)
         is_.append(ci + lay.tp_comm[st][1] + extra_b)

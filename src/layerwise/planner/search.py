@@ -15,10 +15,15 @@ from .cluster import Cluster
 from .estimate import Estimate, estimate
 from .memory import PRECISIONS, RECOMPUTE, Precision
 from .model import ModelSpec
+from ..schedule.generators import compute_actions
 from .strategy import SCHEDULES, SPLIT_BACKWARD, Strategy, StrategyError
 
 _MAX_MICRO = 64
 _CHUNKS = (2, 4, 8)
+# ZB-H2 and ZB-V come from a list scheduler (layerwise.schedule.zero_bubble), not a formula: a
+# replay first builds the schedule, ~0.1 s of CPU at this many compute actions and growing with
+# them. Larger ones are searched only when pinned, so that a 4,096-device search stays in seconds.
+_MAX_LISTED_ACTIONS = 10_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +108,8 @@ def _schedules(pp: int, m: int, units: int, pins: Pins) -> list[tuple[str, int]]
         return [("1f1b", 1)]
     # GPipe is left out unless pinned: 1F1B has its bubble and holds fewer microbatches
     # (Narayanan et al., 2021, Sec. 2.2.1), so it never loses to it.
-    out = [(name, 1) for name in SCHEDULES if name not in ("interleaved", "gpipe") and (name != "zbv" or 2 * pp <= units)]
+    out = [(name, 1) for name in SCHEDULES if name not in ("interleaved", "gpipe") and (name != "zbv" or 2 * pp <= units)
+           and (name not in ("zb-h2", "zbv") or compute_actions(name, pp, m) <= _MAX_LISTED_ACTIONS)]
     # Megatron's interleaved schedule needs m a multiple of p (the generator handles any m, at
     # the cost of a validation per try; the search keeps to the paper's case).
     if m and m % pp == 0:
@@ -152,14 +158,24 @@ def plan(model: ModelSpec, cluster: Cluster, global_batch: int, *, pins: Pins = 
     )
     chosen = ranked[: max(exact, top)]
     # The closed forms misjudge schedules differently (interleaving's fill and drain on uneven
-    # stages most), so the fastest two of each schedule and ZeRO stage are replayed too.
-    counts: dict[tuple[str, int, int], int] = {}
+    # stages most), so the fastest two of each schedule are replayed too.
+    counts: dict[tuple[str, int], int] = {}
     for e in chosen:
         counts[_kind(e)] = counts.get(_kind(e), 0) + 1
     for e in ranked[len(chosen):]:
         if counts.get(_kind(e), 0) < 2:
             chosen.append(e)
             counts[_kind(e)] = counts.get(_kind(e), 0) + 1
+    # ZeRO-0/1/2 of a chosen shape share its pipeline (the replay is cached) and differ in when
+    # the data-parallel collectives run, which the closed forms cannot tell apart: replay them too.
+    fitting = {e.strategy: e for e in ranked}
+    seen = {e.strategy for e in chosen}
+    for e in list(chosen):
+        for zero in (0, 1, 2) if e.strategy.zero_stage < 3 else ():
+            sibling = replace(e.strategy, zero_stage=zero)
+            if sibling in fitting and sibling not in seen:
+                seen.add(sibling)
+                chosen.append(fitting[sibling])
     simulated = [estimate(model, cluster, e.strategy, global_batch, precision=precision) for e in chosen]
     simulated.sort(key=lambda e: (e.step_time, e.strategy.label()))
     if simulated:
@@ -170,10 +186,8 @@ def plan(model: ModelSpec, cluster: Cluster, global_batch: int, *, pins: Pins = 
     return PlanResult(closest, considered, len(closest), rejected[:top] if not closest else [])
 
 
-def _kind(e: Estimate) -> tuple[str, int, int]:
-    # ZeRO-0/1/2 share the pipeline (its replay is cached) and differ in when the data-parallel
-    # collectives run, which the closed forms cannot tell apart: each gets its own two replays.
-    return (e.strategy.schedule, e.strategy.chunks, e.strategy.zero_stage)
+def _kind(e: Estimate) -> tuple[str, int]:
+    return (e.strategy.schedule, e.strategy.chunks)
 
 
 def _pins_dict(p: Pins) -> dict[str, Any]:
