@@ -102,6 +102,8 @@ def enumerate_strategies(model: ModelSpec, cluster: Cluster, global_batch: int, 
 def _schedules(pp: int, m: int, units: int, pins: Pins) -> list[tuple[str, int]]:
     if pins.schedule:
         if pins.schedule == "interleaved":
+            if m % pp and pins.micro is None:
+                return []  # other microbatch sizes give Megatron's case, m a multiple of p (see below)
             return [("interleaved", c) for c in ([pins.chunks] if pins.chunks else _CHUNKS) if pp * c <= units]
         return [(pins.schedule, 2 if pins.schedule == "zbv" else 1)]
     if pp == 1:
