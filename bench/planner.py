@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 MODEL = {"vocab": 256, "width": 256, "heads": 4, "blocks": 6, "context": 128}
 BATCH = 16
+# Message sizes the runs send: a block's smallest FSDP unit (its norms) to a whole block's gradients.
+LINK_SIZES = [4096, 1 << 16, 1 << 18, 1 << 20, 1 << 22]
 CONFIGS: list[dict[str, Any]] = [
     {"name": "pp2 1f1b m4", "pp": 2, "schedule": "1f1b", "microbatches": 4},
     {"name": "pp2 1f1b m8", "pp": 2, "schedule": "1f1b", "microbatches": 8},
@@ -75,40 +77,22 @@ def _batch(rows: int, seed: int) -> tuple[Any, Any]:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def measure_speed(rows_list: list[int], reps: int) -> dict[str, float]:
-    """Achieved FLOP/s of forward + backward of the whole model on ``rows`` samples, one thread."""
-    import torch
-
-    from layerwise.models import lm_loss
-
-    torch.set_num_threads(1)
-    model = _model()
-    out = {}
-    for rows in rows_list:
-        x, y = _batch(rows, 0)
-        times = []
-        for k in range(reps + 1):
-            t0 = time.perf_counter()
-            lm_loss(model(x), y).backward()
-            if k:
-                times.append(time.perf_counter() - t0)
-        out[str(rows)] = _spec().step_flops(rows, recompute=False) / statistics.median(times)
-    return out
-
-
 def measure_links(nbytes: list[int], reps: int) -> dict[str, Any]:
-    """Per size: median one-way p2p seconds (half a ping-pong) and all-reduce seconds, 2 ranks."""
+    """Per size (bytes of the whole tensor): median seconds of a one-way message (half a ping-pong),
+    an all-reduce, an all-gather and a reduce-scatter between the 2 ranks, with the calls
+    FSDP2 and DDP make (``all_gather_single``, ``reduce_scatter_single``, ``all_reduce``)."""
     import torch
     import torch.distributed as dist
 
     from layerwise.runtime.distributed import ensure_initialized
 
     ensure_initialized(60.0)
-    rank = dist.get_rank()
-    out: dict[str, Any] = {"p2p": {}, "all_reduce": {}}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict[str, Any] = {"p2p": {}, "all_reduce": {}, "all_gather": {}, "reduce_scatter": {}}
     for n in nbytes:
-        buf = torch.zeros(n // 4)
-        pp, ar = [], []
+        buf = torch.ones(n // 4)
+        shard = torch.ones(n // 4 // world)
+        times: dict[str, list[float]] = {k: [] for k in out}
         for k in range(reps + 2):
             dist.barrier()
             t0 = time.perf_counter()
@@ -121,12 +105,146 @@ def measure_links(nbytes: list[int], reps: int) -> dict[str, Any]:
             t1 = time.perf_counter()
             dist.all_reduce(buf)
             t2 = time.perf_counter()
+            dist.all_gather_single(buf, shard)
+            t3 = time.perf_counter()
+            dist.reduce_scatter_single(shard, buf)
+            t4 = time.perf_counter()
             if k >= 2:
-                pp.append((t1 - t0) / 2)
-                ar.append(t2 - t1)
-        out["p2p"][str(n)] = statistics.median(pp)
-        out["all_reduce"][str(n)] = statistics.median(ar)
+                times["p2p"].append((t1 - t0) / 2)
+                times["all_reduce"].append(t2 - t1)
+                times["all_gather"].append(t3 - t2)
+                times["reduce_scatter"].append(t4 - t3)
+        for key, ts in times.items():
+            out[key][str(n)] = statistics.median(ts)
     return out
+
+
+def measure_dp_calls(widths: list[int], counts: list[int], reps: int) -> dict[str, Any]:
+    """Seconds of the runtime's data-parallel calls, software included: ``count`` square
+    ``width`` x ``width`` layers through ``layerwise.parallel.data`` (each layer one FSDP2 unit),
+    one step of one microbatch of one row (compute next to nothing). ZeRO-3 (``fsdp``,
+    reshard_after_forward) gathers each unit in the forward and the backward and reduce-scatters
+    it; ``ddp`` all-reduces each unit once at the end. The growth per unit is one unit's calls."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from layerwise.parallel.data import DataParallel, apply_dp
+    from layerwise.parallel.mesh import ParallelDims, build_mesh
+    from layerwise.runtime.distributed import ensure_initialized
+
+    torch.set_num_threads(1)
+    ensure_initialized(60.0)
+    mesh = build_mesh(ParallelDims(dp=2, pp=1, tp=1, world_size=2), "cpu")["dp"]
+    out: dict[str, Any] = {"fsdp": {}, "ddp": {}}
+    for mode in out:
+        for w in widths:
+            for n in counts:
+                torch.manual_seed(0)
+                layers = [nn.Linear(w, w, bias=False) for _ in range(n)]
+                units, shared, root = apply_dp(layers, mesh, mode=mode, reshard_after_forward=mode == "fsdp")
+                sync = DataParallel(units, shared, root, mesh.get_group(), per_microbatch=mode == "fsdp")
+                x = torch.randn(1, w)
+                times = []
+                for k in range(reps + 2):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    sync.begin_step()
+                    y = x
+                    for layer in layers:
+                        y = layer(y)
+                    y.sum().backward()
+                    sync.finish_step()
+                    if k >= 2:
+                        times.append(time.perf_counter() - t0)
+                out[mode][f"{w}x{n}"] = statistics.median(times)
+    return out
+
+
+# Per unit of layerwise.parallel.data, per microbatch (ZeRO-3) or step (DDP), 2 ranks: ring steps
+# and bytes through each rank's link per byte of the unit. ZeRO-3: 2 all-gathers + 1 reduce-scatter
+# (3 steps, 1.5 x the bytes); DDP: 1 all-reduce (2 steps, 1 x).
+DP_CALLS = {"fsdp": (3, 1.5), "ddp": (2, 1.0)}
+
+
+def fit_dp_calls(raw: dict[str, Any], widths: list[int], counts: list[int],
+                 calls: dict[str, tuple[int, float]]) -> dict[str, Any]:
+    """Latency and bandwidth per call of the runtime's data-parallel collectives, fitted like
+    :func:`fit_links` to the per-unit growth: ZeRO-3 makes 2 all-gathers and 1 reduce-scatter
+    per unit and microbatch (2 ranks: 3 latencies, 1.5 x the unit's bytes), DDP 1 all-reduce
+    (2 latencies, 1 x its bytes)."""
+    lo, hi = min(counts), max(counts)
+    per_unit = {mode: {w: (raw[mode][f"{w}x{hi}"] - raw[mode][f"{w}x{lo}"]) / (hi - lo) for w in widths}
+                for mode in raw}
+    rows = []
+    for mode, (steps, vol) in calls.items():
+        for w, t in per_unit[mode].items():
+            if t > 0:
+                rows.append((steps / t, vol * w * w * 4 / t))
+    return {**_least_squares(rows), "per_unit": {m: {str(w): t for w, t in v.items()} for m, v in per_unit.items()}}
+
+
+def measure_tp_calls(nbytes: list[int], counts: list[int], reps: int) -> dict[str, Any]:
+    """Seconds of the runtime's tensor-parallel calls over the 2 ranks, software included.
+
+    ``all_reduce``: per size, a DTensor of that many bytes with a Partial placement redistributed
+    to Replicate (what a row-parallel linear's output does). ``blocks``: per count, one forward
+    and backward of that many of the benchmark GPT's blocks through ``layerwise.parallel.tensor``
+    on one row of 8 tokens (compute next to nothing): the growth per block is its 4 all-reduces
+    (2 forward, 2 backward) with DTensor's work around them."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    from layerwise.models.gpt import Block, GPTConfig
+    from layerwise.parallel.mesh import ParallelDims, build_mesh
+    from layerwise.parallel.tensor import apply_tp
+    from layerwise.runtime.distributed import ensure_initialized
+
+    torch.set_num_threads(1)
+    ensure_initialized(60.0)
+    mesh = build_mesh(ParallelDims(dp=1, pp=1, tp=2, world_size=2), "cpu")["tp"]
+    out: dict[str, Any] = {"all_reduce": {}, "blocks": {}}
+
+    def timed(fn: Any) -> float:
+        times = []
+        for k in range(reps + 2):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            if k >= 2:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    for n in nbytes:
+        part = DTensor.from_local(torch.ones(n // 4), mesh, [Partial()], run_check=False)
+        out["all_reduce"][str(n)] = timed(lambda: part.redistribute(mesh, [Replicate()]).to_local().sum())
+    cfg = GPTConfig(**{**MODEL, "blocks": 1})
+    for count in counts:
+        torch.manual_seed(0)
+        blocks = [Block(cfg) for _ in range(count)]
+        apply_tp(blocks, mesh)
+        x = torch.randn(1, 8, cfg.width, requires_grad=True)
+
+        def step() -> None:
+            y = x
+            for blk in blocks:
+                y = blk(y)
+            y.sum().backward()
+
+        out["blocks"][str(count)] = timed(step)
+    return out
+
+
+def fit_tp_calls(raw: dict[str, Any]) -> dict[str, float]:
+    """Bandwidth from the all-reduces' sizes (2 ranks: 2 latencies + n / bandwidth); latency per
+    call from the blocks' growth: 4 all-reduces of 2 ring steps each per block."""
+    fit = _least_squares([(2 / t, int(n) / t) for n, t in raw["all_reduce"].items()])
+    counts = sorted(int(c) for c in raw["blocks"])
+    lo, hi = counts[0], counts[-1]
+    per_block = (raw["blocks"][str(hi)] - raw["blocks"][str(lo)]) / (hi - lo)
+    return {"latency": max(per_block / 8, 1e-7), "bandwidth": fit["bandwidth"], "per_block": per_block,
+            "all_reduce_latency": fit["latency"]}
 
 
 def run_config(conf: dict[str, Any], warmup: int, steps: int, speed_reps: int) -> dict[str, Any]:
@@ -147,13 +265,22 @@ def run_config(conf: dict[str, Any], warmup: int, steps: int, speed_reps: int) -
     xs, ys = _batch(micro, 0)
     flops = _spec().step_flops(micro, recompute=False)
 
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    ref_params = sum(p.numel() for p in ref.parameters())
+    updates: list[float] = []
+
     def speed_sample() -> float:
         torch.distributed.barrier()
         t0 = time.perf_counter()
         lm_loss(ref(xs), ys).backward()
-        return flops / (time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        ref_opt.step()  # the optimizer's speed too: parameters updated per second
+        ref_opt.zero_grad()
+        updates.append(ref_params / (time.perf_counter() - t1))
+        return flops / (t1 - t0)
 
     speeds = [speed_sample() for _ in range(1 + speed_reps)][1:]
+    updates.clear()
     opts: dict[str, Any] = {"stages": conf.get("pp", 1), "dp": conf.get("dp", 1), "tp": conf.get("tp", 1),
                             "schedule": conf.get("schedule", "1f1b"), "chunks": conf.get("chunks", 2),
                             "microbatches": conf["microbatches"], "activation_checkpointing": conf.get("recompute", "none")}
@@ -203,7 +330,7 @@ def run_config(conf: dict[str, Any], warmup: int, steps: int, speed_reps: int) -
     }
     nbytes["total"] = sum(nbytes.values())
     return {"step_times": times, "memory": nbytes, "partition": list(pipe.partition),
-            "speed_flops": speeds}
+            "speed_flops": speeds, "speed_flops_timed": speeds[speed_reps:], "optimizer_params_per_s": updates}
 
 
 def _local(t: Any) -> Any:
@@ -220,16 +347,22 @@ def _spec() -> Any:
     from layerwise.planner import ModelSpec
 
     return ModelSpec(name="bench-gpt", layers=MODEL["blocks"], hidden=MODEL["width"], heads=MODEL["heads"],
-                     vocab=MODEL["vocab"], seq=MODEL["context"], tied_head=False, dropout=False)
+                     vocab=MODEL["vocab"], seq=MODEL["context"], tied_head=False, dropout=False, fused_qkv=True)
 
 
-def predict(conf: dict[str, Any], speed: float, links: dict[str, float], partition: list[int]) -> Any:
+def predict(conf: dict[str, Any], speed: float, update: float, links: dict[str, Any], partition: list[int]) -> Any:
     from layerwise.planner import PRECISIONS, Cluster, Strategy, estimate
+    from layerwise.planner.cluster import CallCost
 
     dp, tp, pp = conf.get("dp", 1), conf.get("tp", 1), conf.get("pp", 1)
     micro = BATCH // (dp * conf["microbatches"])
+    calls = {f"{k}_call": CallCost(latency=links[k]["latency"], bandwidth=links[k]["bandwidth"])
+             for k in ("tp", "fsdp", "ddp")}
+    # overlap=False: 2 processes of one thread on 2 cores leave no core for gloo's communication
+    # thread, so no collective runs while the other computes.
     cluster = Cluster.uniform(devices=2, devices_per_node=2, memory_gib=64, tflops=speed / 1e12,
-                              efficiency=1.0, intra_node_gbps=links["bandwidth"] / 1e9, latency=links["latency"])
+                              efficiency=1.0, intra_node_gbps=links["bandwidth"] / 1e9, latency=links["latency"],
+                              optimizer_params_per_s=update, overlap=False, **calls)
     zero = conf.get("zero", 0)
     chunks = conf.get("chunks", 1) if conf.get("schedule") == "interleaved" else 1
     strategy = Strategy(dp=dp, tp=tp, pp=pp, schedule=conf.get("schedule", "1f1b"), chunks=chunks, micro=micro,
@@ -237,35 +370,63 @@ def predict(conf: dict[str, Any], speed: float, links: dict[str, float], partiti
     return estimate(_spec(), cluster, strategy, BATCH, precision=PRECISIONS["fp32"], partition=tuple(partition))
 
 
+# Ring steps and bytes through each rank's link, per byte of the whole tensor, for 2 ranks
+# (Thakur et al., 2005): t = steps * latency + volume * n / bandwidth.
+_RING2 = {"p2p": (1, 1.0), "all_reduce": (2, 1.0), "all_gather": (1, 0.5), "reduce_scatter": (1, 0.5)}
+
+
 def fit_links(raw: dict[str, Any]) -> dict[str, float]:
-    """Latency from the smallest message; bandwidth from the all-reduces' growth between the
-    smallest and the largest (a 2-rank ring all-reduce moves n bytes each way: t = 2 latency +
-    n / bandwidth), or from the messages' if the all-reduces did not grow (noise)."""
-    sizes = sorted(int(k) for k in raw["p2p"])
-    small, big = str(sizes[0]), str(sizes[-1])
-    latency = raw["p2p"][small]
-    grow = raw["all_reduce"][big] - raw["all_reduce"][small]
-    if grow <= 0:
-        grow = raw["p2p"][big] - raw["p2p"][small]
-    return {"latency": latency, "bandwidth": (sizes[-1] - sizes[0]) / max(grow, 1e-6)}
+    """Latency (alpha) and bandwidth (1 / beta) of the alpha-beta model that fits every measured
+    message and collective best, in relative error (least squares on t_model / t_measured - 1):
+    the planner prices each call the runtime makes with these two numbers."""
+    rows = []
+    for kind, (steps, vol) in _RING2.items():
+        for n, t in raw.get(kind, {}).items():
+            rows.append((steps / t, vol * int(n) / t))  # model / measured = a * alpha + b * beta
+    return _least_squares(rows)
 
 
-def measured_part(quick: bool) -> dict[str, Any]:
+def _least_squares(rows: list[tuple[float, float]]) -> dict[str, float]:
+    """alpha, beta minimising sum (a alpha + b beta - 1)^2 over the rows (a, b): the 2 x 2
+    normal equations. Returned as latency (alpha) and bandwidth (1 / beta)."""
+    saa = sum(a * a for a, _ in rows)
+    sab = sum(a * b for a, b in rows)
+    sbb = sum(b * b for _, b in rows)
+    sa, sb = sum(a for a, _ in rows), sum(b for _, b in rows)
+    det = saa * sbb - sab * sab
+    alpha = (sa * sbb - sb * sab) / det
+    beta = (saa * sb - sab * sa) / det
+    return {"latency": max(alpha, 1e-7), "bandwidth": 1 / max(beta, 1e-12)}
+
+
+def measured_part(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
     from layerwise import launch
 
     warmup, steps = (1, 2) if quick else (2, 12)
-    configs = CONFIGS[:2] if quick else CONFIGS
+    configs = CONFIGS[:2] if quick and not only else CONFIGS
+    if only:
+        configs = [c for c in configs if any(o in c["name"] for o in only)]
     load0 = os.getloadavg()[0]
-    act = BATCH * MODEL["context"] * MODEL["width"] * 4
-    raw = launch(measure_links, 2, [4096, act // 8, act], 3 if quick else 10, threads=1, timeout=300)[0]
-    links = fit_links(raw)
+    raw = launch(measure_links, 2, LINK_SIZES, 3 if quick else 10, threads=1, timeout=300)[0]
+    links: dict[str, Any] = fit_links(raw)
+    widths, counts = [256, 512, 1024], [4, 16]
+    raw_dp = launch(measure_dp_calls, 2, widths, counts, 2 if quick else 10, threads=1, timeout=300)[0]
+    raw_tp = launch(measure_tp_calls, 2, LINK_SIZES, [2, 6], 3 if quick else 10, threads=1, timeout=300)[0]
+    for mode, call in DP_CALLS.items():  # each fitted to its own calls
+        links[mode] = fit_dp_calls({mode: raw_dp[mode]}, widths, counts, {mode: call})
+    links["tp"] = fit_tp_calls(raw_tp)
+    print(f"  links: message {links['latency'] * 1e3:.2f} ms + bytes / {links['bandwidth'] / 1e9:.2f} GB/s; per call "
+          + ", ".join(f"{k} {links[k]['latency'] * 1e3:.2f} ms, {links[k]['bandwidth'] / 1e9:.2f} GB/s"
+                      for k in ("tp", "fsdp", "ddp")), flush=True)
     rows = []
     for conf in configs:
         res = launch(run_config, 2, conf, warmup, steps, 2 if quick else 4, threads=1, timeout=900)
-        # Speed samples interleave with the timed steps, so both see the same share of a shared
-        # machine; the medians of each are compared.
-        speed = statistics.median(x for r in res for x in r["speed_flops"])
-        est = predict(conf, speed, links, res[0]["partition"])
+        # Speed samples interleave with the timed steps (one before each), so both see the same
+        # share of a shared machine; the medians of each are compared. The samples taken before
+        # the warm-up steps are kept in the JSON, not used.
+        speed = statistics.median(x for r in res for x in r["speed_flops_timed"])
+        update = statistics.median(x for r in res for x in r["optimizer_params_per_s"])
+        est = predict(conf, speed, update, links, res[0]["partition"])
         measured_t = statistics.median(res[0]["step_times"])
         measured_m = max(r["memory"]["total"] for r in res)
         rows.append({
@@ -277,17 +438,35 @@ def measured_part(quick: bool) -> dict[str, Any]:
             "predicted_memory": est.memory, "measured_memory": [r["memory"] for r in res],
             "predicted_bubble": est.bubble_fraction, "step_times": res[0]["step_times"], "speed_flops": speed,
             "speed_flops_samples": [r["speed_flops"] for r in res], "loadavg": os.getloadavg()[0],
+            "optimizer_params_per_s": update, "predicted_parts": est.parts, "links_used": links,
             "measured_step_time_min_s": min(res[0]["step_times"]),
         })  # fmt: skip
         print(f"  {conf['name']:<28} step {est.step_time * 1e3:7.1f} ms predicted {measured_t * 1e3:7.1f} measured "
               f"({rows[-1]['step_time_error']:+.0%}); peak {est.memory['total'] / 2**20:6.1f} / {measured_m / 2**20:6.1f} "
               f"MiB ({rows[-1]['memory_error']:+.0%})", flush=True)
-    errs_t = [abs(r["step_time_error"]) for r in rows]
-    errs_m = [abs(r["memory_error"]) for r in rows]
-    return {"model": MODEL, "batch": BATCH, "links": links, "links_raw": raw,
-            "loadavg_before": load0, "loadavg_after": os.getloadavg()[0], "configs": rows,
-            "step_time_error_median": statistics.median(errs_t), "step_time_error_worst": max(errs_t),
-            "memory_error_median": statistics.median(errs_m), "memory_error_worst": max(errs_m)}
+    section = {"configs": [c["name"] for c in configs], "date": time.strftime("%Y-%m-%d %H:%M"), "links": links,
+               "links_raw": raw, "dp_calls_raw": raw_dp, "tp_calls_raw": raw_tp, "loadavg_before": load0,
+               "loadavg_after": os.getloadavg()[0]}
+    return {"model": MODEL, "batch": BATCH, "sections": [section], "configs": rows}
+
+
+def summarize(measured: dict[str, Any]) -> None:
+    """Median and worst absolute errors over the configurations, in place."""
+    errs_t = [abs(r["step_time_error"]) for r in measured["configs"]]
+    errs_m = [abs(r["memory_error"]) for r in measured["configs"]]
+    measured.update({"step_time_error_median": statistics.median(errs_t), "step_time_error_worst": max(errs_t),
+                     "memory_error_median": statistics.median(errs_m), "memory_error_worst": max(errs_m)})
+
+
+def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new``'s configurations replace ``old``'s of the same name; the others are kept, in
+    :data:`CONFIGS`' order (a long run split into sections, each under the exclusive lock)."""
+    if not old:
+        return new
+    rows = {r["name"]: r for r in old["configs"]} | {r["name"]: r for r in new["configs"]}
+    order = [c["name"] for c in CONFIGS]
+    return {**new, "sections": old.get("sections", []) + new["sections"],
+            "configs": sorted(rows.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))}
 
 
 def megatron_part() -> dict[str, Any]:
@@ -297,7 +476,11 @@ def megatron_part() -> dict[str, Any]:
         _, a, h, l, t, p, n, batch, _ = row
         model = ModelSpec(layers=l, hidden=h, heads=a, vocab=51200, seq=2048)
         cluster = Cluster.uniform(devices=n, devices_per_node=8, memory_gib=80, tflops=312, efficiency=eff)
-        return plan(model, cluster, batch, pins=Pins(tp=t, pp=p, recompute="full", zero_stage=0, offload=False), top=1).best
+        # The schedules Megatron-LM had in 2021 (1F1B, interleaved), not the zero-bubble ones since.
+        best = [plan(model, cluster, batch, top=1, pins=Pins(tp=t, pp=p, schedule=sched, recompute="full", zero_stage=0,
+                                                              offload=False)).best
+                for sched in (("1f1b", "interleaved") if p > 1 else ("1f1b",))]  # fmt: skip
+        return max((b for b in best if b is not None), key=lambda b: (b.feasible, b.tflops_per_device))
 
     # Calibrate on the smallest row: predicted TFLOP/s grows with the efficiency; bisect.
     lo, hi = 0.05, 1.0
@@ -323,15 +506,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--megatron-only", action="store_true")
+    ap.add_argument("--only", action="append", help="run the configurations whose name contains this (repeatable)")
+    ap.add_argument("--merge", action="store_true", help="keep --out's other configurations (run in sections)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner.json"))
     args = ap.parse_args()
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "python": sys.version.split()[0]}
     print("Megatron-LM Table 1 (efficiency calibrated on the 1.7B row):")
     report["megatron"] = megatron_part()
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    if args.megatron_only and "measured" in previous:
+        report["measured"] = previous["measured"]  # kept as it was
     if not args.megatron_only:
         print("measured on this machine (2 processes, 1 thread each):")
-        report["measured"] = measured_part(args.quick)
-        m = report["measured"]
+        old = previous.get("measured") if args.merge else None
+        report["measured"] = m = merge(old, measured_part(args.quick, args.only))
+        summarize(m)
         print(f"step time error: median {m['step_time_error_median']:.0%}, worst {m['step_time_error_worst']:.0%}; "
               f"memory error: median {m['memory_error_median']:.0%}, worst {m['memory_error_worst']:.0%}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,41 @@ def test_params_of_the_builtin_gpt() -> None:
         assert spec.params() == round(eq2_params(blocks, width, vocab, context)) + 2 * width
 
 
+def test_fsdp_units_are_the_runtimes() -> None:
+    # The planner's modules and ZeRO-3 units of a layer are what layerwise.parallel.data builds:
+    # the modules holding their own parameters, and those of >= BIG elements as units of their own.
+    torch = pytest.importorskip("torch")
+    from layerwise.models import GPT, GPTConfig
+    from layerwise.parallel import data
+    from layerwise.planner.units import BIG, layer_units
+
+    assert BIG == data._BIG
+    for width, vocab, context in [(256, 256, 128), (128, 1000, 64), (64, 256, 64)]:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab=vocab, context=context, width=width, heads=4, blocks=2, tie_embeddings=False))
+        spec = ModelSpec(layers=2, hidden=width, heads=4, vocab=vocab, seq=context, tied_head=False, fused_qkv=True)
+        layers = list(model.pipeline_layers())
+        emb, block, head = layers[0], layers[1], layers[-1]
+        for layer, mods in ((emb, spec.embedding_modules()), (block, spec.block_modules()),
+                            (head, spec.head_modules(own_copy=False))):  # fmt: skip
+            own = sorted(sum(p.numel() for p in m.parameters(recurse=False)) for _, m in layer.named_modules())
+            assert sorted(mods) == [n for n in own if n], type(layer).__name__
+            big = [sum(p.numel() for p in m.parameters()) for m in data._big_submodules(layer, [])]
+            rest = sum(p.numel() for p in layer.parameters()) - sum(big)
+            assert sorted(layer_units(mods, zero3=True)) == sorted(big + ([rest] if rest else []))
+            assert layer_units(mods, zero3=False) == [sum(p.numel() for p in layer.parameters())]
+
+
+@pytest.mark.parametrize("spec", [ModelSpec(layers=2, hidden=64, heads=4, vocab=99, seq=16),
+                                  ModelSpec(layers=2, hidden=64, heads=4, vocab=99, seq=16, fused_qkv=True),
+                                  ModelSpec(layers=2, hidden=64, heads=8, kv_heads=2, ffn=172, gated_mlp=True,
+                                            bias=False, norm="rmsnorm", vocab=99, seq=16)])
+def test_block_modules_add_up_to_the_layer(spec: ModelSpec) -> None:
+    assert sum(spec.block_modules()) == spec.params_per_layer()
+    # matrices (Q/K/V fused or three, output, 2 or 3 MLP) and the two norms
+    assert len(spec.block_modules()) == (4 if spec.fused_qkv else 6) + spec.gated_mlp + 2
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_params_of_a_tiny_hf_llama(tied: bool) -> None:
     pytest.importorskip("torch")

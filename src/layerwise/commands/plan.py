@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from layerwise.commands import UsageError, positive_int
-
-_SCHEDULES = ("1f1b", "interleaved", "gpipe", "zb-h1")
+from layerwise.schedule.generators import SCHEDULES  # pure: every schedule the runtime runs
 # layerwise.models.GPTConfig's defaults, repeated here so that planning never imports torch.
 _GPT = {"layers": 4, "hidden": 64, "heads": 4, "vocab": 256, "seq": 64}
 
@@ -41,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cl.add_argument("--device-tflops", type=float, metavar="T", help="peak dense TFLOP/s per device at "
                     "the training precision (A100 312, H100 SXM 989)")
     cl.add_argument("--efficiency", type=float, help="achievable fraction of --device-tflops for a "
-                    "transformer block's matrix multiplies (default 0.44: Megatron-LM's smallest "
+                    "transformer block's matrix multiplies (default 0.48: Megatron-LM's smallest "
                     "published run, calibrated in bench/README.md)")
     cl.add_argument("--intra-node-gbps", type=float, default=300.0, help="GB/s per device inside a node (default 300)")
     cl.add_argument("--inter-node-gbps", type=float, default=25.0, help="GB/s per device between nodes (default 25)")
@@ -54,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pins.add_argument("--dp", type=positive_int)
     pins.add_argument("--tp", type=positive_int)
     pins.add_argument("--pp", type=positive_int)
-    pins.add_argument("--schedule", choices=_SCHEDULES)
-    pins.add_argument("--chunks", type=positive_int, help="stages per rank (interleaved)")
+    pins.add_argument("--schedule", choices=SCHEDULES)
+    pins.add_argument("--chunks", type=positive_int, help="stages per rank (interleaved; zbv always has 2)")
     pins.add_argument("--microbatch-size", type=positive_int)
     pins.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
     pins.add_argument("--recompute", choices=("none", "selective", "full"))
@@ -74,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, measured_flops = _model(args)
     cluster = _cluster(args, measured_flops)
-    if args.chunks and args.chunks > 1 and args.schedule not in (None, "interleaved"):
+    if args.schedule == "zbv" and args.chunks not in (None, 2):
+        raise UsageError(f"--chunks {args.chunks}: zbv holds 2 chunks per rank, in a V")
+    if args.chunks and args.chunks > 1 and args.schedule not in (None, "interleaved", "zbv"):
         raise UsageError(f"--chunks {args.chunks} needs --schedule interleaved, not {args.schedule}")
     pins = planner.Pins(dp=args.dp, tp=args.tp, pp=args.pp,
                         schedule="interleaved" if args.chunks and args.chunks > 1 and not args.schedule else args.schedule,
@@ -127,7 +128,7 @@ def _model(args: argparse.Namespace) -> tuple[Any, float | None]:
             return load_hf_config(args.hf_config, seq=args.seq), None
         if args.model == "gpt":
             merged = {k: (v if v is not None else _GPT.get(k)) for k, v in shape.items()}
-            return ModelSpec(name="gpt", dropout=False, **merged), None  # layerwise.models.GPT has no dropout
+            return ModelSpec(name="gpt", dropout=False, fused_qkv=True, **merged), None  # layerwise.models.GPT: no dropout, one qkv matrix
         if args.model:
             return _profile(args.model, shape)
         missing = [f"--{k}" for k in ("layers", "hidden", "heads", "vocab", "seq") if shape[k] is None]
@@ -156,7 +157,8 @@ def _profile(path: str, shape: dict[str, Any]) -> tuple[Any, float]:
     opts = dict(kv.split("=") for kv in match.group(1).split(", "))
     rows = int(match.group(2))
     spec = ModelSpec(name="gpt (profiled)", layers=int(opts["blocks"]), hidden=int(opts["width"]),
-                     heads=int(opts["heads"]), vocab=int(opts["vocab"]), seq=int(opts["context"]), dropout=False)
+                     heads=int(opts["heads"]), vocab=int(opts["vocab"]), seq=int(opts["context"]), dropout=False,
+                     fused_qkv=True)
     if any(v is not None for v in shape.values()):
         raise UsageError("--model FILE describes the model: drop the shape flags")
     times = [st.get("time_s") for st in data.get("stages", [])]

@@ -4,6 +4,12 @@ Collective costs use the ring algorithm's volume (Patarasuk and Yuan, 2009; the 
 of Thakur et al., 2005): an all-reduce of ``n`` bytes over ``k`` ranks moves ``2 (k - 1) / k * n``
 bytes through each rank's link in ``2 (k - 1)`` steps; an all-gather or a reduce-scatter moves half
 of that. A ring runs at the speed of the slowest link it crosses.
+
+The runtime issues some collectives through software that adds its own cost per call: FSDP2's
+hooks and buffer copies around each unit's all-gather and reduce-scatter, DTensor's around a
+tensor-parallel all-reduce. A :class:`CallCost` prices such calls with their own latency and
+bandwidth, measured on the runtime's calls (``bench/planner.py`` does); without one, a call costs
+what the link does (on GPUs the copies run at memory speed and the hooks ahead of the device).
 """
 
 from __future__ import annotations
@@ -18,14 +24,30 @@ GIB = 2**30
 
 # Default achievable fraction of peak for a transformer layer's matrix multiplies. Calibrated on
 # the smallest row of Narayanan et al. (2021) Table 1 (1.7B parameters, 32 A100s, 137 TFLOP/s
-# per GPU measured, 44% of peak): with every communication and the bubble modelled, the compute
-# has to run at this fraction of the 312 TFLOP/s peak for the planner to predict that row.
-# See bench/README.md, section planner.
-DEFAULT_EFFICIENCY = 0.44
+# per GPU measured, 44% of peak): with every communication (the data-parallel all-reduce after
+# the backward, as Megatron-LM did then), the optimizer step and the bubble modelled, the
+# compute has to run at this fraction of the 312 TFLOP/s peak for the planner to predict that
+# row (bisection: 0.479). See bench/README.md, section planner.
+DEFAULT_EFFICIENCY = 0.48
 
 
 class ClusterError(ValueError):
     """A cluster description is inconsistent."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallCost:
+    """Latency (seconds per ring step) and bandwidth (bytes/s) of one kind of collective call as
+    the runtime issues it, software included."""
+
+    latency: float
+    bandwidth: float
+
+    def __post_init__(self) -> None:
+        for what in ("latency", "bandwidth"):
+            value = getattr(self, what)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ClusterError(f"call cost {what} must be a number > 0, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,13 +86,23 @@ class Cluster:
     host_bw: float = 25e9  # bytes/s device <-> host (PCIe 4 x16), for offload
     host_adam_params_per_s: float = 2e9  # CPU Adam updates per second per device (offload)
     memory_reserve: float = 0.1  # fraction of device memory kept for the framework and fragmentation
+    # Optimizer updates per second per device: Adam reads and writes about 32 bytes per parameter
+    # (fp32 master weight, two moments, gradient), so ~2 TB/s of HBM gives ~6e10.
+    optimizer_params_per_s: float = 6e10
+    # Whether communication runs while the device computes (GPUs: NCCL on its own streams, FSDP2
+    # prefetching one unit ahead). False where the processes' collectives take the cores their
+    # compute needs (CPU processes, one per core).
+    overlap: bool = True
+    tp_call: CallCost | None = None  # tensor-parallel all-reduces (DTensor)
+    fsdp_call: CallCost | None = None  # FSDP2 units' all-gathers and reduce-scatters
+    ddp_call: CallCost | None = None  # replicated units' all-reduces
 
     def __post_init__(self) -> None:
         if not self.groups:
             raise ClusterError("a cluster needs at least one device group")
         if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
             raise ClusterError(f"devices per node must be a whole number >= 1, got {self.devices_per_node!r}")
-        for what in ("intra_node_bw", "inter_node_bw", "host_bw", "host_adam_params_per_s"):
+        for what in ("intra_node_bw", "inter_node_bw", "host_bw", "host_adam_params_per_s", "optimizer_params_per_s"):
             value = getattr(self, what)
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ClusterError(f"{what} must be a number > 0, got {value!r}")
@@ -112,16 +144,25 @@ class Cluster:
 
     # --- collectives (ring) ------------------------------------------------------------------
 
-    def all_reduce(self, nbytes: float, ranks: int, bw: float) -> float:
-        if ranks <= 1 or nbytes <= 0:
-            return 0.0
-        return 2 * (ranks - 1) * self.latency + 2 * (ranks - 1) / ranks * nbytes / bw
+    def _cost(self, bw: float, call: CallCost | None) -> tuple[float, float]:
+        if call is None:
+            return self.latency, bw
+        return call.latency, min(bw, call.bandwidth)
 
-    def all_gather(self, nbytes: float, ranks: int, bw: float) -> float:
-        """Gather (or reduce-scatter) ``nbytes`` in total, ``nbytes / ranks`` from each rank."""
+    def all_reduce(self, nbytes: float, ranks: int, bw: float, call: CallCost | None = None, calls: int = 1) -> float:
+        """``calls`` all-reduces of ``nbytes`` in total (the latency is paid per call)."""
         if ranks <= 1 or nbytes <= 0:
             return 0.0
-        return (ranks - 1) * self.latency + (ranks - 1) / ranks * nbytes / bw
+        alpha, bw = self._cost(bw, call)
+        return calls * 2 * (ranks - 1) * alpha + 2 * (ranks - 1) / ranks * nbytes / bw
+
+    def all_gather(self, nbytes: float, ranks: int, bw: float, call: CallCost | None = None, calls: int = 1) -> float:
+        """Gather (or reduce-scatter) ``nbytes`` in total, ``nbytes / ranks`` from each rank, in
+        ``calls`` calls."""
+        if ranks <= 1 or nbytes <= 0:
+            return 0.0
+        alpha, bw = self._cost(bw, call)
+        return calls * (ranks - 1) * alpha + (ranks - 1) / ranks * nbytes / bw
 
     def p2p(self, nbytes: float, bw: float) -> float:
         return self.latency + nbytes / bw

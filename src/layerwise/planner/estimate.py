@@ -10,11 +10,13 @@ Time per microbatch and stage: FLOPs (Narayanan et al., 2021, Eq. 3: backward = 
 recomputation adds a forward) at the device's achievable speed, plus the tensor-parallel
 all-reduces (2 per block forward, 2 backward, 2 more to recompute; Korthikanti et al., 2022,
 Sec. 4.2: sequence parallelism's all-gather + reduce-scatter move the same bytes) and, under
-ZeRO-3, the parameter gathers not hidden behind compute (prefetched one layer ahead). The
-pipeline is then replayed by :mod:`.pipesim` with the point-to-point message time on each
-boundary. Data-parallel gradient reduction runs once per step and overlaps the rank's last
-backward (DDP's bucketing, Li et al., 2020); ZeRO-1/2's all-gather of updated parameters and
-offload's host round trip come after the optimizer and are exposed.
+ZeRO-3, the runtime's per-microbatch gathers and reduce-scatters, one call per FSDP unit
+(:mod:`.units`): hidden behind compute where the cluster overlaps communication (prefetching
+one unit ahead), all exposed where it cannot. The pipeline is then replayed by :mod:`.pipesim`
+with the point-to-point message time on each boundary. The runtime reduces data-parallel
+gradients once per step after each rank's last backward, one call per layer, and (ZeRO-1/2)
+gathers the parameters once before the first forward; offload's host round trip comes after
+the optimizer. All are exposed.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from ..schedule.simulate import peak_inflight
 from . import memory as mem
 from .cluster import Cluster, DeviceGroup
 from .model import ModelSpec
-from .closed import closed_makespan, inflight_closed, interleaved_bound
+from .closed import chunk_bound, closed_makespan, inflight_closed
 from .pipesim import PipeTiming, rank_peak_activations, simulate
 from .strategy import Strategy, StrategyError
+from .units import layer_units
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +128,10 @@ class _Layout:
     stage_params: tuple[float, ...]  # per stage, parameters on one tensor-parallel rank
     rank_params: tuple[float, ...]  # per pipeline rank, the same summed over its stages
     stage_layers: tuple[int, ...]  # per stage, units it holds
+    # Per stage, FSDP/DDP units (one per layer) and ZeRO-3 units (each large matrix its own):
+    # (count, parameters in all, first unit's, last unit's), whole, before tensor parallelism.
+    stage_dp_units: tuple[tuple[int, float, float, float], ...]
+    stage_z3_units: tuple[tuple[int, float, float, float], ...]
     peaks: tuple[float, ...]  # per pipeline rank, peak saved activations (bytes)
     transient: float  # bytes on top of them while recomputing a block
     compute: tuple[tuple[float, float, float], ...]  # per stage, F, I, W compute seconds
@@ -148,7 +155,8 @@ def _layout(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int, 
                             f"(embedding, {model.layers} blocks, head)")
     stride = s.dp * s.tp
     groups = tuple(cluster.group_of(r * stride) for r in range(s.pp))
-    where = tuple(st % s.pp for st in range(n_stages))
+    where = s.stage_ranks()
+    mine = [[st for st in range(n_stages) if where[st] == r] for r in range(s.pp)]
     speeds = tuple(groups[where[st]].flops for st in range(n_stages))
     f, i, w = unit_flops(model, s)
     if partition is None:
@@ -180,6 +188,20 @@ def _layout(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int, 
         return tuple(e * he + blk * nb + h * hh for he, nb, hh in shape)
 
     params_u = unit_params(model, n_stages > 1)
+    modules = [model.embedding_modules(), model.block_modules(), model.head_modules(own_copy=n_stages > 1)]
+
+    def stage_units(zero3: bool) -> tuple[tuple[int, float, float, float], ...]:
+        kinds = [layer_units(mods, zero3=zero3) for mods in modules]  # embedding, block, head
+        out = []
+        for he, nb, hh in shape:
+            counts = (he, nb, hh)
+            units = [u for k, c in zip(kinds, counts) if c for u in k]  # one of each kind present
+            n = sum(len(k) * c for k, c in zip(kinds, counts))
+            total = sum(sum(k) * c for k, c in zip(kinds, counts))
+            out.append((n, total, units[0] if units else 0.0, units[-1] if units else 0.0))
+        return tuple(out)
+
+    dp_units, z3_units = stage_units(False), stage_units(True)
     act_kw: dict[str, Any] = dict(micro=s.micro, tp=s.tp, sp=s.sp, precision=precision)
     block_act = mem.layer_activation_bytes(model, recompute=s.recompute, **act_kw)
     act_u = [mem.embedding_activation_bytes(model, **act_kw), block_act, mem.head_activation_bytes(model, **act_kw)]
@@ -191,7 +213,7 @@ def _layout(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int, 
     # Tensor parallelism: 2 all-reduces of the block's (b, s, h) activation forward, 2 backward,
     # 2 more when the forward is recomputed; one more for the vocab-parallel embedding.
     act_bytes = s.micro * model.seq * model.hidden * precision.activation
-    ar = cluster.all_reduce(act_bytes, s.tp, cluster.intra_node_bw)
+    ar = cluster.all_reduce(act_bytes, s.tp, cluster.intra_node_bw, cluster.tp_call)
     tp_comm = tuple((2 * ar * nb + (ar if a == 0 else 0), (4 if s.recompute == "full" else 2) * ar * nb)
                     for nb, (a, _) in zip(blocks, spans))
     compute = tuple((x / v, y / v, z / v) for x, y, z, v in zip(per_stage(f), per_stage(i), per_stage(w), speeds))
@@ -202,26 +224,27 @@ def _layout(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int, 
     hops = tuple(cluster.p2p(msg, cluster.intra_node_bw if node[where[st]] == node[where[st + 1]]
                              else cluster.inter_node_bw) for st in range(n_stages - 1))
     closed = inflight_closed(s.schedule, s.pp, m)
+    bounded = closed is None and not exact and (s.schedule == "zbv" or m % s.pp == 0)
     if closed is not None:  # one stage per rank
         peaks = tuple(closed[r] * stage_act[r] for r in range(s.pp))
         inflight: tuple[int, ...] = closed
-    elif exact or m % s.pp:
+    elif not bounded:
         peaks = tuple(_rank_peaks(s.schedule, s.pp, m, s.chunks, stage_act))
         inflight = _inflight(s.schedule, s.pp, m, s.chunks)
     else:  # the search's first pass: bounds, every chunk as large as the rank's largest (smallest)
-        peaks = tuple(interleaved_bound(s.pp, m, s.chunks, r) * max(stage_act[r::s.pp]) for r in range(s.pp))
+        peaks = tuple(chunk_bound(s.schedule, s.pp, m, s.chunks, r) * max(stage_act[st] for st in mine[r])
+                      for r in range(s.pp))
         inflight = ()
-    approx = closed is None and not (exact or m % s.pp)
-    low = tuple(interleaved_bound(s.pp, m, s.chunks, r) * min(stage_act[r::s.pp]) for r in range(s.pp)) \
-        if approx else peaks
-    rank_params = tuple(sum(stage_params[r::s.pp]) for r in range(s.pp))
+    low = tuple(chunk_bound(s.schedule, s.pp, m, s.chunks, r) * min(stage_act[st] for st in mine[r])
+                for r in range(s.pp)) if bounded else peaks
+    rank_params = tuple(sum(stage_params[st] for st in mine[r]) for r in range(s.pp))
     usable = [g.memory_bytes * (1 - cluster.memory_reserve) for g in groups]
     rows = tuple(sorted(set(zip(rank_params, peaks, usable))))
     rows_low = tuple(sorted(set(zip(rank_params, low, usable))))
     return _Layout(
         m=m, partition=tuple(partition), where=where, groups=groups, stage_params=stage_params,
-        rank_params=rank_params, rows=rows, rows_low=rows_low, approx=approx,
-        stage_layers=tuple(partition), peaks=peaks,
+        rank_params=rank_params, rows=rows, rows_low=rows_low, approx=bounded,
+        stage_layers=tuple(partition), stage_dp_units=dp_units, stage_z3_units=z3_units, peaks=peaks,
         transient=transient, compute=compute, tp_comm=tp_comm, hops=hops, inflight=inflight,
     )  # fmt: skip
 
@@ -255,12 +278,17 @@ def estimate(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int,
     forms of :func:`closed_makespan` (exact for uniform stages, see the tests; the search ranks
     with it first); ``"none"`` computes the memory only.
     """
+    if s.zero_stage == 3 and s.dp > 1 and s.split_backward:
+        raise StrategyError(f"ZeRO-3 reduces gradients after each backward, which {s.schedule} splits in two: "
+                            f"layerwise.Pipeline refuses reshard_after_forward with a zero-bubble schedule")
     base_s = s if s.zero_stage == 0 and not s.offload else replace(s, zero_stage=0, offload=False)
     part = None if partition is None else tuple(partition)
     lay = _layout(model, cluster, base_s, global_batch, precision, part, timing == "sim")
     transient = lay.transient
-    if s.zero_stage == 3:  # two gathered blocks: the one computing and the one prefetched
-        transient += 2 * model.params_per_layer() / s.tp * precision.param
+    if s.zero_stage == 3 and s.dp > 1:  # two gathered units: the one computing and the one prefetched
+        biggest = max(max(layer_units(mods, zero3=True), default=0.0) for mods in
+                      (model.embedding_modules(), model.block_modules(), model.head_modules(own_copy=s.stages > 1)))
+        transient += 2 * biggest / s.tp * precision.param
     worst, worst_margin, budget = _memory(lay.rows, s, precision, transient)
     if lay.approx and worst_margin > 0 and _memory(lay.rows_low, s, precision, transient)[1] <= 0:
         # The bounds disagree on whether it fits: walk the schedule for the exact peaks.
@@ -284,39 +312,49 @@ def estimate(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int,
 
     dp_bw = cluster.bandwidth(s.dp * s.tp)  # a data-parallel ring spans dp x tp consecutive devices
     fs, is_, ws, zcomm = [], [], [], []
+    start, end = [0.0] * s.pp, [0.0] * s.pp  # per rank, once-per-step collectives before and after
     for st, (cf, ci, cw) in enumerate(lay.compute):
         extra_f = extra_b = 0.0
-        if s.zero_stage >= 2 and s.dp > 1:
-            # ZeRO-2 keeps only its shard of the gradients, so it reduce-scatters them after every
-            # microbatch's backward (DeepSpeed does); ZeRO-3 also gathers the parameters for the
-            # forward and again for the backward. Prefetching hides what the compute covers,
-            # except the first layer's gather.
-            scatter = cluster.all_gather(lay.stage_params[st] * precision.grad, s.dp, dp_bw)
-            extra_b = max(0.0, scatter - ci - cw)
-            if s.zero_stage == 3:
-                gather = cluster.all_gather(lay.stage_params[st] * precision.param, s.dp, dp_bw)
-                first = gather / lay.stage_layers[st]
-                extra_f = max(first, gather - cf)
-                extra_b = max(first, gather + scatter - ci - cw)
+        r = lay.where[st]
+        if s.dp > 1 and s.zero_stage == 3:
+            # Every microbatch gathers each unit in its forward and again in its backward, and
+            # reduce-scatters its gradients (layerwise.parallel.data, reshard_after_forward).
+            n, total, first, last = lay.stage_z3_units[st]
+            total /= s.tp
+            call = cluster.fsdp_call
+            gather = cluster.all_gather(total * precision.param, s.dp, dp_bw, call, n)
+            scatter = cluster.all_gather(total * precision.grad, s.dp, dp_bw, call, n)
+            extra_f, extra_b = gather, gather + scatter
+            if cluster.overlap and n:  # FSDP2 prefetches the next unit while one computes
+                extra_f = max(cluster.all_gather(first / s.tp * precision.param, s.dp, dp_bw, call), extra_f - cf)
+                extra_b = max(cluster.all_gather(last / s.tp * precision.param, s.dp, dp_bw, call), extra_b - ci - cw)
+        elif s.dp > 1:
+            n, total, _, _ = lay.stage_dp_units[st]
+            total /= s.tp
+            if s.zero_stage == 0:  # DDP (FSDP2's replicate): an all-reduce per layer
+                end[r] += cluster.all_reduce(total * precision.grad, s.dp, dp_bw, cluster.ddp_call, n)
+            else:  # parameters gathered at the first forward, gradients reduce-scattered at the end
+                start[r] += cluster.all_gather(total * precision.param, s.dp, dp_bw, cluster.fsdp_call, n)
+                end[r] += cluster.all_gather(total * precision.grad, s.dp, dp_bw, cluster.fsdp_call, n)
         zcomm.append(extra_f + extra_b)
         fs.append(cf + lay.tp_comm[st][0] + extra_f)
         is_.append(ci + lay.tp_comm[st][1] + extra_b)
         ws.append(cw)
     hops = list(lay.hops)
     if timing == "closed":
-        timing_ = closed_makespan(s.pp, m, s.chunks, s.schedule == "zb-h1", fs, is_, ws, hops)
-    elif s.schedule == "zb-h1":
+        timing_ = closed_makespan(s.pp, m, lay.where, s.split_backward, fs, is_, ws, hops)
+    elif s.split_backward:
         timing_ = _simulate(s.schedule, s.pp, m, s.chunks, tuple(fs), tuple(is_), tuple(ws), tuple(hops))
     else:
         full = tuple(x + y for x, y in zip(is_, ws))
         timing_ = _simulate(s.schedule, s.pp, m, s.chunks, tuple(fs), full, (0.0,) * len(fs), tuple(hops))
-    step, parts = _step_time(cluster, s, precision, timing_, lay.rank_params, dp_bw)
+    step, parts = _step_time(cluster, s, precision, timing_, lay.rank_params, start, end)
 
     if timing == "closed":  # the search's first pass needs the step time only
         return Estimate(step_time=step, makespan=float(timing_.makespan), bubble_fraction=0.0, parts=parts, **base)
 
     def per_rank(values: list[float]) -> float:
-        return max(sum(values[r::s.pp]) * m for r in range(s.pp))
+        return max(sum(v for v, w in zip(values, lay.where) if w == r) * m for r in range(s.pp))
 
     parts.update({
         "compute": per_rank([sum(c) for c in lay.compute]),
@@ -329,32 +367,23 @@ def estimate(model: ModelSpec, cluster: Cluster, s: Strategy, global_batch: int,
 
 
 def _step_time(cluster: Cluster, s: Strategy, precision: mem.Precision, t: PipeTiming,
-               rank_params: tuple[float, ...], dp_bw: float) -> tuple[float, dict[str, float]]:
-    """The pipeline's makespan plus what data parallelism and the optimizer add after it."""
-    step = float(t.makespan)
+               rank_params: tuple[float, ...], start: list[float], end: list[float]) -> tuple[float, dict[str, float]]:
+    """The pipeline's makespan plus the once-per-step collectives (``start`` before the first
+    forward, ``end`` after each rank's last backward, seconds per rank) and the offload round trip."""
+    shift = max(start)  # every rank gathers at once; the pipeline starts when the slowest has
+    step = shift + float(t.makespan)
     dp_exposed = opt_exposed = 0.0
     for r, p_rank in enumerate(rank_params):
-        grads = p_rank * precision.grad
-        if s.zero_stage == 0:
-            sync = cluster.all_reduce(grads, s.dp, dp_bw)
-            after = 0.0
-        elif s.zero_stage == 1:
-            sync = cluster.all_gather(grads, s.dp, dp_bw)  # reduce-scatter: same cost
-            after = cluster.all_gather(p_rank * precision.param, s.dp, dp_bw)
-        else:  # gradients reduce-scattered every microbatch, inside the stage times
-            sync = 0.0
-            after = cluster.all_gather(p_rank * precision.param, s.dp, dp_bw) if s.zero_stage == 2 else 0.0
         shard = p_rank / (s.dp if s.zero_stage >= 1 else 1)
-        host = 0.0
         if s.offload:
             # ZeRO-Offload: gradients down, updated parameters up, Adam on the host CPU.
-            host = shard * (precision.grad + precision.param) / cluster.host_bw + shard / cluster.host_adam_params_per_s
-        end = max(float(t.finish[r]), float(t.last_backward[r]) + sync)
-        total = end + after + host
-        if total > step:
-            step = total
-        dp_exposed = max(dp_exposed, end - float(t.makespan))
-        opt_exposed = max(opt_exposed, after + host)
+            update = shard * (precision.grad + precision.param) / cluster.host_bw + shard / cluster.host_adam_params_per_s
+        else:
+            update = shard / cluster.optimizer_params_per_s
+        done = shift + float(t.finish[r]) + end[r]  # finish_step runs after the rank's last backward
+        step = max(step, done + update)
+        dp_exposed = max(dp_exposed, done - float(t.makespan))
+        opt_exposed = max(opt_exposed, update)
     return step, {"dp_exposed": max(dp_exposed, 0.0), "optimizer_exposed": opt_exposed}
 
 

@@ -39,6 +39,7 @@ class ModelSpec:
     tied_head: bool = True  # the output layer reuses the token embedding
     final_norm: bool = True  # a norm before the head (Eq. 2 leaves it out)
     dropout: bool = True  # dropout masks are saved for backward (Korthikanti et al. count them)
+    fused_qkv: bool = False  # one Q/K/V matrix (GPT-2, layerwise's GPT), not three (Llama)
     name: str = "model"
 
     def __post_init__(self) -> None:
@@ -89,6 +90,29 @@ class ModelSpec:
         h, f = self.hidden, self.ffn_
         biases = (h + 2 * self.kv_dim + h + (2 * f if self.gated_mlp else f) + h) if self.bias else 0
         return self.matmul_params_per_layer() + biases + 2 * self._norm_params()
+
+    def block_modules(self) -> list[int]:
+        """Parameters of each module of a block that holds some of its own: the linear layers
+        (weight and bias) and the two norms. They add up to :meth:`params_per_layer` (tested);
+        the runtime's ZeRO-3 gives each large one an FSDP unit of its own (:mod:`.units`)."""
+        h, f, kv, b = self.hidden, self.ffn_, self.kv_dim, self.bias
+        if self.fused_qkv:
+            attention = [h * (h + 2 * kv) + (h + 2 * kv if b else 0)]
+        else:
+            attention = [h * h + (h if b else 0)] + [h * kv + (kv if b else 0)] * 2
+        attention.append(h * h + (h if b else 0))  # output projection
+        mlp = [h * f + (f if b else 0)] * (2 if self.gated_mlp else 1) + [f * h + (h if b else 0)]
+        return attention + mlp + [self._norm_params()] * 2
+
+    def embedding_modules(self) -> list[int]:
+        """Parameters of the embedding layer's modules: token and (learned) position tables."""
+        return [self.vocab * self.hidden] + ([self.seq * self.hidden] if self.learned_positions else [])
+
+    def head_modules(self, *, own_copy: bool) -> list[int]:
+        """The head layer's modules: final norm and output matrix (a tied head on a stage of
+        its own holds a copy of the embedding: ``own_copy``)."""
+        out = [self._norm_params()] if self.final_norm else []
+        return out + ([self.vocab * self.hidden] if not self.tied_head or own_copy else [])
 
     def embedding_params(self) -> int:
         """The first stage's extra: token (and learned position) embeddings."""
@@ -192,6 +216,7 @@ def from_hf_config(config: dict[str, Any], *, seq: int | None = None, name: str 
         learned_positions=gpt2_like,
         tied_head=bool(config.get("tie_word_embeddings", gpt2_like)),
         dropout=float(get("attention_dropout", "attn_pdrop") or 0) > 0,
+        fused_qkv=gpt2_like,  # GPT-2's c_attn
     )
 
 

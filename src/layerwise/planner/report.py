@@ -71,8 +71,8 @@ def why(e: Estimate) -> str:
         "the pipeline bubble": bubble,
         "tensor-parallel all-reduces": p.get("tp_comm", 0.0),
         "ZeRO gathers and reduce-scatters": p.get("zero_comm", 0.0),
-        "data-parallel gradient sync not hidden by the backward": p.get("dp_exposed", 0.0),
-        "the optimizer step's parameter gather / host round trip": p.get("optimizer_exposed", 0.0),
+        "data-parallel gradient sync and parameter gathers once per step": p.get("dp_exposed", 0.0),
+        "the optimizer step (offload: its host round trip)": p.get("optimizer_exposed", 0.0),
         "pipeline transfers": p.get("p2p", 0.0),
     }
     redo = {"full": "full recomputation (one more forward per block)",

@@ -15,10 +15,15 @@ from .cluster import Cluster
 from .estimate import Estimate, estimate
 from .memory import PRECISIONS, RECOMPUTE, Precision
 from .model import ModelSpec
-from .strategy import SCHEDULES, Strategy, StrategyError
+from ..schedule.generators import compute_actions
+from .strategy import SCHEDULES, SPLIT_BACKWARD, Strategy, StrategyError
 
 _MAX_MICRO = 64
 _CHUNKS = (2, 4, 8)
+# ZB-H2 and ZB-V come from a list scheduler (layerwise.schedule.zero_bubble), not a formula: a
+# replay first builds the schedule, ~0.1 s of CPU at this many compute actions and growing with
+# them. Larger ones are searched only when pinned, so that a 4,096-device search stays in seconds.
+_MAX_LISTED_ACTIONS = 10_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +91,8 @@ def enumerate_strategies(model: ModelSpec, cluster: Cluster, global_batch: int, 
                     for zero in [pins.zero_stage] if pins.zero_stage is not None else (0, 1, 2, 3):
                         if zero > 0 and dp == 1 and pins.zero_stage is None:
                             continue  # nothing to shard over
+                        if zero == 3 and dp > 1 and sched in SPLIT_BACKWARD and None in (pins.zero_stage, pins.schedule):
+                            continue  # the runtime cannot run them together (estimate says why when both are pinned)
                         for rc in [pins.recompute] if pins.recompute else RECOMPUTE:
                             out.append(Strategy(dp=dp, tp=tp, pp=pp, schedule=sched, chunks=chunks, micro=micro,
                                                 zero_stage=zero, recompute=rc, offload=bool(pins.offload)))
@@ -95,13 +102,16 @@ def enumerate_strategies(model: ModelSpec, cluster: Cluster, global_batch: int, 
 def _schedules(pp: int, m: int, units: int, pins: Pins) -> list[tuple[str, int]]:
     if pins.schedule:
         if pins.schedule == "interleaved":
+            if m % pp and pins.micro is None:
+                return []  # other microbatch sizes give Megatron's case, m a multiple of p (see below)
             return [("interleaved", c) for c in ([pins.chunks] if pins.chunks else _CHUNKS) if pp * c <= units]
-        return [(pins.schedule, 1)]
+        return [(pins.schedule, 2 if pins.schedule == "zbv" else 1)]
     if pp == 1:
         return [("1f1b", 1)]
     # GPipe is left out unless pinned: 1F1B has its bubble and holds fewer microbatches
     # (Narayanan et al., 2021, Sec. 2.2.1), so it never loses to it.
-    out = [(name, 1) for name in SCHEDULES if name not in ("interleaved", "gpipe")]
+    out = [(name, 1) for name in SCHEDULES if name not in ("interleaved", "gpipe") and (name != "zbv" or 2 * pp <= units)
+           and (name not in ("zb-h2", "zbv") or compute_actions(name, pp, m) <= _MAX_LISTED_ACTIONS)]
     # Megatron's interleaved schedule needs m a multiple of p (the generator handles any m, at
     # the cost of a validation per try; the search keeps to the paper's case).
     if m and m % pp == 0:
@@ -158,6 +168,16 @@ def plan(model: ModelSpec, cluster: Cluster, global_batch: int, *, pins: Pins = 
         if counts.get(_kind(e), 0) < 2:
             chosen.append(e)
             counts[_kind(e)] = counts.get(_kind(e), 0) + 1
+    # ZeRO-0/1/2 of a chosen shape share its pipeline (the replay is cached) and differ in when
+    # the data-parallel collectives run, which the closed forms cannot tell apart: replay them too.
+    fitting = {e.strategy: e for e in ranked}
+    seen = {e.strategy for e in chosen}
+    for e in list(chosen):
+        for zero in (0, 1, 2) if e.strategy.zero_stage < 3 else ():
+            sibling = replace(e.strategy, zero_stage=zero)
+            if sibling in fitting and sibling not in seen:
+                seen.add(sibling)
+                chosen.append(fitting[sibling])
     simulated = [estimate(model, cluster, e.strategy, global_batch, precision=precision) for e in chosen]
     simulated.sort(key=lambda e: (e.step_time, e.strategy.label()))
     if simulated:
