@@ -147,6 +147,9 @@ def main() -> int:
     # returns every tensor of 64 KiB or more to the OS when freed. A training job may prefer the
     # default, which saves page faults on tensors allocated every step.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
+    # layerwise.launch's ranks keep freed buffers on the heap (runtime/malloc.py), which would override the
+    # threshold above from inside each rank: turned off here, so RSS measures what a rank holds.
+    os.environ["LAYERWISE_KEEP_HEAP"] = "0"
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small model: checks the code paths only")
     ap.add_argument("--big", action="store_true", help="also train the 16 GB model with pp=4")
