@@ -19,7 +19,7 @@ from ..runtime.distributed import ensure_initialized
 from ..runtime.errors import ConfigError
 from ..partition._tree import map_tensors
 from ..runtime.pipeline import Pipeline as _PipelineBase
-from ..runtime.pipeline import _rows
+from ..runtime.microbatch import batch_rows
 from ..runtime.split import ModelLike, resolve_partition, stage_bounds
 from .mesh import ParallelDims, build_mesh
 from .meta import is_meta, materialize, materializer
@@ -167,7 +167,7 @@ class Pipeline(_PipelineBase):
             return super().forward_backward(inputs, targets)
         d = self.dims.coords(dist.get_rank())[0]
         ends = inputs if 0 in self.stages else targets
-        rows = _rows(ends) if ends is not None else None
+        rows = batch_rows(ends) if ends is not None else None
         if rows is not None and rows < self.dims.dp:
             raise ConfigError(f"a batch of {rows} rows cannot be split over dp={self.dims.dp} replicas: "
                               f"use a batch of at least {self.dims.dp} rows")

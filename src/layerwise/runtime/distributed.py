@@ -83,3 +83,16 @@ def default_device() -> torch.device:
 
 def to_global(group: Any, rank: int) -> int:
     return dist.get_global_rank(group, rank) if group is not None else rank
+
+
+def all_gather_rows(rows: torch.Tensor, group: Any, world_size: int) -> list[torch.Tensor]:
+    """Every rank's 2-D float tensor of rows (row counts may differ), padded to gather in one call."""
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64)
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
+    dist.all_gather(counts, count, group=group)
+    width = max(int(c[0]) for c in counts)
+    padded = torch.zeros(width, rows.shape[1], dtype=rows.dtype)
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.zeros_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded, group=group)
+    return [g[: int(c[0])] for g, c in zip(gathered, counts)]

@@ -28,3 +28,14 @@ def split_batch(batch: Any, m: int, what: str) -> list[Any]:
         by_key = {k: split_batch(v, m, f"{what}[{k!r}]") for k, v in batch.items()}
         return [{k: v[i] for k, v in by_key.items()} for i in range(m)]
     raise ConfigError(f"{what} must be a tensor, a tuple or a dict of tensors, got {type(batch).__name__}")
+
+
+def batch_rows(x: Any) -> int:
+    """Rows of a batch: the first dimension of its first tensor."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() else 1
+    if isinstance(x, (tuple, list)) and x:
+        return batch_rows(x[0])
+    if isinstance(x, dict) and x:
+        return batch_rows(next(iter(x.values())))
+    raise ConfigError(f"cannot tell the batch size of {type(x).__name__}: pass tensors (batch first)")

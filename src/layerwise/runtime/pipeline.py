@@ -5,22 +5,23 @@ from __future__ import annotations
 import atexit
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..partition._tree import map_tensors
 from ..schedule.actions import Action, Kind, TimedAction
 from ..schedule.core import Schedule
 from ..schedule.generators import ScheduleConfigError, build, chunks_per_rank
 from ..schedule.validate import validate
-from .distributed import default_device, ensure_initialized, to_global
+from .distributed import all_gather_rows, default_device, ensure_initialized, to_global
 from .errors import ConfigError
-from .executor import KINDS, StepData, channel_of, run_step
-from .microbatch import split_batch
-from .shm import Channel, make_transport
+from .executor import KINDS, StepData, run_step
+from .microbatch import batch_rows, split_batch
+from .shm import channels, make_transport
 from .split import ModelLike, Partition, TieSlots, as_layers, local_tensor, resolve_partition, stage_bounds, tie_slots
 from .stage import Stage
 
@@ -131,7 +132,7 @@ class Pipeline:
         self._ties = self._tie_groups(ties)
         try:
             self.transport = make_transport(transport, group, self.describe, self.device,
-                                            _channels(self.stage_to_rank), timeout)
+                                            channels(self.stage_to_rank), timeout)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         seen: dict[int, nn.Parameter] = {}
@@ -270,12 +271,12 @@ class Pipeline:
         sch = self._schedule(m)
         mb_in = split_batch(inputs, m, "inputs") if 0 in self.stages else [None] * m
         mb_tg = split_batch(targets, m, "targets") if self.is_last else [None] * m
-        sizes = [_rows(t) for t in mb_tg] if self.is_last else [1] * m
+        sizes = [batch_rows(t) for t in mb_tg] if self.is_last else [1] * m
         total = sum(sizes)
         unit = [n / total for n in sizes] if self.loss_reduction == "mean" else [1.0] * m
         weights = [w * self._loss_scale for w in unit]
-        mb_in = [_to(x, self.device) for x in mb_in]
-        mb_tg = [_to(x, self.device) for x in mb_tg]
+        mb_in = [map_tensors(lambda t: t.to(self.device), x) for x in mb_in]
+        mb_tg = [map_tensors(lambda t: t.to(self.device), x) for x in mb_tg]
         actions = sch.ranks[self.rank]
         if forward_only:  # the schedule's forwards and their messages, in the schedule's order
             actions = [a for a in actions if a.kind in _FORWARD_KINDS]
@@ -354,11 +355,11 @@ class Pipeline:
         if 0 in self.stages:
             if inputs is None:
                 raise ConfigError(f"{self.describe(self.rank)} holds the first stage: pass the inputs to step()")
-            n[0] = _rows(inputs)
+            n[0] = batch_rows(inputs)
         elif self.is_last:
             if targets is None:
                 raise ConfigError(f"{self.describe(self.rank)} holds the last stage: pass the targets to step()")
-            n[0] = _rows(targets)
+            n[0] = batch_rows(targets)
         first = to_global(self.group, self.stage_to_rank[0])
         dist.broadcast(n, first, group=self.group)
         if int(n[0]) < 1:
@@ -375,56 +376,16 @@ class Pipeline:
         Gathered as plain float tensors (never pickled); times are relative to the earliest start.
         """
         rows = torch.tensor(self.last_events, dtype=torch.float64).reshape(-1, 5)
-        count = torch.tensor([rows.shape[0]], dtype=torch.int64)
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(counts, count, group=self.group)
-        width = max(int(c[0]) for c in counts)
-        padded = torch.zeros(width, 5, dtype=torch.float64)
-        padded[: rows.shape[0]] = rows
-        gathered = [torch.zeros(width, 5, dtype=torch.float64) for _ in range(self.world_size)]
-        dist.all_gather(gathered, padded, group=self.group)
-        events = []
-        for r, (g, c) in enumerate(zip(gathered, counts)):
-            for s, k, mb, t0, t1 in g[: int(c[0])].tolist():
-                events.append(TimedAction(r, Action(int(s), KINDS[int(k)], int(mb)), t0, t1))
+        events = [TimedAction(r, Action(int(s), KINDS[int(k)], int(mb)), t0, t1)
+                  for r, got in enumerate(all_gather_rows(rows, self.group, self.world_size))
+                  for s, k, mb, t0, t1 in got.tolist()]  # fmt: skip
         if not events:
             return []
         origin = min(e.start for e in events)
         return [TimedAction(e.rank, e.action, e.start - origin, e.end - origin) for e in events]
 
 
-def _channels(stage_to_rank: Sequence[int]) -> list[Channel]:
-    """Every channel between two ranks: each boundary's activations forward, gradients back."""
-    out = []
-    for s in range(len(stage_to_rank) - 1):
-        a, b = stage_to_rank[s], stage_to_rank[s + 1]
-        if a != b:
-            out += [Channel(a, b, channel_of(s, True)), Channel(b, a, channel_of(s + 1, False))]
-    return out
-
-
 def _wait_all(pending: list[Any]) -> None:
     while pending:
         work, _ = pending.pop()
         work.wait()
-
-
-def _rows(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0]) if x.dim() else 1
-    if isinstance(x, (tuple, list)) and x:
-        return _rows(x[0])
-    if isinstance(x, dict) and x:
-        return _rows(next(iter(x.values())))
-    raise ConfigError(f"cannot tell the batch size of {type(x).__name__}: pass tensors (batch first)")
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(t, device) for t in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from .distributed import at_shutdown, to_global
 from .errors import PeerLostError, ProtocolError
+from .executor import channel_of
 from .transport import DistTransport
 from .wire import HEADER_SLOTS, MAX_PAYLOAD, ROUTE, Structure, decode_header, decode_payload, encode
 
@@ -369,3 +370,13 @@ def _shared_prefix(group: Any) -> str | None:
         with contextlib.suppress(OSError):
             os.unlink(probe)
     return prefix if int(ok) == 1 else None
+
+
+def channels(stage_to_rank: Sequence[int]) -> list[Channel]:
+    """Every channel between two ranks: each boundary's activations forward, gradients back."""
+    out = []
+    for s in range(len(stage_to_rank) - 1):
+        a, b = stage_to_rank[s], stage_to_rank[s + 1]
+        if a != b:
+            out += [Channel(a, b, channel_of(s, True)), Channel(b, a, channel_of(s + 1, False))]
+    return out
