@@ -31,6 +31,7 @@ from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_bat
 from ..timeline import StepTimeline
 from ..wire import Message, encode_message
 from .driver import run_step
+from . import report
 from .options import Failure, TrainerOptions
 from .identity import TrainerIdentity
 from .trust import Trust
@@ -390,27 +391,9 @@ class Trainer:
         return [t for i, (ts, _) in enumerate(self._gather()) for t in ts[0::3]]
 
     def committed_steps(self) -> list[int]:
-        out = []
-        for span in self.assignment.stages:
-            r = self.node.request(span.holder, Message("status"))
-            out += [d["step"] for d in r.meta["spans"] if d["stage"] == span.stage and d["role"] == "holder"]
-        return out
+        """Each holder's committed step count for its stage (:func:`.report.committed_steps`)."""
+        return report.committed_steps(self)
 
     def status(self) -> dict[str, Any]:
-        recent = [t for _, _, t in self.step_times[-10:]]
-        tokens = self.spec.batch_size * self.spec.seq
-        return {
-            "swarm": self.opts.swarm, "step": len(self.losses), "epoch": self.epoch, "phase": self.phase,
-            "loss": self.losses[-1] if self.losses else None,
-            "steps_per_s": len(recent) / sum(recent) if recent else None,
-            "tokens_per_s": tokens * len(recent) / sum(recent) if recent else None,
-            "peers": {p: {"block_s": self.block_s.get(p), "memory_bytes": self.memory.get(p),
-                          "identity": self.ident.identity_of(p), "probation": self.trust.ledger.on_probation(p),
-                          "banned": self.trust.banned(p)} for p in self.membership.snapshot()},
-            "stages": [{"stage": s.stage, "layers": [s.first, s.first + s.count - 1], "holder": s.holder,
-                        "copy": s.copy} for s in self.assignment.stages],
-            "failures": [vars(f) for f in self.failures[-10:]],
-            "losses": self.losses[-200:], "timeline": self.timeline.last(),  # the status page's curve and Gantt
-            "rebalances": self.rebalances,
-            "bytes_sent": self.node.bytes_sent, "bytes_received": self.node.bytes_received,
-        } | self.ident.status() | self.trust.status()  # fmt: skip
+        """What ``layerwise swarm status`` and the status page show (:func:`.report.status`)."""
+        return report.status(self)
