@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import zenoh
 
-from layerwise.swarm.access import Client
+from layerwise.swarm.access_client import Client
 from layerwise.swarm.errors import PeerRefused
 from layerwise.swarm.identity import Identity, Refused, issue, revoke, throwaway
 from layerwise.swarm.net import Node, config, peer_key, tls_config

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from layerwise.swarm.access import Client, Guard
+from layerwise.swarm.access import Guard
+from layerwise.swarm.access_client import Client
 from layerwise.swarm.identity import Identity, IdentityError, Refused, init_ca, issue, revoke, throwaway
 from layerwise.swarm.wire import Message, encode_message
 

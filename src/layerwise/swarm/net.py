@@ -25,7 +25,7 @@ from .errors import PeerLost, PeerRefused
 from .wire import MAX_MESSAGE, Message, decode_message, encode_message
 
 if TYPE_CHECKING:
-    from .access import Client
+    from .access_client import Client
     from .identity import Identity
 
 DEFAULT_LEASE_MS = 1000

@@ -9,7 +9,7 @@ from typing import Any
 
 import zenoh
 
-from .access import Client
+from .access_client import Client
 from .errors import SwarmError
 from .identity import Identity
 from .membership import Membership

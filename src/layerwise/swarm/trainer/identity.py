@@ -2,7 +2,7 @@
 
 Kept apart from :mod:`.trainer` so that the run's logic does not change with ``--identity``:
 :class:`TrainerIdentity` opens the identity, judges each peer at its first hello (through the
-:class:`~layerwise.swarm.access.Client` of the trainer's :class:`~layerwise.swarm.net.Node`),
+:class:`~layerwise.swarm.access_client.Client` of the trainer's :class:`~layerwise.swarm.net.Node`),
 and at every step boundary re-reads the revocation list: a revoked peer is banned from the
 membership, so the trainer treats it as a peer that died (its stages move to their copies).
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..access import Client, Guard, Refusals
+from ..access import Guard, Refusals
+from ..access_client import Client
 from ..identity import Identity, Refused
 from ..membership import Membership
 from ..net import peer_key
