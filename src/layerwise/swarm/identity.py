@@ -262,11 +262,11 @@ class Identity:
         self.crl: x509.CertificateRevocationList | None = None
         self._crl_stamp: tuple[float, int] | None = None
         self.revoked: set[int] = set()
+        self.refresh()  # first: a certificate its own (or the given) list revokes must not start either
         try:  # its own certificate must pass the checks every other process makes
             self.check(self.cert)
         except Refused as r:
             raise IdentityError(f"identity {d} ({self.name}, {self.role}): {r.why}") from None
-        self.refresh()
 
     @property
     def crl_pem(self) -> str | None:
