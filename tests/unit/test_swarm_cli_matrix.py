@@ -1,0 +1,153 @@
+"""Every swarm option, alone and combined with the others of its command: runs or is refused at once.
+
+The command line is parsed and validated for real, in this process; only the step that would open
+a zenoh session (the trainer, the peer's serve loop, the demo's processes) is replaced by a stub
+that records the options it was given. A combination is either refused with exit 2 and one
+``error:`` line, or reaches that step with the options as asked. Real runs of these options are in
+tests/integration/test_swarm_*.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import layerwise.swarm.demo as swarm_demo
+import layerwise.swarm.peer as swarm_peer
+import layerwise.swarm.trainer as swarm_trainer
+from layerwise.cli import main
+
+SWARM = "matrix"
+MODES = ("none", "bf16", "int8", "int4", "lowrank")
+
+
+class _Reached(Exception):
+    def __init__(self, opts: Any) -> None:
+        self.opts = opts
+
+
+class _NoPeers:
+    def __init__(self, *a: Any, **k: Any) -> None:
+        pass
+
+    def __enter__(self) -> _NoPeers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _stop(*args: Any, **kw: Any) -> None:
+    raise _Reached(args[-1] if args else kw)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A swarm CA with a trainer and a peer identity, made through the CLI (init, invite, revoke)."""
+    d = tmp_path_factory.mktemp("pki")
+    ca = str(d / "ca")
+    assert main(["swarm", "init", ca, "--swarm", SWARM]) == 0
+    assert main(["swarm", "invite", "t", "--role", "trainer", "--out", str(d / "t"), "--ca", ca, "--days", "2"]) == 0
+    assert main(["swarm", "invite", "p", "--role", "peer", "--out", str(d / "p"), "--ca", ca]) == 0
+    assert main(["swarm", "invite", "gone", "--role", "peer", "--out", str(d / "gone"), "--ca", ca]) == 0
+    assert main(["swarm", "revoke", "gone", "--ca", ca]) == 0
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _no_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swarm_trainer, "Trainer", lambda spec, opts: _stop(opts))
+    monkeypatch.setattr(swarm_peer, "serve", lambda opts, **kw: _stop(opts))
+    monkeypatch.setattr(swarm_demo, "LocalPeers", _NoPeers)
+    monkeypatch.setattr(swarm_demo, "Trainer", lambda spec, opts: _stop(opts))
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, Any]:
+    capsys.readouterr()
+    try:
+        rc = main(["swarm", *argv])
+    except _Reached as r:
+        return "ran", r.opts
+    err = capsys.readouterr().err
+    assert rc == 2, (argv, rc, err)
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    return "refused", err
+
+
+def _where(identity: bool, relay: bool, pki: Path, role: str) -> list[str]:
+    ident = ["--identity", str(pki / role), "--crl", str(pki / "ca" / "crl.pem")] if identity else []
+    if relay:
+        return [*ident, "--relay", "tcp/127.0.0.1:7448"]
+    return [*ident, "--listen", f"{'tls' if identity else 'tcp'}/127.0.0.1:7447"]
+
+
+TRAIN = list(itertools.product(MODES, (0.0, 0.05), (False, True), (False, True), ("gpipe", "1f1b")))
+
+
+@pytest.mark.parametrize("compress,spot,identity,relay,schedule", TRAIN)
+def test_train_option_matrix(compress: str, spot: float, identity: bool, relay: bool, schedule: str, pki: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    argv = ["train", "--swarm", SWARM, *_where(identity, relay, pki, "t"), "--compress", compress,
+            "--compress-rank", "4", "--spot-check", str(spot), "--ban-after", "3", "--lease-ms", "800",
+            "--schedule", schedule, "--steps", "2", "--wait", "1"]  # fmt: skip
+    got, opts = _run(argv, capsys)
+    lossy_checked = spot > 0 and compress != "none"
+    assert got == ("refused" if lossy_checked or (identity and relay) else "ran"), (argv, opts)
+    if got == "refused":
+        assert ("--relay" in opts) if identity and relay else ("--spot-check" in opts), opts
+        return
+    assert (opts.compress.mode, opts.spot_check, opts.ban_after, opts.lease_ms) == (compress, spot, 3, 800)
+    assert (opts.identity is not None, bool(opts.relay)) == (identity, relay)
+
+
+SERVE = list(itertools.product(("", "corrupt:0.05", "nan:0.1"), (None, "1", "0.01"), (False, True), (False, True)))
+
+
+@pytest.mark.parametrize("fault,mib,identity,relay", SERVE)
+def test_serve_option_matrix(fault: str, mib: str | None, identity: bool, relay: bool, pki: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    argv = ["serve", "--swarm", SWARM, *_where(identity, relay, pki, "p"), "--lease-ms", "900"]
+    argv += (["--fault", fault] if fault else []) + (["--max-message-mib", mib] if mib else [])
+    got, opts = _run(argv, capsys)
+    too_small = mib == "0.01"  # 10 KiB: below the 64 KiB every reply header needs
+    assert got == ("refused" if too_small or (identity and relay) else "ran"), (argv, opts)
+    if got == "ran":
+        assert (opts.fault, opts.lease_ms, opts.identity is not None, bool(opts.relay)) == (fault, 900, identity, relay)
+        assert opts.max_message == (1 << 20 if mib == "1" else opts.max_message)
+
+
+@pytest.mark.parametrize("mtls,compress,schedule", list(itertools.product((False, True), MODES, ("gpipe", "1f1b"))))
+def test_demo_option_matrix(mtls: bool, compress: str, schedule: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--peers", "2", "--kill", "1", "--steps", "3", "--compress", compress, "--schedule", schedule]
+    got, opts = _run(argv + (["--mtls"] if mtls else []), capsys)
+    assert got == "ran"
+    assert (opts.compress.mode, opts.identity is not None) == (compress, mtls)
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["train", "--swarm", SWARM, "--listen", "tcp/127.0.0.1:7447", "--checkpoint-every", "5"], "--checkpoint"),
+    (["serve", "--swarm", SWARM, "--listen", "tcp/127.0.0.1:7447", "--crl", "x.pem"], "--crl needs --identity"),
+    (["serve", "--swarm", SWARM, "--listen", "tls/127.0.0.1:7447"], "mutual TLS"),
+    (["serve", "--swarm", SWARM, "--listen", "tcp/127.0.0.1:7447", "--fault", "corrupt:2"], "fault"),
+    (["status", "--join", "tcp/127.0.0.1:7447", "--web", "0", "--json"], "--json"),
+    (["status", "--join", "tcp/127.0.0.1:7447", "--web", "70000"], "--web"),
+])  # fmt: skip
+def test_options_that_need_another_are_refused(argv: list[str], why: str, capsys: pytest.CaptureFixture[str]) -> None:
+    got, err = _run(argv, capsys)
+    assert got == "refused" and why in err, err
+
+
+def test_identities_of_the_wrong_role_or_revoked_are_refused(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    where = ["--listen", "tls/127.0.0.1:7447", "--swarm", SWARM]
+    for argv, why in ((["train", *where, "--identity", str(pki / "p")], "peer certificate"),
+                      (["serve", *where, "--identity", str(pki / "t")], "trainer certificate"),
+                      (["serve", *where, "--identity", str(pki / "gone"), "--crl", str(pki / "ca" / "crl.pem")],
+                       "revoked")):  # fmt: skip
+        got, err = _run(argv, capsys)
+        assert got == "refused" and why in err, (argv, err)
+    got, opts = _run(["train", "--listen", "tcp/127.0.0.1:7447", "--swarm", SWARM, "--checkpoint", str(pki / "ck"),
+                      "--checkpoint-every", "5"], capsys)  # fmt: skip
+    assert got == "ran" and opts.checkpoint_every == 5  # with the directory it needs, it gets through
