@@ -151,3 +151,21 @@ def test_identities_of_the_wrong_role_or_revoked_are_refused(pki: Path, capsys: 
     got, opts = _run(["train", "--listen", "tcp/127.0.0.1:7447", "--swarm", SWARM, "--checkpoint", str(pki / "ck"),
                       "--checkpoint-every", "5"], capsys)  # fmt: skip
     assert got == "ran" and opts.checkpoint_every == 5  # with the directory it needs, it gets through
+
+
+@pytest.mark.parametrize("listen,lease", list(itertools.product(
+    (["tcp/127.0.0.1:7449"], ["tcp/127.0.0.1:7449", "tcp/127.0.0.1:7450"], ["nonsense"]), (None, "800", "0"))))
+def test_relay_option_matrix(listen: list[str], lease: str | None, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    import layerwise.swarm.relay as relay
+
+    seen: list[Any] = []
+    monkeypatch.setattr(relay, "run_relay", lambda listen, lease_ms, **kw: seen.append((listen, lease_ms)))
+    argv = ["relay", *[a for e in listen for a in ("--listen", e)]] + (["--lease-ms", lease] if lease else [])
+    capsys.readouterr()
+    rc = main(["swarm", *argv])
+    err = capsys.readouterr().err
+    if listen == ["nonsense"] or lease == "0":
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and not seen, (argv, err)
+    else:
+        assert rc == 0 and seen == [(listen, int(lease or 1000))], (argv, seen, err)
