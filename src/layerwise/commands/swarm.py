@@ -172,8 +172,6 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.wait <= 0:
         raise UsageError(f"--wait must be > 0 seconds, got {args.wait}")
-    if not 0.0 <= args.spot_check <= 1.0:
-        raise UsageError(f"--spot-check must be a probability in [0, 1], got {args.spot_check}")
     if args.checkpoint_every is not None and not args.checkpoint:
         raise UsageError("--checkpoint-every needs --checkpoint DIR (where to save)")
     if args.resume is not None and not os.path.isdir(args.resume):
