@@ -30,6 +30,7 @@ class StepCache:
         self.targets: list[Any] = []  # mb -> the last stage's targets
         self.losses: dict[int, float] = {}
         self.done: list[list[tuple[str, int]]] = [[] for _ in range(stages)]  # completed (kind, mb)
+        self.slots: list[int] = [1] * stages  # replicas per stage this step (microbatch mb -> mb % slots)
         self._cond = threading.Condition()
         self.failed: BaseException | None = None
 
