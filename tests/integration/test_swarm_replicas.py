@@ -1,0 +1,119 @@
+"""Replicas of a stage, tied embeddings across stages and global gradient-norm clipping, in a swarm.
+
+Peers are real processes (``layerwise swarm serve``) on 127.0.0.1, started once for the module.
+``capacity="declared"`` gives every peer speed 1, so the assignment is known: peers sorted by
+name, the first ``max_stages`` hold stages, the others are replicas of the slowest stage (the last
+one here: two blocks and the head). Comparisons:
+
+- against one process that sums each replica's microbatches apart and adds the sums in slot order
+  (``reference(groups=...)``): bit-identical (``== 0.0``), failures included;
+- against plain one-process training: within 1e-5 (replicas change the order of the sum);
+- clipping and ties without replicas: bit-identical to plain one-process training with
+  ``clip_grad_norm_`` and the tied GPT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+from layerwise.swarm.reference import max_diff, reference
+from layerwise.swarm.spec import SwarmSpec
+from layerwise.swarm.trainer import Trainer
+from layerwise.swarm.wire import Message
+
+from .test_swarm import LocalSwarm
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+SPEC = SwarmSpec(width=32, heads=2, blocks=4, seq=16, batch_size=8, microbatches=4)
+TIED = SwarmSpec(width=32, heads=2, blocks=4, seq=16, batch_size=8, microbatches=4, tie_embeddings=True,
+                 max_grad_norm=0.5, schedule="1f1b")  # fmt: skip
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def swarm() -> Iterator[LocalSwarm]:
+    local = LocalSwarm()
+    try:
+        for name in ("a0", "a1", "a2"):
+            local.start(name)
+        yield local
+    finally:
+        local.close()
+
+
+def _groups(tr: Trainer) -> list[list[list[int]]]:
+    """Per layer, the microbatch groups its stage's replicas summed, in slot order."""
+    out = []
+    for span in tr.assignment.stages:
+        n = len(span.slots)
+        out += [[[mb for mb in range(tr.spec.microbatches) if mb % n == r] for r in range(n)]] * span.count
+    return out
+
+
+def _states(tr: Trainer, peer: str, stage: int) -> list[torch.Tensor]:
+    return tr.node.request(peer, Message("get_state", stage=stage, epoch=tr.epoch)).tensors
+
+
+def _train(swarm: LocalSwarm, spec: SwarmSpec, peers: int, stages: int, hook: Any = None) -> dict[str, Any]:
+    with swarm.trainer(spec, peers, max_stages=stages, capacity="declared") as tr:
+        tr.train(STEPS, hook)
+        spans = tr.assignment.stages
+        replicas = {s.stage: [_states(tr, p, s.stage) for p in dict.fromkeys(s.slots)] for s in spans}
+        return {"params": tr.final_params(), "committed": tr.committed_steps(), "groups": _groups(tr),
+                "spans": spans, "replicas": replicas, "failures": list(tr.failures), "replayed": tr.replayed,
+                "losses": tr.losses}  # fmt: skip
+
+
+def test_a_spare_peer_becomes_a_replica_of_the_slowest_stage_and_the_run_equals_one_process(swarm: LocalSwarm) -> None:
+    got = _train(swarm, SPEC, 3, 2)
+    spans = got["spans"]
+    assert [(s.holder, s.replicas, s.copy) for s in spans] == [("a0", (), "a1"), ("a1", ("a2",), None)]
+    assert got["committed"] == [STEPS] * 3  # the holder of stage 0, and both replicas of stage 1
+    for states in got["replicas"].values():  # every replica applied the same update
+        assert all(torch.equal(a, b) for other in states[1:] for a, b in zip(states[0], other))
+    want, losses = reference(SPEC, STEPS, groups=got["groups"])
+    assert max_diff(got["params"], want) == 0.0  # bit-identical: the replicas' sums added in slot order
+    assert got["losses"] == losses
+    plain, _ = reference(SPEC, STEPS)
+    assert 0.0 < max_diff(got["params"], plain) < 1e-5  # another order of the sum than one process's
+
+
+def test_clipping_and_tied_embeddings_across_stages_equal_one_process(swarm: LocalSwarm) -> None:
+    got = _train(swarm, TIED, 3, 3)
+    assert len(got["spans"]) == 3 and all(not s.replicas for s in got["spans"])
+    want, losses = reference(TIED, STEPS)  # the tied GPT with clip_grad_norm_, in one process
+    assert max_diff(got["params"], want) == 0.0 and got["losses"] == losses
+    first, last = got["params"][0], got["params"][-1]  # the tie's two copies: embedding and head
+    assert first.shape == last.shape and torch.equal(first, last)
+    unclipped, _ = reference(replace(TIED, max_grad_norm=0.0), STEPS)
+    assert max_diff(got["params"], unclipped) > 1e-4  # the clipping did bite
+
+
+def test_clipping_and_ties_with_a_replica(swarm: LocalSwarm) -> None:
+    got = _train(swarm, TIED, 3, 2)
+    assert got["spans"][1].replicas == ("a2",)
+    want, _ = reference(TIED, STEPS, groups=got["groups"])
+    assert max_diff(got["params"], want) == 0.0
+    assert max_diff(got["params"], reference(TIED, STEPS)[0]) < 1e-5
+
+
+def test_a_replica_killed_mid_backward_loses_nothing(swarm: LocalSwarm) -> None:
+    # z1 is the second spare: a replica of stage 0 (slots a0, z1), which runs microbatches 1 and 3
+    swarm.start("z1", "kill:backward:2:1")
+    try:
+        got = _train(swarm, SPEC, 4, 2)
+    finally:
+        swarm.kill("z1")
+    (f,) = got["failures"]
+    assert (f.peer, f.phase, f.step, f.stages) == ("z1", "backward", 2, [0]) and f.recovered_at is not None
+    assert got["replayed"] > 0  # z1's forwards of the step ran again on a0
+    assert got["spans"][0].slots == ("a0", "a0")  # a0 serves both slots, their sums kept apart
+    assert got["committed"] == [STEPS] * 3
+    want, _ = reference(SPEC, STEPS, groups=got["groups"])
+    assert max_diff(got["params"], want) == 0.0  # the same groups in the same order: bit-identical
+    assert max_diff(got["params"], reference(SPEC, STEPS)[0]) < 1e-5
