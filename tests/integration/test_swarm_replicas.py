@@ -14,6 +14,8 @@ one here: two blocks and the head). Comparisons:
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -117,3 +119,12 @@ def test_a_replica_killed_mid_backward_loses_nothing(swarm: LocalSwarm) -> None:
     want, _ = reference(SPEC, STEPS, groups=got["groups"])
     assert max_diff(got["params"], want) == 0.0  # the same groups in the same order: bit-identical
     assert max_diff(got["params"], reference(SPEC, STEPS)[0]) < 1e-5
+
+
+def test_bad_replica_clipping_and_tie_options_get_one_error_line() -> None:
+    here = ["--listen", "tcp/127.0.0.1:1"]  # refused before any session opens on it
+    for args in (["train", *here, "--max-grad-norm", "-1"], ["train", *here, "--max-grad-norm", "nan"],
+                 ["train", *here, "--max-stages", "0"], ["demo", "--max-grad-norm", "inf"]):  # fmt: skip
+        proc = subprocess.run([sys.executable, "-m", "layerwise", "swarm", *args], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr, args
