@@ -22,6 +22,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else t
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly sharded) tensor; no communication."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def _batch(n: int, g: torch.Generator, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     seq = int(torch.randint(8, CFG.context + 1, (1,), generator=g)) // multiple * multiple  # changes per step
     tokens = torch.randint(0, CFG.vocab, (n, seq + 1), generator=g)
@@ -59,8 +65,9 @@ def mesh_equivalence(cases: list[dict[str, Any]]) -> dict[str, Any]:
         )  # fmt: skip
         ref_params = {f"{i}.{n}": p for i, layer in enumerate(ref_layers) for n, p in layer.named_parameters()}
         g = torch.Generator().manual_seed(99)
-        loss_diff = grad_diff = grad_rel = 0.0
+        loss_diff = grad_diff = grad_rel = eval_diff = 0.0
         losses = []
+        ex, ey = _batch(9, torch.Generator().manual_seed(7), kw.get("tp", 1) if kw.get("sequence_parallel") else 1)
         for n in BATCHES:
             # sequence parallelism splits the sequence over the tp ranks
             x, y = _batch(n, g, kw.get("tp", 1) if kw.get("sequence_parallel") else 1)
@@ -78,9 +85,21 @@ def mesh_equivalence(cases: list[dict[str, Any]]) -> dict[str, Any]:
             ref_opt.step()
             loss_diff = max(loss_diff, abs(loss - ref_loss.item()))
             losses.append(loss)
+            # a forward-only evaluation between steps: the same loss as the unsplit model's, and
+            # no gradient touched (the next steps, still compared above, see FSDP's state intact)
+            grads = [None if p.grad is None else _local(p.grad).clone() for p in pipe.parameters()]
+            ev = pipe.evaluate(ex, ey)
+            with torch.no_grad():
+                h = ex
+                for layer in ref_layers:
+                    h = layer(h)
+                eval_diff = max(eval_diff, abs(ev - lm_loss(h, ey).item()))
+            for before, p in zip(grads, pipe.parameters()):
+                assert (before is None) == (p.grad is None) and (before is None or torch.equal(before, _local(p.grad))), \
+                    "evaluate() changed a gradient"
         param_diff, compared = param_differences(pipe, ref_params, _full)
         out[mesh_key(case)] = {
-            "loss_diff": loss_diff, "grad_diff": grad_diff, "grad_rel": grad_rel, "param_diff": param_diff, "losses": losses,
+            "loss_diff": loss_diff, "eval_diff": eval_diff, "grad_diff": grad_diff, "grad_rel": grad_rel, "param_diff": param_diff, "losses": losses,
             "compared": compared, "all_params": sorted(ref_params),
             "sharded": any(hasattr(p, "full_tensor") for p in pipe.parameters()),
         }  # fmt: skip

@@ -49,6 +49,7 @@ def test_matches_single_process(results: tuple[int, list[dict[str, Any]]], case:
     assert compared == set(rows[0]["all_params"]), "every parameter must live on some rank"
     for rank, row in enumerate(rows):
         assert row["loss_diff"] <= TOL, f"rank {rank}: loss differs by {row['loss_diff']}"
+        assert row["eval_diff"] <= TOL, f"rank {rank}: evaluate()'s loss differs by {row['eval_diff']}"
         assert row["grad_diff"] <= TOL, f"rank {rank}: gradients differ by {row['grad_diff']}"
         assert row["param_diff"] <= TOL, f"rank {rank}: parameters differ by {row['param_diff']}"
     if case[3]:

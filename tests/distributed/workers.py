@@ -119,10 +119,19 @@ def equivalence(cases: list[list[Any]]) -> dict[str, Any]:
             ref_opt.step()
             loss_diff = max(loss_diff, abs(loss - ref_loss.item()))
             losses.append(loss)
+        # a forward-only evaluation of the trained weights on the last batch (every schedule's
+        # forwards and their messages, no backward): the unsplit model's loss
+        ev = pipe.evaluate(x, y)
+        with torch.no_grad():
+            h = x
+            for layer in ref_layers:
+                h = layer(h)
+            eval_diff = abs(ev - loss_fn(h, y).item())
         param_diff, compared = param_differences(pipe, ref_params)
         out[case_key([kind, schedule, m, clip, transport])] = {
             "transport": type(pipe.transport).__name__,
             "loss_diff": loss_diff,
+            "eval_diff": eval_diff,
             "param_diff": param_diff,
             "grad_diff": grad_diff,
             "norms": norms,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 import subprocess
 import sys
 
@@ -60,9 +61,7 @@ def brute_force(times, stages, memory, activations, inflight, speeds, budgets) -
                 fits = False
         if not fits:
             continue
-        squares = 0.0
-        for t in reversed(ts):  # t0**2 + (t1**2 + (... + t_last**2))
-            squares = t * t + squares
+        squares = sum(Fraction(t) ** 2 for t in ts)  # exact, as documented
         key = (max(ts), squares, counts)
         if best_key is None or key < best_key:
             best_key, best = key, counts
@@ -119,6 +118,14 @@ def test_solve_matches_brute_force(case) -> None:
         assert b is None or used[s] <= b
     bottleneck = max(stage_times(times, got, speeds))
     assert bottleneck == max(stage_times(times, expected, speeds))
+
+
+def test_tie_break_is_exact_where_floats_absorb() -> None:
+    # 2 + 2**-52 rounds to 2, so both splits have bottleneck 2; squares 4 + 2**-104 (float: 4)
+    # against exactly 4. Float sums made the answer depend on the order of additions.
+    assert solve([2.0, 2.0**-52, 0.0], stages=2) == [2, 1]
+    # 4 + 2e-38 rounds to 4: [1, 1, 3, 1] has squares 16 + 3e-76, [1, 1, 1, 3] 16 + 11e-76.
+    assert solve([1e-38, 1e-38, 4.0, 1e-38, 1e-38, 1e-38], stages=4) == [1, 1, 3, 1]
 
 
 @settings(max_examples=150, deadline=None)

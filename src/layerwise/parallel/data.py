@@ -155,6 +155,17 @@ class DataParallel:
             u.set_requires_gradient_sync(self.per_microbatch)
             u.set_reshard_after_backward(self.per_microbatch)
 
+    def begin_eval(self) -> None:
+        """Before forward-only work: FSDP's root pre-forward (its lazy init on a first call)."""
+        self.root._root_pre_forward(self.root._modules[0], (), {})
+
+    def end_eval(self) -> None:
+        """After forward-only work: under ``no_grad`` FSDP leaves parameters gathered for a backward
+        that will not come, and the root's iteration open (our root module never runs a forward to
+        close it). FSDP's own iteration reset shards them again and clears the recorded forward
+        order; gradients already reduced into the sharded ``.grad`` are kept."""
+        self.root._reset_iter_state()
+
     def finish_step(self) -> None:
         """After the step's last backward: reduce what is left once, reshard, reset FSDP's state.
 

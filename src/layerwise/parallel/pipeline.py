@@ -196,6 +196,14 @@ class Pipeline(_PipelineBase):
         if self._dp_sync is not None:
             self._dp_sync.finish_step()
 
+    def _begin_eval(self) -> None:
+        if self._dp_sync is not None:
+            self._dp_sync.begin_eval()
+
+    def _end_eval(self) -> None:
+        if self._dp_sync is not None:
+            self._dp_sync.end_eval()
+
     def _norm_group(self) -> Any:
         return self.group if self.mesh is None else None  # every rank of the job
 

@@ -10,6 +10,7 @@ device it lands on and what fits in memory), so this module solves it by dynamic
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from collections.abc import Iterator, Sequence
 
 from ._checks import (
@@ -67,8 +68,8 @@ def solve(
     Returns:
         The optimal partition: it minimises the bottleneck ``max_s stage_time[s]`` over all
         contiguous partitions whose stages fit their budgets. Ties are broken deterministically:
-        first the smallest sum of squared stage times (``t0**2 + (t1**2 + (... + t_last**2))``,
-        which prefers evenly loaded stages), then the lexicographically smallest list of counts
+        first the smallest sum of squared stage times (``t0**2 + ... + t_last**2``, each stage
+        time a float, the squares and their sum exact; it prefers evenly loaded stages), then the lexicographically smallest list of counts
         (extra layers go to later stages, which under 1F1B hold the fewest microbatches).
 
     Raises:
@@ -136,7 +137,11 @@ def _min_bottleneck(p: Problem) -> float:
 
 def _most_even(p: Problem, bottleneck: float) -> list[int]:
     """Among partitions with every stage time <= ``bottleneck``, the tie-break winner."""
-    squares = _table(p, 0.0)
+    # Exact arithmetic: in floats, t0**2 + X and t0**2 + Y can round equal although X < Y, and a
+    # per-suffix minimum then disagrees with the whole-partition order (times near 1e-38 next to a
+    # stage of 4 did). A float's square is an exact Fraction, so the documented order holds exactly.
+    squares: list[list[Fraction | float]] = _table(p, 0.0)  # type: ignore[assignment]
+    squares[p.num_stages][p.num_layers] = Fraction(0)  # Fraction + float is a float: start exact
     choice = [[-1] * (p.num_layers + 1) for _ in range(p.num_stages)]
     for s in reversed(range(p.num_stages)):
         nxt = squares[s + 1]
@@ -145,7 +150,7 @@ def _most_even(p: Problem, bottleneck: float) -> list[int]:
             for j, t, _ in _spans(p, s, i):
                 if t > bottleneck:
                     break
-                candidate = t * t + nxt[j]
+                candidate = Fraction(t) ** 2 + nxt[j]
                 if candidate < value:  # strict: the smallest end (fewest layers) wins ties
                     value, choice[s][i] = candidate, j
             squares[s][i] = value

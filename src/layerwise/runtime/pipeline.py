@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..schedule.actions import Action, TimedAction
+from ..schedule.actions import Action, Kind, TimedAction
 from ..schedule.core import Schedule
 from ..schedule.generators import ScheduleConfigError, build, chunks_per_rank
 from ..schedule.validate import validate
@@ -23,6 +23,8 @@ from .microbatch import split_batch
 from .shm import Channel, make_transport
 from .split import ModelLike, Partition, TieSlots, as_layers, local_tensor, resolve_partition, stage_bounds, tie_slots
 from .stage import Stage
+
+_FORWARD_KINDS = frozenset({Kind.F, Kind.SEND_F, Kind.RECV_F})
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -144,6 +146,7 @@ class Pipeline:
         # other ranks' connections mid-receive). Registered after the process group's own exit
         # hook, so it runs before that one destroys the group (atexit runs hooks in reverse).
         self._pending: list[Any] = []
+        self._forward_only = False  # set by evaluate() around forward_backward
         atexit.register(_wait_all, self._pending)
         self._announce()
 
@@ -258,8 +261,10 @@ class Pipeline:
 
     def forward_backward(self, inputs: Any = None, targets: Any = None) -> float:
         """Compute the full-batch loss and gradients (no optimizer step)."""
-        for p in self._params:
-            p.grad = None
+        forward_only = self._forward_only
+        if not forward_only:
+            for p in self._params:
+                p.grad = None
         batch = self._batch_size(inputs, targets)
         m = self._effective_microbatches(batch)
         sch = self._schedule(m)
@@ -271,11 +276,17 @@ class Pipeline:
         weights = [w * self._loss_scale for w in unit]
         mb_in = [_to(x, self.device) for x in mb_in]
         mb_tg = [_to(x, self.device) for x in mb_tg]
-        self._begin_step()
-        rec = run_step(sch.ranks[self.rank], self.stages, sch.stage_to_rank, self.transport,
+        actions = sch.ranks[self.rank]
+        if forward_only:  # the schedule's forwards and their messages, in the schedule's order
+            actions = [a for a in actions if a.kind in _FORWARD_KINDS]
+        else:
+            self._begin_step()
+        rec = run_step(actions, self.stages, sch.stage_to_rank, self.transport,
                        StepData(mb_in, mb_tg, weights), record=self.record,
                        stretch=1.0 / self.speed)
         self.last_events = rec.events
+        if forward_only:
+            return self._share_loss(rec.loss)
         self._end_backward()
         for tied, pg, _ in self._ties:
             if tied is None:
@@ -284,6 +295,30 @@ class Pipeline:
                 tied.grad = torch.zeros_like(tied)
             dist.all_reduce(local_tensor(tied.grad), group=pg)  # the tie's gradient is the sum of its uses
         return self._share_loss(rec.loss)
+
+    def evaluate(self, inputs: Any = None, targets: Any = None) -> float:
+        """The full-batch loss with no gradients: only the schedule's forwards run, under
+        ``torch.no_grad`` (about a third of a training step's compute), and nothing is kept.
+
+        Called on every rank like :meth:`step`; gradients and the optimizer are left untouched.
+        Layers stay in the mode they are in (call ``.eval()`` on them for dropout-free numbers).
+        """
+        self._forward_only = True
+        try:
+            with torch.no_grad():
+                self._begin_eval()
+                return self.forward_backward(inputs, targets)
+        finally:
+            self._forward_only = False
+            for stage in self.stages.values():
+                stage.drop_saved()
+            self._end_eval()
+
+    def _begin_eval(self) -> None:
+        """Before a forward-only step (a data-parallel subclass prepares its sharded layers)."""
+
+    def _end_eval(self) -> None:
+        """After a forward-only step, also after one that failed."""
 
     def _begin_step(self) -> None:
         """Before a step's first action (a data-parallel subclass defers its reduction here)."""

@@ -91,6 +91,10 @@ class Stage:
         self._saved[mb] = (inputs, outs)
         return result
 
+    def drop_saved(self) -> None:
+        """Forget what forwards saved for a backward that will not run (forward-only steps)."""
+        self._saved.clear()
+
     def _call(self, layer: nn.Module, j: int, mb: int, x: Any) -> Any:
         try:
             return layer(x)
