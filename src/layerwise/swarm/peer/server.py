@@ -204,7 +204,8 @@ class Peer:
             for g in grads:
                 g.mul_(coef)
         span.apply(grads, float(msg.meta["lr"]))
-        return Message("ok", msg.step, msg.stage, meta={"already": False}, tensors=grads)
+        keep = msg.meta.get("reply_grads", True)  # only a stage with a copy needs them back
+        return Message("ok", msg.step, msg.stage, meta={"already": False}, tensors=grads if keep else [])
 
     def _on_grads(self, msg: Message) -> Message:
         """A group's summed gradients (``full``) or only their norms, and the per-microbatch gradients

@@ -68,6 +68,7 @@ def commit_step(tr: Trainer, cache: StepCache, in_threads: Any, call_stage: Any)
         meta = {"lr": spec.lr_at(cache.step), "microbatches": m, "replace": idx, "clip": coef}
         applied: list[torch.Tensor] | None = None
         for slot in range(cache.slots[s]):  # a peer serving two slots acknowledges the second commit
+            meta["reply_grads"] = applied is None and tr.assignment.stages[s].copy is not None
             msg = Message("commit", cache.step, s, -1, tr.epoch, dict(meta), [replace[s][i] for i in idx])
             reply = call_stage(tr, cache, s, msg, slot)
             if not reply.meta.get("already") and applied is None:
