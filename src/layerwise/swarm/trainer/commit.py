@@ -14,8 +14,10 @@ coefficient from every stage's gradients). So the commit has two phases:
    every slot one ``commit`` with the coefficient and the gradients that replace its own; each
    applies the same AdamW step and the stage's copy gets what was applied, as before.
 
-A peer lost in either phase is replaced and its slot's work replayed (:func:`.driver.call_stage`);
-the report is read-only and the commit idempotent, so both are simply sent again.
+A peer lost in either phase is replaced (:func:`.driver.call_stage`) and the request sent again:
+the report is read-only and the commit idempotent. A replacement in the report phase, or one
+that must apply its own sum, first replays the lost work; a replica's commit carries all its
+gradients, so a replica replaced during the commit replays nothing.
 """
 
 from __future__ import annotations
@@ -63,27 +65,30 @@ def commit_step(tr: Trainer, cache: StepCache, in_threads: Any, call_stage: Any)
     finally:
         torch.set_num_threads(threads)
 
-    def commit(s: int) -> None:
+    replies: dict[tuple[int, int], Message] = {}
+
+    def commit(s: int, slot: int) -> None:  # every slot at once; a peer serving two acknowledges the second
         idx = sorted(replace[s])
-        meta = {"lr": spec.lr_at(cache.step), "microbatches": m, "replace": idx, "clip": coef}
-        applied: list[torch.Tensor] | None = None
-        for slot in range(cache.slots[s]):  # a peer serving two slots acknowledges the second commit
-            meta["reply_grads"] = applied is None and tr.assignment.stages[s].copy is not None
-            msg = Message("commit", cache.step, s, -1, tr.epoch, dict(meta), [replace[s][i] for i in idx])
-            reply = call_stage(tr, cache, s, msg, slot)
-            if not reply.meta.get("already") and applied is None:
-                applied = reply.tensors
+        meta = {"lr": spec.lr_at(cache.step), "microbatches": m, "replace": idx, "clip": coef,
+                "reply_grads": tr.assignment.stages[s].copy is not None}  # fmt: skip
+        msg = Message("commit", cache.step, s, -1, tr.epoch, meta, [replace[s][i] for i in idx])
+        replies[(s, slot)] = call_stage(tr, cache, s, msg, slot)
+
+    def relay(s: int) -> None:
         copy = tr.assignment.stages[s].copy
-        if applied is None or copy is None:
-            return  # the state came from a peer that had already applied this step, or no copy
-        relay = Message("backup_apply", cache.step, s, -1, tr.epoch, {"lr": meta["lr"]}, applied)
+        applied = [r for (t, _), r in sorted(replies.items()) if t == s and not r.meta.get("already")]
+        if copy is None or not applied:
+            return  # no copy, or the state came from a peer that had already applied this step
+        msg = Message("backup_apply", cache.step, s, -1, tr.epoch, {"lr": spec.lr_at(cache.step)}, applied[0].tensors)
         try:
-            tr.node.request(copy, relay, tr.opts.request_timeout)
+            tr.node.request(copy, msg, tr.opts.request_timeout)
         except PeerLost as e:
             tr.note_lost(e.peer)
             tr.recopy(s)
 
-    in_threads(cache, [lambda s=s: commit(s) for s in range(len(spans))])
+    cache.committing = True
+    in_threads(cache, [lambda s=s, slot=slot: commit(s, slot) for s in range(len(spans)) for slot in range(cache.slots[s])])
+    in_threads(cache, [lambda s=s: relay(s) for s in range(len(spans))])
 
 
 def _combine(spec: SwarmSpec, spans: Any, cache: StepCache,

@@ -75,7 +75,7 @@ def recover_slot(tr: Trainer, s: int, dead: str, cache: StepCache | None, phase:
         slots = tuple(new if p == dead else p for p in span.slots)
         tr._set(replace(span, holder=slots[0], replicas=slots[1:], copy=copy_left))
         replay = False
-        if cache is not None and step == cache.step:
+        if cache is not None and step == cache.step and not cache.committing:  # a commit brings its gradients
             for slot, p in enumerate(span.slots):
                 if p == dead and any(mb % len(slots) == slot for _, mb in cache.done[s]):
                     tr.slot_replay.add((s, slot))
