@@ -67,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_args(demo)
     status = sub.add_parser("status", help="peers, spans, step rate and recent failures of a running swarm")
     _common(status, listen=False)
+    # the live status page (swarm/web.py)
+    status.add_argument("--web", type=int, default=None, metavar="PORT",
+                        help="serve a live status page on this port (0: any free one) until Ctrl-C")
+    status.add_argument("--web-host", default=None, metavar="ADDRESS",
+                        help="address the page listens on, with --web (default 127.0.0.1: this machine only)")
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
 
 
@@ -169,6 +174,8 @@ def _failure(f: Any) -> dict[str, Any]:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.web is not None or args.web_host is not None:
+        return _status_web(args)
     from layerwise.swarm.status import query_status
 
     join, _ = _endpoints(args, listen=False)
@@ -177,6 +184,26 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(got))
     else:
         print(format_status(got))
+    return 0
+
+
+def _status_web(args: argparse.Namespace) -> int:
+    join, _ = _endpoints(args, listen=False)
+    if args.web is None:
+        raise UsageError("--web-host needs --web PORT")
+    if not 0 <= args.web < 65536:
+        raise UsageError(f"--web must be a port in 0..65535 (0: any free one), got {args.web}")
+    if args.json:
+        raise UsageError("--json prints the status once; --web serves it live: give one of them")
+    from layerwise.swarm.status import StatusProbe
+    from layerwise.swarm.web import serve_status_page
+
+    host = args.web_host or "127.0.0.1"
+    try:
+        serve_status_page(StatusProbe(args.swarm, join, args.lease_ms), host, args.web, lambda m: print(m, flush=True))
+    except OSError as e:
+        print(f"error: cannot serve the status page on {host}:{args.web}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

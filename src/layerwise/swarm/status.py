@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,20 +15,48 @@ from .net import Node, config, trainer_key
 from .wire import Message
 
 
-def query_status(swarm: str, join: Sequence[str], lease_ms: int = 1000, settle_s: float = 1.0) -> dict[str, Any]:
-    with zenoh.open(config(connect=join, lease_ms=lease_ms)) as session:
-        members = Membership(session, swarm)
-        time.sleep(settle_s)  # liveliness history and gossip need a moment to arrive
-        node = Node(session, swarm)
-        peers: dict[str, Any] = {}
-        for p in sorted(members.snapshot()):
+class StatusProbe:
+    """One zenoh session kept open, so that ``poll`` can be called every second (the web page)."""
+
+    def __init__(self, swarm: str, join: Sequence[str], lease_ms: int = 1000) -> None:
+        self.swarm, self.join, self.lease_ms = swarm, tuple(join), lease_ms
+
+    def __enter__(self) -> StatusProbe:
+        self.session = zenoh.open(config(connect=self.join, lease_ms=self.lease_ms))
+        self.members = Membership(self.session, self.swarm)
+        self.node = Node(self.session, self.swarm)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.members.close()
+        self.session.close()
+
+    def poll(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Every announced peer's and the trainer's own status; the requests run in parallel, so a
+        hung peer costs one ``timeout``, not one per peer."""
+        names = sorted(self.members.snapshot())
+        got: dict[str, Any] = {}
+
+        def ask(name: str, key: str | None) -> None:
             try:
-                peers[p] = node.request(p, Message("status"), 10.0).meta
+                got[name] = self.node.request(name, Message("status"), timeout, key=key).meta
             except SwarmError as e:
-                peers[p] = {"error": str(e)}
-        try:
-            trainer = node.request("trainer", Message("status"), 10.0, key=trainer_key(swarm)).meta
-        except SwarmError:
-            trainer = None
-        members.close()
-    return {"swarm": swarm, "peers": peers, "trainer": trainer}
+                got[name] = {"error": str(e)}
+
+        jobs = [(p, None) for p in names] + [("\0trainer", trainer_key(self.swarm))]
+        threads = [threading.Thread(target=ask, args=job, daemon=True) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout + 10.0)
+        trainer = got.pop("\0trainer", None)
+        if trainer is not None and "error" in trainer:
+            trainer = None  # no trainer is running (or it is between sessions)
+        return {"swarm": self.swarm, "peers": {p: got.get(p, {"error": "no reply"}) for p in names},
+                "trainer": trainer, "at": time.time()}  # fmt: skip
+
+
+def query_status(swarm: str, join: Sequence[str], lease_ms: int = 1000, settle_s: float = 1.0) -> dict[str, Any]:
+    with StatusProbe(swarm, join, lease_ms) as probe:
+        time.sleep(settle_s)  # liveliness history and gossip need a moment to arrive
+        return probe.poll()

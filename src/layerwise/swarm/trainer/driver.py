@@ -108,6 +108,7 @@ def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message, slot: int = 
             t0 = time.perf_counter()
             reply = tr.node.request(holder, msg, tr.opts.request_timeout)
             tr.request_times.append((s, msg.kind, time.perf_counter() - t0))
+            tr.timeline.record(s, msg.kind, msg.mb, holder, t0, time.perf_counter())
             return reply
         except PeerLost as e:
             if cache.slots[s] > 1:
@@ -135,7 +136,9 @@ def _commit(tr: Trainer, cache: StepCache, s: int) -> None:
     if copy is None:
         return
     try:
+        t0 = time.perf_counter()
         tr.node.request(copy, relay, tr.opts.request_timeout)
+        tr.timeline.record(s, "backup_apply", -1, copy, t0, time.perf_counter())
     except PeerLost as e:
         tr.note_lost(e.peer)
         tr.recopy(s)  # a fresh copy from the holder, which has just committed this step

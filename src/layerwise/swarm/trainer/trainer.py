@@ -29,6 +29,7 @@ from ..membership import Membership
 from ..net import Node, config, trainer_key
 from ..replay import StepCache
 from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_batch
+from ..timeline import StepTimeline
 from ..wire import Message, encode_message
 from . import replicas
 from .driver import run_step
@@ -48,6 +49,7 @@ class Trainer:
         self.slot_replay: set[tuple[int, int]] = set()  # (stage, replica slot) to replay on its new peer
         self.replayed = 0
         self.request_times: list[tuple[int, str, float]] = []  # (stage, kind, seconds) of each request
+        self.timeline = StepTimeline()  # the last step's requests, for the status page
         self.cache: StepCache | None = None
         self.phase = "idle"
         self.step_times: list[tuple[int, float, float]] = []  # (step, wall end, seconds)
@@ -90,7 +92,9 @@ class Trainer:
             x, y = step_batch(self.spec, self._corpus, step)
             t0 = time.perf_counter()
             self.phase = "step"
+            self.timeline.begin(step)
             loss = run_step(self, step, x, y)
+            self.timeline.end()
             self.phase = "idle"
             self.losses.append(loss)
             self.step_times.append((step, time.time(), time.perf_counter() - t0))
@@ -388,6 +392,7 @@ class Trainer:
             "stages": [{"stage": s.stage, "layers": [s.first, s.first + s.count - 1], "holder": s.holder,
                         "copy": s.copy, "replicas": list(s.replicas)} for s in self.assignment.stages],
             "failures": [vars(f) for f in self.failures[-10:]],
+            "losses": self.losses[-200:], "timeline": self.timeline.last(),  # the status page's curve and Gantt
             "rebalances": self.rebalances,
             "bytes_sent": self.node.bytes_sent, "bytes_received": self.node.bytes_received,
         }  # fmt: skip
