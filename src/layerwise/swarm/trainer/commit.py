@@ -22,6 +22,7 @@ gradients, so a replica replaced during the commit replays nothing.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -81,7 +82,9 @@ def commit_step(tr: Trainer, cache: StepCache, in_threads: Any, call_stage: Any)
             return  # no copy, or the state came from a peer that had already applied this step
         msg = Message("backup_apply", cache.step, s, -1, tr.epoch, {"lr": spec.lr_at(cache.step)}, applied[0].tensors)
         try:
+            t0 = time.perf_counter()
             tr.node.request(copy, msg, tr.opts.request_timeout)
+            tr.timeline.record(s, "backup_apply", -1, copy, t0, time.perf_counter())
         except PeerLost as e:
             tr.note_lost(e.peer)
             tr.recopy(s)
