@@ -35,6 +35,10 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (default 8)")
     p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="gpipe", help="stage order (default gpipe)")
     p.add_argument("--seed", type=int, default=0, help="weights and data seed")
+    p.add_argument("--max-grad-norm", type=float, default=0.0, metavar="NORM",
+                   help="clip the global gradient norm to NORM at every step, as clip_grad_norm_ (default 0: off)")
+    p.add_argument("--tie-embeddings", action="store_true",
+                   help="the head's weight is the token embedding's, as in the demo GPT (default: untied)")
     p.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
     p.add_argument("--compress", choices=("none", "bf16", "int8", "int4", "lowrank"), default="none",
                    help="activations and their gradients between stages: none (default, exact), bf16, int8 or int4 "
@@ -61,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_args(train)
     train.add_argument("--peers", type=positive_int, default=1, help="wait for this many peers (default 1)")
     train.add_argument("--wait", type=float, default=120.0, help="seconds to wait for them (default 120)")
+    train.add_argument("--max-stages", type=positive_int, default=None, metavar="N",
+                       help="at most N pipeline stages; further peers become replicas of the slowest stage "
+                            "(default: a stage per peer, up to one layer each)")
     train.add_argument("--checkpoint", default=None, metavar="DIR", help="save every layer's state here")
     train.add_argument("--checkpoint-every", type=positive_int, default=None,
                        help="steps between checkpoints, with --checkpoint (default 10)")
@@ -144,7 +151,8 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     size = {"tiny": {"width": 64, "blocks": 4}, "small": {"width": 128, "blocks": 6}}[args.model]
     try:
         return SwarmSpec(**size, batch_size=args.batch_size, microbatches=args.microbatches,
-                         schedule=args.schedule, seed=args.seed, data=args.data)  # fmt: skip
+                         schedule=args.schedule, seed=args.seed, data=args.data,
+                         tie_embeddings=args.tie_embeddings, max_grad_norm=args.max_grad_norm)  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -181,7 +189,7 @@ def _train(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     try:
         opts = TrainerOptions(swarm=args.swarm, join=join, listen=lst, min_peers=args.peers, wait_s=args.wait,
-                              lease_ms=args.lease_ms, checkpoint_dir=args.checkpoint,
+                              lease_ms=args.lease_ms, checkpoint_dir=args.checkpoint, max_stages=args.max_stages,
                               checkpoint_every=(args.checkpoint_every or 10) if args.checkpoint else 0,
                               resume=args.resume, identity=identity, crl=args.crl, spot_check=args.spot_check,
                               ban_after=args.ban_after, relay=tuple(args.relay),
@@ -194,7 +202,8 @@ def _train(args: argparse.Namespace) -> int:
     def progress(tr: Any, step: int) -> None:
         if step == 0:
             say("spans: " + ", ".join(f"stage {s.stage} layers {s.first}-{s.first + s.count - 1} on {s.holder} "
-                                      f"(copy on {s.copy})" for s in tr.assignment.stages))
+                                      + (f"(replicas {', '.join(s.replicas)})" if s.replicas else f"(copy on {s.copy})")
+                                      for s in tr.assignment.stages))  # fmt: skip
         elif tr.losses:
             say(f"step {step}/{args.steps}  loss {tr.losses[-1]:.4f}  ({tr.step_times[-1][2]:.2f} s)")
 
@@ -270,7 +279,8 @@ def format_status(got: dict[str, Any]) -> str:
     rate = tr.get("steps_per_s")
     lines.append(f"trainer: step {tr['step']}, loss {tr['loss']}, {rate and round(rate, 2)} steps/s")
     for s in tr["stages"]:
-        lines.append(f"  stage {s['stage']} layers {s['layers'][0]}-{s['layers'][1]}: {s['holder']} (copy {s['copy']})")
+        more = f", replicas {', '.join(s['replicas'])}" if s.get("replicas") else ""
+        lines.append(f"  stage {s['stage']} layers {s['layers'][0]}-{s['layers'][1]}: {s['holder']} (copy {s['copy']}{more})")
     for f in tr["failures"]:
         lines.append(f"  failure: {f['peer']} at step {f['step']} ({f['phase']}), stages {f['stages']}")
     for r in tr.get("refused", [])[-10:]:  # --identity: who was refused, by name (swarm/access.py)

@@ -35,7 +35,7 @@ _HBYTES = HEADER_SLOTS * 8
 
 KINDS = (
     "hello", "install", "forward", "backward", "commit", "backup_apply", "promote", "get_state",
-    "status", "ok", "error", "reset", "drop", "check",
+    "status", "ok", "error", "reset", "drop", "check", "grads",
 )  # fmt: skip
 _CODE = {k: i for i, k in enumerate(KINDS)}
 
