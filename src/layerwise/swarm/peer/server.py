@@ -181,7 +181,8 @@ class Peer:
         runner = span.runner
         assert runner is not None
         group = int(msg.meta.get("group", 0))  # a replica's slot: its microbatches' gradients are summed apart
-        grads = span.accumulate(group, msg.mb, lambda: runner.backward(msg.mb, None if runner.is_last else list(msg.tensors)))
+        upstream = None if runner.is_last else list(msg.tensors)
+        grads = span.accumulate(group, msg.mb, lambda: runner.backward(msg.mb, upstream))
         span.bwd_done.add(msg.mb)
         return Message("ok", msg.step, msg.stage, msg.mb, tensors=list(grads))
 
