@@ -90,12 +90,15 @@ def commit_step(tr: Trainer, cache: StepCache, in_threads: Any, call_stage: Any)
             tr.recopy(s)
 
     cache.committing = True
-    in_threads(cache, [lambda s=s, slot=slot: commit(s, slot) for s in range(len(spans)) for slot in range(cache.slots[s])])
+    pairs = [(s, slot) for s in range(len(spans)) for slot in range(cache.slots[s])]
+    in_threads(cache, [lambda s=s, slot=slot: commit(s, slot) for s, slot in pairs])
     in_threads(cache, [lambda s=s: relay(s) for s in range(len(spans))])
 
 
-def _combine(spec: SwarmSpec, spans: Any, cache: StepCache,
-             reports: dict[tuple[int, int], Message]) -> tuple[list[dict[int, torch.Tensor]], float | None]:  # fmt: skip
+def _combine(
+    spec: SwarmSpec, spans: Any, cache: StepCache, reports: dict[tuple[int, int], Message]
+) -> tuple[list[dict[int, torch.Tensor]], float | None]:
+    """Per stage, the gradients that replace its own (by position); and the clip coefficient."""
     canon = canonical(spec)
     norms: dict[Name, torch.Tensor] = {}
     replace: list[dict[int, torch.Tensor]] = [{} for _ in spans]
