@@ -111,7 +111,7 @@ def test_ledger_probation_then_ban_and_counts() -> None:
     assert led.strike("a", Reason.NONFINITE, 4) == "probation" and led.on_probation("a")
     assert led.strike("a", Reason.MISMATCH, 5) == "probation"
     assert led.strike("a", Reason.MISMATCH, 6) == "ban" and led.banned("a") and not led.on_probation("a")
-    assert led.strike("a", Reason.MISMATCH, 7) == "ban"  # counted, not banned twice
+    assert led.strike("a", Reason.MISMATCH, 7) == "banned"  # counted, not banned twice
     led.count(Reason.GARBAGE)
     snap = led.snapshot()
     assert snap["rejected"] == {"nonfinite": 1, "mismatch": 3, "garbage": 1}

@@ -131,11 +131,12 @@ class Ledger:
             self.rejected[str(reason)] += 1
 
     def strike(self, peer: str, reason: Reason, step: int) -> str:
-        """Count a rejection from ``peer``; returns ``"ban"``, ``"probation"`` or ``"counted"``."""
+        """Count a rejection from ``peer``; returns ``"ban"`` (banned now), ``"banned"`` (already),
+        ``"probation"`` or ``"counted"``."""
         with self._lock:
             self.rejected[str(reason)] += 1
             if self._banned(peer):
-                return "ban"
+                return "banned"  # two stages' threads may reject one peer at once: it is banned once
             n = self.strikes[peer] = self.strikes.get(peer, 0) + 1
             if n >= self.policy.ban_after:
                 self.bans.append({"peer": peer, "reason": str(reason), "step": step})

@@ -14,7 +14,6 @@ endpoints only) and every request goes through the signed hello and MAC of :mod:
 from __future__ import annotations
 
 import json
-import queue
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -112,21 +111,16 @@ class Node:
                  check: Callable[[bytes | None, bytes], bool] | None = None, limit: int = MAX_MESSAGE) -> Message:  # fmt: skip
         """One query, one decoded reply (at most ``limit`` bytes); ``check(attachment, payload)``
         filters replies (a MAC)."""
-        replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.session.get(
-            key, zenoh.handlers.Callback(replies.put, lambda: replies.put(None)),
-            payload=data, timeout=timeout, congestion_control=zenoh.CongestionControl.BLOCK, attachment=attachment,
+        # zenoh's own channel, drained here: a Python callback would make zenoh start a Python
+        # thread per query while it holds the session's lock, and a peer's death (which closes
+        # every query to it from zenoh's threads) could then deadlock on the GIL.
+        replies = self.session.get(
+            key, payload=data, timeout=timeout, congestion_control=zenoh.CongestionControl.BLOCK, attachment=attachment,
         )  # fmt: skip
         got: Message | None = None
         why, refused = "left (no reply)", False
         start = time.monotonic()
-        while True:
-            try:
-                reply = replies.get(timeout=timeout + 5.0)
-            except queue.Empty:
-                raise PeerLost(peer, f"did not answer {msg.describe()} within {timeout:.0f} s") from None
-            if reply is None:
-                break
+        for reply in replies:  # ends when the query is final: every reply in, the peer gone, or the timeout
             if reply.ok is None:
                 why = f"failed: {reply.err.payload.to_string()[:200]}"
                 continue

@@ -123,11 +123,11 @@ def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message, slot: int = 
             tr.timeline.record(s, msg.kind, msg.mb, holder, t0, time.perf_counter())
             return reply
         except PeerLost as e:
-            if tr.trust.banned(holder):  # banned while holding other stages too: they move as after a failure
-                _recover(tr, cache, s, holder, msg.kind)
-                continue
-            if (s, slot) in tr.slot_replay:
-                replicas.replay_slot(tr, cache, s, slot, holder)
+            _recover(tr, cache, s, e.peer, msg.kind, force=False)
+        except Rejected as e:
+            if not tr.trust.banned(holder):
+                tr.trust.strike(holder, e.reason)
+            _recover(tr, cache, s, holder, msg.kind)
 
 
 def _recover(tr: Trainer, cache: StepCache, s: int, peer: str, phase: str, force: bool = True) -> None:

@@ -3,7 +3,8 @@
 :meth:`Trust.request` replaces a plain request to a stage's holder. The reply must be ``ok``, for
 the step, stage and microbatch asked, with the tensors the stage produces (shapes, dtypes, finite
 values). With probability ``spot_check`` per output (and for every output of a peer on probation)
-the same forward or backward is sent at the same time to the stage's copy, which recomputes it
+the same forward or backward is sent at the same time to the stage's copy (or, for a stage with
+replicas, another replica), which recomputes it
 from the same committed weights (:mod:`..spot`); results further apart than the fp32 tolerance go
 to the trainer, which recomputes the output itself from the copy's weights and blames whichever
 side disagrees with it. A reply that fails raises :class:`~..guard.Rejected` naming the holder:
@@ -73,13 +74,13 @@ class Trust:
     # -- one request ---------------------------------------------------------------------------
     def request(self, s: int, msg: Message, holder: str, cache: StepCache | None) -> Message:
         """Ask ``holder`` (stage ``s``) for ``msg``; a reply that is not to be used raises Rejected(sender=holder)."""
-        span = self.tr.assignment.stages[s]
-        check = self._check_message(s, msg, holder, span.copy, cache)
+        checker = self._checker(s, holder)
+        check = self._check_message(s, msg, holder, checker, cache)
         result: dict[str, Any] = {}
         worker = None
         if check is not None:
-            assert span.copy is not None
-            worker = threading.Thread(target=self._ask_checker, args=(span.copy, check, result), daemon=True)
+            assert checker is not None
+            worker = threading.Thread(target=self._ask_checker, args=(checker, check, result), daemon=True)
             worker.start()
         try:
             reply = self._ask(holder, msg)
@@ -88,11 +89,19 @@ class Trust:
             if worker is not None:
                 worker.join()
         if check is not None:
-            assert span.copy is not None
-            self._compare(s, msg, check, reply, holder, span.copy, result)
+            assert checker is not None
+            self._compare(s, msg, check, reply, holder, checker, result)
         if self.banned(holder):  # banned by another stage's thread while this request ran
             raise Rejected(f"peer {holder} was banned during {msg.describe()}", Reason.REFUSED, holder)
         return reply
+
+    def _checker(self, s: int, holder: str) -> str | None:
+        """Another holder of stage ``s``'s layers to recompute an output: its copy, else another replica."""
+        span = self.tr.assignment.stages[s]
+        for p in (span.copy, *span.slots):
+            if p is not None and p != holder and not self.banned(p) and self.tr.membership.is_alive(p):
+                return p
+        return None
 
     def _ask(self, peer: str, msg: Message) -> Message:
         try:
