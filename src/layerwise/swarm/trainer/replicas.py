@@ -76,6 +76,8 @@ def recover_slot(tr: Trainer, s: int, dead: str, cache: StepCache | None, phase:
             raise tr._lost(span) from None
         slots = tuple(new if p == dead else p for p in span.slots)
         tr._set(replace(span, holder=slots[0], replicas=slots[1:], copy=copy_left))
+        if not tr.assignment.stages[s].safe:  # one peer left serving the stage: a copy now, not at the
+            tr.recopy(s)  # boundary, so a second loss loses nothing and its outputs can still be spot-checked
         replay = False
         if cache is not None and step == cache.step and not cache.committing:  # a commit brings its gradients
             for slot, p in enumerate(span.slots):
