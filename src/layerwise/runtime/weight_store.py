@@ -124,11 +124,14 @@ def deferring(linears: Sequence[nn.Linear], store: WeightGrads) -> Iterator[None
     unchanged outside the stage's own calls."""
 
     def make(m: nn.Linear) -> Any:
+        params = m._parameters  # looked up per call (a parameter may be replaced), without Module.__getattr__
+
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if (torch.is_grad_enabled() and x.is_contiguous() and x.dim() in (2, 3) and x.dtype == m.weight.dtype
-                    and not torch.is_autocast_enabled(x.device.type) and not _hooked(m)):  # fmt: skip
-                return _Linear.apply(x, m.weight, m.bias, store)
-            return F.linear(x, m.weight, m.bias)  # the fused node of autograd: its gradients come in I
+            w, b = params["weight"], params["bias"]
+            if (torch.is_grad_enabled() and x.is_contiguous() and x.dim() in (2, 3) and x.dtype == w.dtype
+                    and not torch.is_autocast_enabled(x.device.type) and not _hooked(w, b)):  # fmt: skip
+                return _Linear.apply(x, w, b, store)
+            return F.linear(x, w, b)  # the fused node of autograd: its gradients come in I
 
         return forward
 
@@ -141,7 +144,10 @@ def deferring(linears: Sequence[nn.Linear], store: WeightGrads) -> Iterator[None
             m.__dict__.pop("forward", None)
 
 
-def _hooked(m: nn.Linear) -> bool:
+def _hooked(w: torch.Tensor, b: torch.Tensor | None) -> bool:
     """A parameter whose gradient has hooks keeps it in I: ``AccumulateGrad`` runs its
-    post-accumulate hooks even for the empty gradient a deferred layer returns in I."""
-    return any(p._backward_hooks or p._post_accumulate_grad_hooks for p in m.parameters(recurse=False))
+    post-accumulate hooks even for the empty gradient a deferred layer returns in I. (Checked on
+    every forward: a hook may be added at any time; written out, as it runs per linear layer
+    and microbatch.)"""
+    return bool(w._backward_hooks or w._post_accumulate_grad_hooks
+                or (b is not None and (b._backward_hooks or b._post_accumulate_grad_hooks)))  # fmt: skip
