@@ -38,7 +38,8 @@ class WeightGrads:
     gradient of its output (both as 2-D matrices) and the parameters still owed a gradient."""
 
     active: bool = False  # set during I: linear layers defer their weight gradients
-    later: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
+    # (X as rows x in, dY as rows x out, the weight or None, the bias or None) per deferred layer
+    later: list[tuple[torch.Tensor, torch.Tensor, Any, Any]] = field(default_factory=list)
 
     def run(self) -> None:
         """W: the weight and bias gradients of every deferred layer, accumulated into ``.grad``.
