@@ -1,4 +1,5 @@
-"""ZB-H2 and ZB-V: zero-bubble schedules built by a unit-time list scheduler.
+"""ZB-H2 and ZB-V: zero-bubble schedules, built by a unit-time list scheduler (ZB-V with
+``m >= 2p - 1``: the paper's handcrafted order, see :func:`zbv`).
 
 Qi et al., "Zero Bubble Pipeline Parallelism" (2023) split the backward into I (input gradient,
 on the critical path) and W (weight gradient, free to move) and fill the pipeline's bubbles with
