@@ -137,7 +137,7 @@ def zbv(ranks: int, microbatches: int) -> Schedule:
     Both reach the same makespan when ``T_F = T_I = T_W``, but real costs differ (on a CPU GPT
     block, I is about 1.15 F and W about 0.9 F, and stages of whole layers are unequal): simulated
     with per-stage costs drawn at random around those ratios, the handcrafted order's makespan
-    was 4-8% shorter at the median (up to 20%) and never longer by more than 0.3%, for p in 2..4
+    was 3.5-7.5% shorter at the median (up to 20%) and never longer by more than 0.3%, for p in 2..4
     and m in 2p - 1..16. The list scheduler moves I's ahead of forwards and bunches the W's,
     which stalls the V's other chunk when one chunk's I costs more than the unit it planned for;
     the handcrafted order keeps every chunk's F, I, W together in the steady state.
