@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--latency-ms", type=float, default=0.0, help="emulated one-way latency per message")
     serve.add_argument("--bandwidth-mbit", type=float, default=None, help="emulated bandwidth cap, Mbit/s")
     serve.add_argument("--name", default=None, help="peer id (default host-pid-random)")
-    serve.add_argument("--fault", default="", metavar="MODE:P",
-                       help="fault injection: lie in a fraction P of outputs; MODE corrupt, nan, shape, stale or garbage")
+    serve.add_argument("--fault", default="", metavar="MODE:P[@STEP]",
+                       help="fault injection: lie in a fraction P of outputs (from step STEP on, default 0); MODE "
+                            "corrupt, nan, shape, stale, garbage or oversized")
     serve.add_argument("--max-message-mib", type=float, default=None, metavar="MiB",
                        help="refuse messages larger than this (default 4096)")
     train = sub.add_parser("train", help="train the model through the swarm's peers")
@@ -69,7 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="probability that a stage's output is recomputed by its copy and compared (default 0; "
                             "a peer on probation is always checked)")
     train.add_argument("--ban-after", type=positive_int, default=2, metavar="N",
-                       help="rejected replies that ban a peer from the run (default 2; the first means probation)")
+                       help="rejected replies that ban a peer from the run (default 2; the first means probation; a "
+                            "mismatch the trainer confirmed by recomputing the output itself bans at once)")
+    train.add_argument("--probation-checks", type=int, default=None, metavar="N",
+                       help="with --spot-check: checks a new (or returning) peer passes before only the sample P of "
+                            "its outputs is checked (default 90: catches a peer lying in 5%% of its outputs with "
+                            "probability 0.99)")
     demo = sub.add_parser("demo", help="a local swarm: N peers, K killed, J joining, checked against one process")
     demo.add_argument("--peers", type=positive_int, default=4, help="peer processes (default 4)")
     demo.add_argument("--kill", type=int, default=1, help="peers to SIGKILL at random moments (default 1)")
@@ -185,7 +191,8 @@ def _train(args: argparse.Namespace) -> int:
                               checkpoint_every=(args.checkpoint_every or 10) if args.checkpoint else 0,
                               resume=args.resume, identity=identity, crl=args.crl, spot_check=args.spot_check,
                               ban_after=args.ban_after, relay=tuple(args.relay),
-                              compress=compression_from_args(args))  # fmt: skip
+                              compress=compression_from_args(args),
+                              **({} if args.probation_checks is None else {"probation_checks": args.probation_checks}))  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))

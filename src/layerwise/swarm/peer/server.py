@@ -101,7 +101,7 @@ class Peer:
         self.checksum: dict[str, float] = {}
         self.fault = _parse_fault(os.environ.get("LAYERWISE_SWARM_FAULT", ""))
         mode = parse_tamper(opts.fault)
-        self.tamper = Tamper(mode[0], mode[1], seed=zlib.crc32(self.id.encode())) if mode else None
+        self.tamper = Tamper(mode[0], mode[1], start=mode[2], seed=zlib.crc32(self.id.encode())) if mode else None
         self.ledger = Ledger()  # what this peer refused, by reason
         self.served = 0
         self.streams: dict[int, Streams] = {}  # per held stage: error feedback of what it sends (compress.py)
