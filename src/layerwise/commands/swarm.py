@@ -86,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     relay.add_argument("--listen", action="append", default=[], metavar="ENDPOINT", required=True,
                        help="where peers connect out to, e.g. tcp/0.0.0.0:7447 (repeatable)")
     relay.add_argument("--lease-ms", type=positive_int, default=1000, help="zenoh link lease (default 1000)")
+    swarm_identity.add_relay_option(relay)
     status = sub.add_parser("status", help="peers, spans, step rate and recent failures of a running swarm")
     _common(status, listen=False)
     # the live status page (swarm/web.py)
@@ -126,9 +127,6 @@ def _endpoints(args: argparse.Namespace, listen: bool = True) -> tuple[tuple[str
         raise UsageError(str(e)) from None
     if relay and (join or lst):
         raise UsageError("--relay connects out through a relay only: leave out --join and --listen")
-    if relay and getattr(args, "identity", None):
-        raise UsageError("--identity cannot be combined with --relay yet: the relay (a zenoh router) has no "
-                         "certificate of the swarm; join the peers directly for mutual TLS")
     if not join and not lst and not relay:
         raise UsageError("give --join ENDPOINT (or --listen ENDPOINT for the first process of a swarm, "
                          "or --relay ENDPOINT behind NAT)")
@@ -168,7 +166,13 @@ def _serve(args: argparse.Namespace) -> int:
                            relay=tuple(args.relay), **limit)  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
-    serve(opts, on_ready=lambda p: print(f"peer {p.id} serving swarm {args.swarm!r}; Ctrl-C to leave", flush=True))
+    from layerwise.swarm.errors import SwarmError
+
+    try:
+        serve(opts, on_ready=lambda p: print(f"peer {p.id} serving swarm {args.swarm!r}; Ctrl-C to leave", flush=True))
+    except SwarmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -296,9 +300,11 @@ def _relay(args: argparse.Namespace) -> int:
         listen = [check_endpoint(e) for e in args.listen]
     except ValueError as e:
         raise UsageError(str(e)) from None
+    identity = swarm_identity.load(swarm_identity.check(args, "relay", tuple(listen)))
+    tls = f" with mutual TLS as {identity.name}" if identity is not None else ""
     try:
-        run_relay(listen, args.lease_ms,
-                  on_ready=lambda: print(f"relay listening on {', '.join(listen)}; Ctrl-C to stop", flush=True))
+        run_relay(listen, args.lease_ms, identity=identity,
+                  on_ready=lambda: print(f"relay listening on {', '.join(listen)}{tls}; Ctrl-C to stop", flush=True))
     except Exception as e:  # zenoh could not listen there (address in use, not this host's): one line, no traceback
         print(f"error: relay cannot listen on {', '.join(listen)}: {e}", file=sys.stderr)
         return 1

@@ -41,7 +41,7 @@ import zenoh
 
 from ..access import Guard
 from ..identity import Identity
-from ..net import alive_key, config, peer_key
+from ..net import alive_key, config, open_session, peer_key
 from ..assignment import layer_costs
 from ..compress import Streams, pack_reply, unpack
 from ..spec import SwarmSpec, init_checksum
@@ -279,7 +279,7 @@ class Peer:
         cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
                      identity=self.identity, relay=self.opts.relay)  # fmt: skip
         work: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        with zenoh.open(cfg) as session:
+        with open_session(cfg, f"peer {self.id}", self.opts.relay, self.identity) as session:
             qbl = session.declare_queryable(peer_key(self.opts.swarm, self.id), zenoh.handlers.Callback(work.put))
             token = session.liveliness().declare_token(alive_key(self.opts.swarm, self.id))
             if ready is not None:
