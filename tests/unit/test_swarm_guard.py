@@ -314,3 +314,23 @@ def test_a_mismatch_bans_at_once_only_when_the_holders_weights_agree_with_the_co
         else:  # suspicion only: the copy, which agreed with its own made-up weights, is not confirmed either
             assert not trust.banned("b") and not trust.banned("a") and trust.stats["confirmed"] == 0
             assert trust.on_probation("b")  # unproven, so every output of it is checked; the driver adds a strike
+
+
+def test_a_new_peer_is_on_probation_until_it_passed_its_checks_and_again_after_a_failure() -> None:
+    from types import SimpleNamespace
+
+    from layerwise.swarm.trainer.options import Failure
+    from layerwise.swarm.trainer.trust import Trust
+
+    for rate in (0.0, 0.05):
+        tr: Any = SimpleNamespace(spec=SPEC, opts=SimpleNamespace(ban_after=2, spot_check=rate, probation_checks=3),
+                                  losses=[], failures=[])  # fmt: skip
+        trust = Trust(tr)
+        assert trust.on_probation("a") == (rate > 0)  # without spot checks, only a strike means probation
+        for _ in range(3):
+            trust.ledger.passes("a")
+        assert not trust.on_probation("a") and trust.status()["checks_passed"] == {"a": 3}
+        tr.failures.append(Failure(peer="a", step=4, phase="forward", noticed_at=0.0, left_at=None))
+        assert trust.on_probation("a") == (rate > 0)  # it may come back as another process: earned again
+        trust.ledger.passes("a")
+        assert trust.on_probation("a") == (rate > 0)  # one of three passes since its return
