@@ -289,7 +289,8 @@ def format_status(got: dict[str, Any]) -> str:
     if tr.get("rejected"):
         lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(tr["rejected"].items())))
     for b in tr.get("bans", []):
-        lines.append(f"  banned: {b['peer']} at step {b['step']} ({b['reason']})")
+        proof = ", confirmed by the trainer's recomputation" if b.get("confirmed") else ""
+        lines.append(f"  banned: {b['peer']} at step {b['step']} ({b['reason']}{proof})")
     return "\n".join(lines)
 
 
