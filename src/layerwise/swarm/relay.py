@@ -24,8 +24,9 @@ ends at the router, which could read the messages; it cannot forge or alter them
 and the MAC of :mod:`.access` run end to end between trainer and peer, through it. A ``relay``
 certificate is good for nothing else (every process refuses it in a hello). zenoh has no
 revocation list: the router links a revoked certificate of its CA, and the trainer and peers
-refuse it in the hello as without a relay (a revoked relay certificate stops its own relay at
-start, when the list given with ``--crl`` or the identity's ``crl.pem`` revokes it).
+refuse it in the hello as without a relay. The relay judges its own certificate at start against
+the identity directory's ``crl.pem`` (a copy as of the invitation: replace it with the CA's newer
+list to stop a revoked relay from starting again).
 """
 
 from __future__ import annotations
