@@ -140,6 +140,13 @@ def _train_through_relay(netns: Namespaces, proto: str, ids: dict[str, Path] | N
                               "--wait", "120", "--steps", str(steps), "--model", "tiny", "--json", *ident("t")])  # fmt: skip
     out, err = trainer.communicate(timeout=240)
     assert trainer.returncode == 0, err[-2000:]
+    # status reaches every peer through the relay too (with an identity: a signed hello to each)
+    status = netns.run("b", ["-m", "layerwise", "swarm", "status", "--swarm", swarm, "--relay", rb, "--json",
+                             *ident("t")])  # fmt: skip
+    st_out, st_err = status.communicate(timeout=60)
+    assert status.returncode == 0, st_err[-2000:]
+    peers = json.loads(st_out.strip().splitlines()[-1])["peers"]
+    assert sorted(peers) == ["a1", "b1", "b2"] and all("error" not in p for p in peers.values()), peers
     summary = json.loads(out.strip().splitlines()[-1])
     spans = next(line for line in err.splitlines() if line.startswith("spans:"))
     assert all(f"on {p} " in spans for p in ("a1", "b1", "b2")), spans  # both groups hold layers

@@ -235,11 +235,16 @@ def _failure(f: Any) -> dict[str, Any]:
 def _status(args: argparse.Namespace) -> int:
     if args.web is not None or args.web_host is not None:
         return _status_web(args)
+    from layerwise.swarm.errors import SwarmError
     from layerwise.swarm.status import query_status
 
     join, _ = _endpoints(args, listen=False)
     identity = swarm_identity.check(args, None, join)
-    got = query_status(args.swarm, join, args.lease_ms, identity=identity, crl=args.crl, relay=tuple(args.relay))
+    try:
+        got = query_status(args.swarm, join, args.lease_ms, identity=identity, crl=args.crl, relay=tuple(args.relay))
+    except SwarmError as e:  # through a relay that refused (or is not there): one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(got))
     else:
