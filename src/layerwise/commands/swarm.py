@@ -56,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--latency-ms", type=float, default=0.0, help="emulated one-way latency per message")
     serve.add_argument("--bandwidth-mbit", type=float, default=None, help="emulated bandwidth cap, Mbit/s")
     serve.add_argument("--name", default=None, help="peer id (default host-pid-random)")
-    serve.add_argument("--fault", default="", metavar="MODE:P",
-                       help="fault injection: lie in a fraction P of outputs; MODE corrupt, nan, shape, stale or garbage")
+    serve.add_argument("--fault", default="", metavar="MODE:P[@STEP]",
+                       help="fault injection: lie in a fraction P of outputs (from step STEP on, default 0); MODE "
+                            "corrupt, nan, shape, stale, garbage or oversized")
     serve.add_argument("--max-message-mib", type=float, default=None, metavar="MiB",
                        help="refuse messages larger than this (default 4096)")
     train = sub.add_parser("train", help="train the model through the swarm's peers")
@@ -76,7 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="probability that a stage's output is recomputed by its copy and compared (default 0; "
                             "a peer on probation is always checked)")
     train.add_argument("--ban-after", type=positive_int, default=2, metavar="N",
-                       help="rejected replies that ban a peer from the run (default 2; the first means probation)")
+                       help="rejected replies that ban a peer from the run (default 2; the first means probation; a "
+                            "mismatch the trainer confirmed by recomputing the output itself bans at once)")
+    train.add_argument("--probation-checks", type=int, default=None, metavar="N",
+                       help="with --spot-check: checks a new (or returning) peer passes before only the sample P of "
+                            "its outputs is checked (default 90: catches a peer lying in 5%% of its outputs with "
+                            "probability 0.99)")
     demo = sub.add_parser("demo", help="a local swarm: N peers, K killed, J joining, checked against one process")
     demo.add_argument("--peers", type=positive_int, default=4, help="peer processes (default 4)")
     demo.add_argument("--kill", type=int, default=1, help="peers to SIGKILL at random moments (default 1)")
@@ -87,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     relay.add_argument("--listen", action="append", default=[], metavar="ENDPOINT", required=True,
                        help="where peers connect out to, e.g. tcp/0.0.0.0:7447 (repeatable)")
     relay.add_argument("--lease-ms", type=positive_int, default=1000, help="zenoh link lease (default 1000)")
+    swarm_identity.add_relay_option(relay)
     status = sub.add_parser("status", help="peers, spans, step rate and recent failures of a running swarm")
     _common(status, listen=False)
     # the live status page (swarm/web.py)
@@ -127,9 +134,6 @@ def _endpoints(args: argparse.Namespace, listen: bool = True) -> tuple[tuple[str
         raise UsageError(str(e)) from None
     if relay and (join or lst):
         raise UsageError("--relay connects out through a relay only: leave out --join and --listen")
-    if relay and getattr(args, "identity", None):
-        raise UsageError("--identity cannot be combined with --relay yet: the relay (a zenoh router) has no "
-                         "certificate of the swarm; join the peers directly for mutual TLS")
     if not join and not lst and not relay:
         raise UsageError("give --join ENDPOINT (or --listen ENDPOINT for the first process of a swarm, "
                          "or --relay ENDPOINT behind NAT)")
@@ -170,7 +174,13 @@ def _serve(args: argparse.Namespace) -> int:
                            relay=tuple(args.relay), **limit)  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
-    serve(opts, on_ready=lambda p: print(f"peer {p.id} serving swarm {args.swarm!r}; Ctrl-C to leave", flush=True))
+    from layerwise.swarm.errors import SwarmError
+
+    try:
+        serve(opts, on_ready=lambda p: print(f"peer {p.id} serving swarm {args.swarm!r}; Ctrl-C to leave", flush=True))
+    except SwarmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -193,7 +203,8 @@ def _train(args: argparse.Namespace) -> int:
                               checkpoint_every=(args.checkpoint_every or 10) if args.checkpoint else 0,
                               resume=args.resume, identity=identity, crl=args.crl, spot_check=args.spot_check,
                               ban_after=args.ban_after, relay=tuple(args.relay),
-                              compress=compression_from_args(args))  # fmt: skip
+                              compress=compression_from_args(args),
+                              **({} if args.probation_checks is None else {"probation_checks": args.probation_checks}))  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
@@ -233,11 +244,16 @@ def _failure(f: Any) -> dict[str, Any]:
 def _status(args: argparse.Namespace) -> int:
     if args.web is not None or args.web_host is not None:
         return _status_web(args)
+    from layerwise.swarm.errors import SwarmError
     from layerwise.swarm.status import query_status
 
     join, _ = _endpoints(args, listen=False)
     identity = swarm_identity.check(args, None, join)
-    got = query_status(args.swarm, join, args.lease_ms, identity=identity, crl=args.crl, relay=tuple(args.relay))
+    try:
+        got = query_status(args.swarm, join, args.lease_ms, identity=identity, crl=args.crl, relay=tuple(args.relay))
+    except SwarmError as e:  # through a relay that refused (or is not there): one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(got))
     else:
@@ -288,7 +304,8 @@ def format_status(got: dict[str, Any]) -> str:
     if tr.get("rejected"):
         lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(tr["rejected"].items())))
     for b in tr.get("bans", []):
-        lines.append(f"  banned: {b['peer']} at step {b['step']} ({b['reason']})")
+        proof = ", confirmed by the trainer's recomputation" if b.get("confirmed") else ""
+        lines.append(f"  banned: {b['peer']} at step {b['step']} ({b['reason']}{proof})")
     return "\n".join(lines)
 
 
@@ -299,9 +316,11 @@ def _relay(args: argparse.Namespace) -> int:
         listen = [check_endpoint(e) for e in args.listen]
     except ValueError as e:
         raise UsageError(str(e)) from None
+    identity = swarm_identity.load(swarm_identity.check(args, "relay", tuple(listen)))
+    tls = f" with mutual TLS as {identity.name}" if identity is not None else ""
     try:
-        run_relay(listen, args.lease_ms,
-                  on_ready=lambda: print(f"relay listening on {', '.join(listen)}; Ctrl-C to stop", flush=True))
+        run_relay(listen, args.lease_ms, identity=identity,
+                  on_ready=lambda: print(f"relay listening on {', '.join(listen)}{tls}; Ctrl-C to stop", flush=True))
     except Exception as e:  # zenoh could not listen there (address in use, not this host's): one line, no traceback
         print(f"error: relay cannot listen on {', '.join(listen)}: {e}", file=sys.stderr)
         return 1

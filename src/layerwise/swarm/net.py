@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import zenoh
 
-from .errors import PeerLost, PeerRefused
+from .errors import PeerLost, PeerRefused, SwarmError
 from .wire import MAX_MESSAGE, Message, decode_message, encode_message
 
 if TYPE_CHECKING:
@@ -40,11 +40,9 @@ def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms:
            multicast: bool = False, identity: Identity | None = None,
            relay: Sequence[str] = ()) -> zenoh.Config:  # fmt: skip
     if relay:  # behind NAT: a client of the relay, which carries everything (relay.py)
-        if identity is not None:  # refused by the CLI first; a relay with TLS needs its own certificate
-            raise ValueError("--identity cannot be combined with --relay yet: the relay has no certificate")
         from .relay import client_config
 
-        return client_config(relay, lease_ms)
+        return client_config(relay, lease_ms, identity)
     c = zenoh.Config()
     c.insert_json5("mode", '"peer"')
     c.insert_json5("listen/endpoints", json.dumps(list(listen) or [f"{'tls' if identity else 'tcp'}/127.0.0.1:0"]))
@@ -57,6 +55,24 @@ def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms:
     if identity is not None:
         tls_config(c, str(identity.dir))
     return c
+
+
+def open_session(cfg: zenoh.Config, who: str, relay: Sequence[str] = (), identity: Identity | None = None) -> zenoh.Session:
+    """``zenoh.open``, but a client that reaches none of its relays gets one line naming itself.
+
+    A relay's mutual TLS refuses another swarm's certificate (or none) in silence, like a peer; a
+    client then waits out zenoh's connect timeout and fails with no reason (see relay.py)."""
+    try:
+        return zenoh.open(cfg)
+    except zenoh.ZError as e:
+        if not relay:
+            raise
+        how = (f"its certificate ({identity.name}) is not of the relay's swarm CA, or expired, or the relay has no "
+               f"certificate of this swarm" if identity is not None else
+               "a relay that runs with --identity refuses processes without one")  # fmt: skip
+        first = str(e).split(" at /")[0]
+        raise SwarmError(f"{who}: reached no relay at {', '.join(relay)} ({first}): {how}; or no relay listens "
+                         f"there") from None  # fmt: skip
 
 
 def tls_config(c: zenoh.Config, identity_dir: str) -> None:

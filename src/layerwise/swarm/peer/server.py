@@ -44,7 +44,7 @@ import zenoh
 
 from ..access import Guard
 from ..identity import Identity
-from ..net import alive_key, config, peer_key
+from ..net import alive_key, config, open_session, peer_key
 from ..assignment import layer_costs
 from ..compress import Streams, pack_reply, unpack
 from ..spec import SwarmSpec, init_checksum
@@ -104,7 +104,7 @@ class Peer:
         self.checksum: dict[str, float] = {}
         self.fault = _parse_fault(os.environ.get("LAYERWISE_SWARM_FAULT", ""))
         mode = parse_tamper(opts.fault)
-        self.tamper = Tamper(mode[0], mode[1], seed=zlib.crc32(self.id.encode())) if mode else None
+        self.tamper = Tamper(mode[0], mode[1], start=mode[2], seed=zlib.crc32(self.id.encode())) if mode else None
         self.ledger = Ledger()  # what this peer refused, by reason
         self.served = 0
         self.streams: dict[int, Streams] = {}  # per held stage: error feedback of what it sends (compress.py)
@@ -311,7 +311,7 @@ class Peer:
         cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
                      identity=self.identity, relay=self.opts.relay)  # fmt: skip
         work: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        with zenoh.open(cfg) as session:
+        with open_session(cfg, f"peer {self.id}", self.opts.relay, self.identity) as session:
             qbl = session.declare_queryable(peer_key(self.opts.swarm, self.id), zenoh.handlers.Callback(work.put))
             token = session.liveliness().declare_token(alive_key(self.opts.swarm, self.id))
             if ready is not None:

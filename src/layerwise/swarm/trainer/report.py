@@ -20,7 +20,7 @@ def status(tr: Trainer) -> dict[str, Any]:
         "steps_per_s": len(recent) / sum(recent) if recent else None,
         "tokens_per_s": tokens * len(recent) / sum(recent) if recent else None,
         "peers": {p: {"block_s": tr.block_s.get(p), "memory_bytes": tr.memory.get(p),
-                      "identity": tr.ident.identity_of(p), "probation": tr.trust.ledger.on_probation(p),
+                      "identity": tr.ident.identity_of(p), "probation": tr.trust.on_probation(p),
                       "banned": tr.trust.banned(p)} for p in tr.membership.snapshot()},
         "stages": [{"stage": s.stage, "layers": [s.first, s.first + s.count - 1], "holder": s.holder,
                     "copy": s.copy, "replicas": list(s.replicas)} for s in tr.assignment.stages],

@@ -20,14 +20,13 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-import zenoh
 
 from ..assignment import Assignment, PeerInfo, StageSpan, assign, relative_speeds, worth_moving
 from .. import checkpoint
 from ..errors import PeerLost, StageLost, SwarmError
 from ..identity import Refused
 from ..membership import Membership
-from ..net import Node, config, trainer_key
+from ..net import Node, config, open_session, trainer_key
 from ..replay import StepCache
 from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_batch
 from ..timeline import StepTimeline
@@ -71,7 +70,7 @@ class Trainer:
     def __enter__(self) -> Trainer:
         cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
                      identity=self.ident.identity, relay=self.opts.relay)  # fmt: skip
-        self.session = zenoh.open(cfg)
+        self.session = open_session(cfg, "trainer", self.opts.relay, self.ident.identity)
         self.node = Node(self.session, self.opts.swarm, auth=self.ident.client)
         self.membership = Membership(self.session, self.opts.swarm)
         self._status = self.session.declare_queryable(trainer_key(self.opts.swarm), self._on_status)

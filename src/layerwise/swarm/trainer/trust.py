@@ -12,8 +12,23 @@ the driver then redoes the work elsewhere exactly as after the holder's failure,
 the same as without the fault. Each rejection is a strike (:class:`~..guard.Ledger`): probation,
 then a ban; a banned peer gets no more work and its stages move as after a failure.
 
+**Trust is earned.** With spot checks on, a peer new to the run (or back after a failure) is on
+probation until it has passed ``probation_checks`` checks (as a holder whose output a copy
+reproduced, or as a copy that reproduced a holder's): a peer lying in a fraction q of its outputs
+gets through n checks with probability (1 - q)^n, so the default 90 catches one lying in 5% with
+probability 0.99, within its first steps. After that only the ``spot_check`` sample is checked,
+and a peer that starts lying later is caught at that rate: a first catch after about
+1 / (checked outputs a step x q) steps.
+
+**Proof bans at once.** On a mismatch the trainer asks the holder for its weights too: when they
+agree with the copy's, the trainer's recomputation is what the holder should have sent, and a side
+that differs from it is *confirmed* wrong and banned at once. When they do not agree (or the
+holder is gone) a mismatch is a plain strike: a lying copy with made-up weights cannot frame an
+honest holder.
+
 Cost: a checked output costs one more forward (a backward check: a forward and a backward) on the
-copy's peer, run while the holder computes; probation makes that every output of the peer.
+copy's peer, run while the holder computes; probation makes that every output of the peer, and a
+mismatch costs two ``get_state`` requests and one recomputation on the trainer.
 """
 
 from __future__ import annotations
@@ -31,18 +46,25 @@ from ..errors import PeerLost, PeerRefused, WireError
 from ..guard import Expect, Ledger, Policy, Reason, Rejected, check_tensors, finite, reason_of, relative_error
 from ..replay import StepCache
 from ..spec import build_layers
-from ..spot import expected, load_layers, recompute, tolerance
+from ..spot import U, expected, load_layers, recompute, tolerance
 from ...runtime.wire import HEADER_SLOTS
 from ..wire import GROUP, MAX_MESSAGE, Message
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
+# Holder and copy run the same elementwise AdamW code on the same gradients, so their weights are
+# bit-identical on one kind of CPU; across machines a fused multiply-add may round differently, by a
+# few units of roundoff per step. 2^10 u (6e-5 relative) leaves room for that over a long run and is
+# far below what made-up weights would differ by.
+WEIGHT_TOLERANCE = 1024 * U
+
 
 class Trust:
     def __init__(self, tr: Trainer) -> None:
         self.tr = tr
-        self.ledger = Ledger(Policy(ban_after=tr.opts.ban_after))
+        self.ledger = Ledger(Policy(ban_after=tr.opts.ban_after, probation_checks=tr.opts.probation_checks))
+        self._failures_seen = 0  # tr.failures already read: a failed peer earns its trust again
         # which outputs are checked must be unpredictable to the peers (a seeded choice could be dodged);
         # it does not change the result, which is the same with or without checks
         self.rng = random.SystemRandom()
@@ -54,16 +76,30 @@ class Trust:
     def status(self) -> dict[str, Any]:
         snap = self.ledger.snapshot()
         return {"rejected": snap["rejected"], "bans": snap["bans"], "spot_checks": dict(self.stats),
-                "spot_check_rate": self.tr.opts.spot_check}  # fmt: skip
+                "spot_check_rate": self.tr.opts.spot_check, "checks_passed": snap["passed"],
+                "probation_checks": self.tr.opts.probation_checks}  # fmt: skip
 
     def banned(self, peer: str | None) -> bool:
         return peer is not None and self.ledger.banned(peer)
 
-    def strike(self, peer: str, reason: Reason) -> str:
-        verdict = self.ledger.strike(peer, reason, len(self.tr.losses))
+    def on_probation(self, peer: str) -> bool:
+        """Every output of ``peer`` is checked: after a strike, or (spot checks on) until it earned trust."""
+        if self.ledger.on_probation(peer):
+            return True
+        if self.tr.opts.spot_check <= 0:
+            return False  # no spot checks asked for: none for new peers either
+        failures = self.tr.failures
+        while self._failures_seen < len(failures):  # lost (or refused) and perhaps back as another process
+            self.ledger.forget(failures[self._failures_seen].peer)
+            self._failures_seen += 1
+        return self.ledger.unproven(peer)
+
+    def strike(self, peer: str, reason: Reason, confirmed: bool = False) -> str:
+        verdict = self.ledger.strike(peer, reason, len(self.tr.losses), confirmed)
         if verdict == "ban":
-            print(f"warning: peer {peer} is banned from this run ({reason} after earlier rejections); its stages "
-                  f"move to other peers", flush=True)  # fmt: skip
+            why = "confirmed by the trainer's own recomputation" if confirmed else "after earlier rejections"
+            print(f"warning: peer {peer} is banned from this run ({reason} {why}); its stages move to other peers",
+                  flush=True)  # fmt: skip
             # its copies are replaced now, so that a stage whose holder is banned next still has one;
             # the stages it holds move at their next request (driver.call_stage), between two actions
             for span in list(self.tr.assignment.stages):
@@ -169,7 +205,7 @@ class Trust:
         if msg.kind == "backward" and s == 0:
             return None  # the first stage's backward returns nothing to compare (token ids have no gradient)
         with self._lock:
-            chosen = self.ledger.on_probation(holder) or self.rng.random() < self.tr.opts.spot_check
+            chosen = self.on_probation(holder) or self.rng.random() < self.tr.opts.spot_check
         if not chosen:
             return None
         if copy is None or copy == holder or self.banned(copy):
@@ -207,19 +243,29 @@ class Trust:
         tol = tolerance(self.tr.spec, span.count, msg.kind)
         other: Message = result["reply"]
         if _agree(reply.tensors, other.tensors, tol):
+            self.ledger.passes(holder)
+            self.ledger.passes(copy)
             return
         self.stats["mismatches"] += 1
-        local = self._arbitrate(s, check, copy)
+        local, confirmed = self._arbitrate(s, check, holder, copy)
         holder_ok = local is not None and _agree(reply.tensors, local, tol)
         checker_ok = local is not None and _agree(other.tensors, local, tol)
-        if not checker_ok:
-            self.strike(copy, Reason.MISMATCH)
+        if confirmed:
+            self.stats["confirmed"] += 1
+        for peer, ok in ((holder, holder_ok), (copy, checker_ok)):
+            if ok:
+                self.ledger.passes(peer)
+            elif peer == copy or confirmed:  # the holder's plain strike is the driver's (call_stage)
+                self.strike(peer, Reason.MISMATCH, confirmed=confirmed)
         if not holder_ok:
             raise Rejected(f"peer {holder}'s {msg.describe()} differs from its recomputation by another holder "
                            f"(beyond the fp32 tolerance {tol:.1e})", Reason.MISMATCH, holder)  # fmt: skip
 
-    def _arbitrate(self, s: int, check: Message, copy: str) -> list[torch.Tensor] | None:
-        """The trainer recomputes the output itself, from the copy's committed weights."""
+    def _arbitrate(self, s: int, check: Message, holder: str, copy: str) -> tuple[list[torch.Tensor] | None, bool]:
+        """The trainer recomputes the output itself, from the copy's committed weights.
+
+        Returns the output and whether it is *confirmed*: the holder's weights agree with the copy's,
+        so it is what both should have sent (a copy that made up its weights cannot frame a holder)."""
         self.stats["arbitrations"] += 1
         span = self.tr.assignment.stages[s]
         try:
@@ -227,10 +273,20 @@ class Trust:
             finite(state.tensors, f"peer {copy}'s weights of stage {s}")
             layers = load_layers(self.tr.spec, span.first, span.count, state.tensors)
         except (PeerLost, WireError, ValueError):
-            return None  # no arbiter: both sides are treated as wrong, the work is redone elsewhere
+            return None, False  # no arbiter: both sides are treated as wrong, the work is redone elsewhere
         last = span.first + span.count == self.tr.spec.layers
-        return recompute(layers, is_first=span.first == 0, is_last=last, what=str(check.meta["what"]),
-                         tensors=list(check.tensors), weight=float(check.meta["weight"]))  # fmt: skip
+        local = recompute(layers, is_first=span.first == 0, is_last=last, what=str(check.meta["what"]),
+                          tensors=list(check.tensors), weight=float(check.meta["weight"]))  # fmt: skip
+        try:
+            theirs = self.tr.node.request(holder, Message("get_state", stage=s, epoch=self.tr.epoch))
+        except (PeerLost, WireError):
+            return local, False
+        return local, _same_weights(theirs.tensors[0::3], state.tensors[0::3])
+
+
+def _same_weights(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Holder and copy apply the same AdamW update to the same gradients: equal up to a few roundings."""
+    return len(a) == len(b) and all(relative_error(x, y) <= WEIGHT_TOLERANCE for x, y in zip(a, b))
 
 
 def _agree(a: list[torch.Tensor], b: list[torch.Tensor], tol: float) -> bool:
