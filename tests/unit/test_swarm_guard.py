@@ -334,3 +334,26 @@ def test_a_new_peer_is_on_probation_until_it_passed_its_checks_and_again_after_a
         assert trust.on_probation("a") == (rate > 0)  # it may come back as another process: earned again
         trust.ledger.passes("a")
         assert trust.on_probation("a") == (rate > 0)  # one of three passes since its return
+
+
+def test_a_replicated_stage_is_spot_checked_by_another_replica_when_it_has_no_copy() -> None:
+    """Outputs of a stage with replicas and no copy are checked by another live, unbanned replica;
+    with nobody else holding the layers the check is counted as skipped, never silently passed."""
+    from types import SimpleNamespace
+
+    from layerwise.swarm.assignment import Assignment, StageSpan
+    from layerwise.swarm.trainer.trust import Trust
+
+    alive = {"a", "b", "c"}
+    stages = (StageSpan(stage=0, first=0, count=2, holder="a", copy=None, replicas=("b", "c")),
+              StageSpan(stage=1, first=2, count=2, holder="c", copy=None))  # fmt: skip
+    tr: Any = SimpleNamespace(spec=SPEC, opts=SimpleNamespace(ban_after=2, spot_check=1.0, probation_checks=0),
+                              losses=[], assignment=Assignment(epoch=1, stages=stages),
+                              membership=SimpleNamespace(is_alive=lambda p: p in alive))  # fmt: skip
+    trust = Trust(tr)
+    assert trust._checker(0, "a") == "b" and trust._checker(0, "b") == "a"
+    alive.discard("b")
+    assert trust._checker(0, "a") == "c"  # a dead replica checks nothing
+    trust.ledger.strike("c", Reason.MISMATCH, 0, confirmed=True)
+    assert trust._checker(0, "a") is None  # nor does a banned one
+    assert trust._checker(1, "c") is None  # a single holder and no copy: nobody to recompute
