@@ -186,3 +186,33 @@ def test_relay_option_matrix(listen: list[str], lease: str | None, ident: str | 
     else:
         assert rc == 0 and len(seen) == 1 and seen[0][:2] == (listen, int(lease or 1000)), (argv, seen, err)
         assert (seen[0][2] is not None and seen[0][2].name == "r") if ident else seen[0][2] is None
+
+
+SHAPE = list(itertools.product((None, "1", "3", "0"), (None, "0.5", "0", "-1", "nan"), (False, True), ("gpipe", "1f1b")))
+
+
+@pytest.mark.parametrize("stages,norm,tie,schedule", SHAPE)
+def test_replica_clipping_and_tie_options_with_train_and_demo(stages: str | None, norm: str | None, tie: bool,
+                                                              schedule: str, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """--max-stages (train), --max-grad-norm and --tie-embeddings (train and demo) reach the trainer
+    as asked, with either schedule, or are refused in one line (a stage count or a norm out of range)."""
+    specs: list[Any] = []
+    monkeypatch.setattr(swarm_trainer, "Trainer", lambda spec, opts: (specs.append(spec), _stop(opts)))
+    monkeypatch.setattr(swarm_demo, "Trainer", lambda spec, opts: (specs.append(spec), _stop(opts)))
+    shape = (["--max-grad-norm", norm] if norm else []) + (["--tie-embeddings"] if tie else [])
+    shape += ["--schedule", schedule]
+    bad_norm = norm in ("-1", "nan")
+    for argv, takes_stages in ((["train", "--swarm", SWARM, "--listen", "tcp/127.0.0.1:7447", "--steps", "2"], True),
+                               (["demo", "--peers", "2", "--steps", "2"], False)):  # fmt: skip
+        argv = argv + shape + (["--max-stages", stages] if stages and takes_stages else [])
+        got, opts = _run(argv, capsys)
+        if bad_norm or (takes_stages and stages == "0"):
+            assert got == "refused", (argv, opts)
+            assert ("--max-stages" if takes_stages and stages == "0" else "max_grad_norm") in opts, opts
+            continue
+        assert got == "ran", (argv, opts)
+        spec = specs[-1]
+        assert (spec.max_grad_norm, spec.tie_embeddings, spec.schedule) == (float(norm or 0), tie, schedule)
+        if takes_stages:
+            assert opts.max_stages == (int(stages) if stages else None)
