@@ -80,14 +80,7 @@ def commit_step(tr: Trainer, cache: StepCache, in_threads: Any, call_stage: Any)
         applied = [r for (t, _), r in sorted(replies.items()) if t == s and not r.meta.get("already")]
         if copy is None or not applied:
             return  # no copy, or the state came from a peer that had already applied this step
-        msg = Message("backup_apply", cache.step, s, -1, tr.epoch, {"lr": spec.lr_at(cache.step)}, applied[0].tensors)
-        try:
-            t0 = time.perf_counter()
-            tr.node.request(copy, msg, tr.opts.request_timeout)
-            tr.timeline.record(s, "backup_apply", -1, copy, t0, time.perf_counter())
-        except PeerLost as e:
-            tr.note_lost(e.peer)
-            tr.recopy(s)
+        relay_to_copy(tr, s, cache.step, spec.lr_at(cache.step), applied[0].tensors)
 
     cache.committing = True
     pairs = [(s, slot) for s in range(len(spans)) for slot in range(cache.slots[s])]
@@ -145,3 +138,21 @@ def _combine(
     total_norm = torch.linalg.vector_norm(torch.stack([norms[n] for n in order]), 2.0)
     coef = torch.clamp(spec.max_grad_norm / (total_norm + 1e-6), max=1.0)  # clip_grad_norm_'s formula
     return replace, float(coef)
+
+
+def relay_to_copy(tr: Trainer, s: int, step: int, lr: float, grads: list[torch.Tensor]) -> None:
+    """The committed step's gradients to stage ``s``'s copy, which applies the very same update; a
+    banned or lost copy is replaced by a fresh one from the holder, which has just committed."""
+    copy = tr.assignment.stages[s].copy
+    if copy is None:
+        return
+    if tr.trust.banned(copy):  # its state is not kept up to date any more
+        tr.recopy(s)
+        return
+    try:
+        t0 = time.perf_counter()
+        tr.node.request(copy, Message("backup_apply", step, s, -1, tr.epoch, {"lr": lr}, grads), tr.opts.request_timeout)
+        tr.timeline.record(s, "backup_apply", -1, copy, t0, time.perf_counter())
+    except PeerLost as e:
+        tr.note_lost(e.peer)
+        tr.recopy(s)

@@ -152,17 +152,4 @@ def _commit(tr: Trainer, cache: StepCache, s: int) -> None:
     reply = call_stage(tr, cache, s, msg)
     if reply.meta.get("already"):
         return  # the new holder's state came from a copy that had already applied this step
-    relay = Message("backup_apply", cache.step, s, -1, tr.epoch, {"lr": lr}, reply.tensors)
-    copy = tr.assignment.stages[s].copy
-    if copy is None:
-        return
-    if tr.trust.banned(copy):  # its state is not kept up to date any more: a fresh copy from the holder
-        tr.recopy(s)
-        return
-    try:
-        t0 = time.perf_counter()
-        tr.node.request(copy, relay, tr.opts.request_timeout)
-        tr.timeline.record(s, "backup_apply", -1, copy, t0, time.perf_counter())
-    except PeerLost as e:
-        tr.note_lost(e.peer)
-        tr.recopy(s)  # a fresh copy from the holder, which has just committed this step
+    commit.relay_to_copy(tr, s, cache.step, lr, reply.tensors)
