@@ -36,8 +36,8 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="gpipe", help="stage order (default gpipe)")
     p.add_argument("--seed", type=int, default=0, help="weights and data seed")
     p.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
-    p.add_argument("--compress", choices=("none", "bf16", "int8", "int4", "lowrank"), default="none",
-                   help="activations and their gradients between stages: none (default, exact), bf16, int8 or int4 "
+    p.add_argument("--compress", choices=("none", "bf16", "int8", "int6", "int4", "lowrank"), default="none",
+                   help="activations and their gradients between stages: none (default, exact), bf16, int8, int6 or int4 "
                         "(blockwise, error feedback) or lowrank (fixed projection); all but none change the results")
     p.add_argument("--compress-rank", type=positive_int, default=8, metavar="R",
                    help="directions kept of the hidden size with --compress lowrank (default 8)")
