@@ -41,6 +41,8 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
                         "(blockwise, error feedback) or lowrank (fixed projection); all but none change the results")
     p.add_argument("--compress-rank", type=positive_int, default=8, metavar="R",
                    help="directions kept of the hidden size with --compress lowrank (default 8)")
+    p.add_argument("--compress-no-ef", action="store_true",
+                   help="int8/int6/int4 without error feedback (on the demo model it helped no int codec)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,7 +135,8 @@ def compression_from_args(args: argparse.Namespace) -> Any:
     from layerwise.swarm.compress import Compression
 
     try:
-        return Compression(mode=args.compress, rank=args.compress_rank, seed=args.seed)
+        return Compression(mode=args.compress, rank=args.compress_rank, seed=args.seed,
+                           error_feedback=not getattr(args, "compress_no_ef", False))
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -15,8 +15,12 @@ message passes through, forwards the compressed tensors untouched, so each cross
   same stream, so errors do not accumulate along a stream (their sum stays bounded by one
   residual instead of growing with the number of messages). 1 byte per element plus 4 per block:
   at most 4x fewer bytes than fp32 by construction (3.76x at ``block`` 64, before headers).
-- ``int4``: the same with 4 bits (levels -7..7, two codes a byte, error at most ``absmax / 14``),
-  with error feedback: 7.1x fewer payload bytes at ``block`` 64; for links where int8 is not enough.
+- ``int6``: the same with 6 bits (levels -31..31, four codes in three bytes, error at most
+  ``absmax / 62``): 4.9x fewer payload bytes at ``block`` 64, the finest step that gets past 4x
+  (int8 cannot: its scales alone keep it under). A b-bit code is sent as ``code + levels + 1``,
+  its bits packed least significant first.
+- ``int4``: the same with 4 bits (levels -7..7, two codes a byte, error at most ``absmax / 14``):
+  7.1x fewer payload bytes at ``block`` 64.
 - ``lowrank``: a fixed orthonormal projection of the hidden (last) dimension onto ``rank``
   directions, ``c = x P`` with ``P`` (hidden x rank) drawn from ``seed`` by both sides, decoded as
   ``c P^T`` (hidden/rank fewer bytes). In the spirit of Pluralis' Protocol Models (arXiv
@@ -25,6 +29,12 @@ message passes through, forwards the compressed tensors untouched, so each cross
   here the model is unchanged, so the part of each tensor outside the subspace is simply lost
   (a rank/hidden fraction of a random tensor's energy survives). No error feedback here: a fixed
   projection never sends the complement, so a residual would only grow.
+
+Error feedback is on by default for the int codecs (``error_feedback``; the SWARM recipe the issue
+asked for), but it was designed for quantities that are *summed* over steps (gradients of one
+parameter vector); an activation's residual is added to the next step's activation of *another*
+sample, which doubles the per-message error. On the demo model it did not help: see
+bench/README.md (``compress_loss``), where the int codecs without it did at least as well.
 
 What "the same stream" is, for error feedback: one stage's output towards the next stage
 (forward) or the gradient of its input towards the previous one (backward), for one microbatch
