@@ -33,8 +33,9 @@ message passes through, forwards the compressed tensors untouched, so each cross
 Error feedback is on by default for the int codecs (``error_feedback``; the SWARM recipe the issue
 asked for), but it was designed for quantities that are *summed* over steps (gradients of one
 parameter vector); an activation's residual is added to the next step's activation of *another*
-sample, which doubles the per-message error. On the demo model it did not help: see
-bench/README.md (``compress_loss``), where the int codecs without it did at least as well.
+sample, which doubles the per-message error. On the demo model it did not help: in
+bench/README.md (``compress_loss``) int6 and int4 without it had lower mean loss changes (by about
+one standard error), so ``--compress-no-ef`` turns it off.
 
 What "the same stream" is, for error feedback: one stage's output towards the next stage
 (forward) or the gradient of its input towards the previous one (backward), for one microbatch
