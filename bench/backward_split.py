@@ -9,7 +9,10 @@ them; time only the backward part. The split is the runtime's (``path``): ``defe
 layers' weight gradients wait for W, ``runtime/weight_store.py``), ``graph`` (the general graph
 split of ``runtime/backward_split.py``, for matrix weights outside ``nn.Linear``) or ``whole``
 (only vector weights and embeddings: I is the whole backward). The general graph split is also
-measured on every kind for comparison (``graph_*``). Runs alternate fused / split / graph split, one thread, median over repetitions.
+measured on every kind for comparison (``graph_*``, a quarter of the repetitions, after the others). Fused and
+split run in pairs, their order alternating (fused first, then split first), one thread; reported: the ratio of
+the medians, the median of the paired ratios with its quartiles, and the ratio of medians in each quarter
+of the repetitions (how much it moves during the run).
 Times are this process's CPU time (``time.process_time``): on a shared machine, wall time mostly
 measures the other processes. Checks that all give the same gradients. Writes
 ``bench/results/backward_split.json`` and prints a table; the target is ``split_over_fused <= 1.05``.
@@ -122,14 +125,21 @@ def measure(kind: str, layer: nn.Module, x: torch.Tensor, reps: int) -> dict[str
         for how in ("fused", "split", "graph"):
             _once(layer, x, gy, how)
     times: dict[str, list[tuple[float, float, float]]] = {"fused": [], "split": [], "graph": []}
-    for _ in range(reps):  # alternate, so a burst of load hits every variant
-        for how in times:
+    for rep in range(reps):  # paired: each repetition runs both, first one then the other, in turn
+        for how in ("fused", "split") if rep % 2 == 0 else ("split", "fused"):
             times[how].append(_once(layer, x, gy, how))
+    for _ in range(max(reps // 4, 1)):  # the general graph split, for comparison only
+        times["graph"].append(_once(layer, x, gy, "graph"))
 
     def med(how: str, k: int) -> float:
         return statistics.median(t[k] for t in times[how])
 
     f, s, g = med("fused", 2), med("split", 2), med("graph", 2)
+    paired = sorted(b[2] / a[2] for a, b in zip(times["fused"], times["split"]))
+    # the ratio of medians within each quarter of the repetitions: how much it moves over the run
+    q = max(reps // 4, 1)
+    quarters = [statistics.median(t[2] for t in times["split"][i:i + q]) / statistics.median(t[2] for t in times["fused"][i:i + q])
+                for i in range(0, q * 4 if reps >= 4 else 1, q)]  # fmt: skip
     return {
         "path": _stage(layer, not x.is_floating_point(), True)._split,  # deferred, graph or whole
         "fused_ms": 1e3 * f,
@@ -137,8 +147,10 @@ def measure(kind: str, layer: nn.Module, x: torch.Tensor, reps: int) -> dict[str
         "weight_ms": 1e3 * med("split", 1),
         "split_ms": 1e3 * s,
         "split_over_fused": s / f,
-        # median over repetitions of (this repetition's I + W) / (its fused backward, run just before)
-        "split_over_fused_paired": statistics.median(b[2] / a[2] for a, b in zip(times["fused"], times["split"])),
+        # median over repetitions of (this repetition's I + W) / (its fused backward, run next to it)
+        "split_over_fused_paired": statistics.median(paired),
+        "split_over_fused_paired_quartiles": [paired[len(paired) // 4], paired[(3 * len(paired)) // 4]],
+        "split_over_fused_quarters": quarters,
         "identical_gradients": same(grads["fused"], grads["split"]),
         "graph_split_ms": 1e3 * g,
         "graph_split_over_fused": g / f,
@@ -149,7 +161,7 @@ def measure(kind: str, layer: nn.Module, x: torch.Tensor, reps: int) -> dict[str
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
-    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=600)
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's mmap threshold adaptive (the ranks layerwise.launch starts set it: runtime/malloc.py)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "backward_split.json"))
@@ -168,15 +180,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "kinds": results,
         "met": [k for k, r in results.items() if r["split_over_fused"] <= 1.05 and r["identical_gradients"]],
+        "met_paired": [k for k, r in results.items() if r["split_over_fused_paired"] <= 1.05 and r["identical_gradients"]],
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
-    print(f"{'layer':<12} {'fused ms':>9} {'I ms':>7} {'W ms':>7} {'I+W ms':>7} {'ratio':>6} {'paired':>6}  same grads | graph split ratio")
+    print(f"{'layer':<12} {'fused ms':>9} {'I ms':>7} {'W ms':>7} {'I+W ms':>7} {'ratio':>6} {'paired':>6} {'p25-p75':>11} "
+          f"{'quarters min-max':>16}  same grads | graph split ratio")
     for k, r in results.items():
+        lo, hi = r["split_over_fused_paired_quartiles"]
+        qs = r["split_over_fused_quarters"]
         print(f"{k:<12} {r['fused_ms']:9.3f} {r['input_ms']:7.3f} {r['weight_ms']:7.3f} {r['split_ms']:7.3f} "
-              f"{r['split_over_fused']:6.3f} {r['split_over_fused_paired']:6.3f}  {r['identical_gradients']!s:5} | "
-              f"{r['graph_split_over_fused']:6.3f} ({r['path']})")
+              f"{r['split_over_fused']:6.3f} {r['split_over_fused_paired']:6.3f} {lo:5.3f}-{hi:5.3f} {min(qs):7.3f}-{max(qs):5.3f}"
+              f"    {r['identical_gradients']!s:5} | {r['graph_split_over_fused']:6.3f} ({r['path']})")
     print(f"(load average {out['load_average']:.1f} on {out['cpus']} cores; target ratio <= 1.05)")
     return out
 

@@ -22,8 +22,10 @@ partitions:
     for uniform and balanced plans of a deeper model of the same width, from its measured costs.
 
 All six partitions live in the same two processes; each repetition times ``steps`` steps of
-every partition, in alternating order, after untimed warm-up steps; the median over repetitions
-is reported. The whole run (profile, plans, training) is repeated ``--runs`` times (3): the
+every partition, in alternating order (the list, then the list reversed), after untimed warm-up steps. Each
+ratio is the median over repetitions of the paired ratio (the two partitions' blocks of one
+repetition ran next to each other, so a slow spell of the machine hits both); step times are the
+median over repetitions. The whole run (profile, plans, training) is repeated ``--runs`` times (3): the
 headline numbers are medians over the runs, and ``spread`` gives each run's value, min and max.
 Writes ``bench/results/balance.json``. For diagnosis it also records, per timed block,
 the share of the CPU that other processes used (a shared machine disturbs the timings), and, per
@@ -54,7 +56,7 @@ from typing import Any
 # printed below. Four blocks: at 4608 the balanced split for equal devices ([4, 2]: 3.2 vs 3.7
 # blocks) is clearly apart from the capacity-aware one ([5, 1]), so timing noise cannot swap them.
 FULL = dict(vocab=4608, uneven_vocab=6912, width=128, heads=4, blocks=4, context=64, rows=8,
-            microbatches=8, warmup=2, steps=5, reps=5, lr=1e-3, profile_repeats=10, profile_rounds=3,
+            microbatches=8, warmup=2, steps=2, reps=16, lr=1e-3, profile_repeats=10, profile_rounds=3,
             deep_blocks=14)  # fmt: skip
 QUICK = dict(vocab=4608, uneven_vocab=6912, width=128, heads=4, blocks=5, context=64, rows=4,
              microbatches=4, warmup=1, steps=2, reps=1, lr=1e-3, profile_repeats=3, profile_rounds=1,
@@ -444,10 +446,22 @@ def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
             mode: _entry(layerwise.partition(deep_model, stages, balance=mode, costs=deep_costs, microbatches=mb))
             for mode in ("uniform", "time")}}  # fmt: skip
 
+    # Each ratio is the median of the paired ratios: per repetition, the two partitions' blocks
+    # ran next to each other (see train), so a slow spell of the machine (the two vCPUs' host
+    # cores are shared) slows both and cancels; a ratio of the two medians taken separately
+    # does not cancel it, and moved by 0.1-0.2 between runs.
+    paired = {
+        "balanced_vs_uniform": [u / b for u, b in zip(step["uniform"], step["balanced"])],
+        "aware_vs_blind": [b / a for b, a in zip(step["blind"], step["aware"])],
+        "balanced_vs_uniform_head_two_blocks": [u / b for u, b in zip(step["uniform_head2"], step["balanced_head2"])],
+    }
     report = {
-        "balanced_vs_uniform": med["uniform"] / med["balanced"],
-        "aware_vs_blind": med["blind"] / med["aware"],
-        "balanced_vs_uniform_head_two_blocks": med["uniform_head2"] / med["balanced_head2"],
+        **{k: statistics.median(v) for k, v in paired.items()},
+        "ratios_of_medians": {
+            "balanced_vs_uniform": med["uniform"] / med["balanced"],
+            "aware_vs_blind": med["blind"] / med["aware"],
+            "balanced_vs_uniform_head_two_blocks": med["uniform_head2"] / med["balanced_head2"],
+        },
         # the balanced plan's simulated step plus its optimizer step (both measured up front)
         "prediction_error": abs(_predicted(plans["balanced"], optimizer["balanced"]) - med["balanced"]) / med["balanced"],
         "predicted": {  # the same ratios from the plans' simulated step times plus optimizer steps
@@ -471,11 +485,7 @@ def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
             "two_stages_head_two_blocks": {n: _entry(plans[n], step[n], optim[n], timeline[n], optimizer[n])
                                            for n in ("uniform_head2", "balanced_head2")},  # fmt: skip
             "two_speeds": {n: _entry(plans[n], step[n], optim[n], timeline[n], optimizer[n]) for n in ("blind", "aware")},
-            "paired_ratios": {
-                "balanced_vs_uniform": [u / b for u, b in zip(step["uniform"], step["balanced"])],
-                "aware_vs_blind": [b / a for b, a in zip(step["blind"], step["aware"])],
-                "balanced_vs_uniform_head_two_blocks": [u / b for u, b in zip(step["uniform_head2"], step["balanced_head2"])],
-            },
+            "paired_ratios": paired,
             "foreign_cpu_share": foreign,  # per timed block: CPU used by other processes / machine
             # medians over only the blocks during which other processes used < QUIET of the CPU
             "measured_step_s_quiet_blocks": {n: statistics.median(v) if v else None for n, v in quiet.items()},

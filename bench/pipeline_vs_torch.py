@@ -272,7 +272,8 @@ def _summary(runs: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _measure(cfg: dict[str, Any], budget: float, max_wait: float, noisy: float) -> tuple[dict[str, Any], list[Any]]:
+def _measure(cfg: dict[str, Any], budget: float, max_wait: float, noisy: float,
+             schedules: tuple[str, ...] = SCHEDULES) -> tuple[dict[str, Any], list[Any]]:
     """Alternate layerwise and torch runs, ``reps`` pairs per schedule.
 
     This machine may be shared: before each run wait (at most ``max_wait`` s) for other processes
@@ -280,11 +281,11 @@ def _measure(cfg: dict[str, Any], budget: float, max_wait: float, noisy: float) 
     as the time ``budget`` allows. Redone pairs are kept in the result as ``discarded``.
     """
     deadline = time.monotonic() + budget
-    raw: dict[str, dict[str, list[dict[str, Any]]]] = {s: {sc: [] for sc in SCHEDULES} for s in SYSTEMS}
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {s: {sc: [] for sc in schedules} for s in SYSTEMS}
     discarded: list[Any] = []
     took: list[float] = []  # wall time of each pair so far
-    left = len(SCHEDULES) * cfg["reps"]
-    for schedule in SCHEDULES:
+    left = len(schedules) * cfg["reps"]
+    for schedule in schedules:
         for rep in range(cfg["reps"]):
             left -= 1
             for attempt in range(3):
@@ -319,7 +320,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds the benchmark may take when it waits for a quiet machine or redoes a noisy pair "
                          "(default 210; quick: no waiting)")  # fmt: skip
+    ap.add_argument("--schedules", default=",".join(SCHEDULES),
+                    help=f"comma-separated subset of {','.join(SCHEDULES)} (default: all)")
     args = ap.parse_args(argv)
+    schedules = tuple(s.strip() for s in args.schedules.split(",") if s.strip())
+    if not schedules or any(s not in SCHEDULES for s in schedules):
+        ap.error(f"--schedules: pick from {','.join(SCHEDULES)}, got {args.schedules!r}")
     cfg = dict(QUICK if args.quick else FULL)
     if args.reps:
         cfg["reps"] = args.reps
@@ -328,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     start = time.time()
-    raw, discarded = _measure(cfg, budget, max_wait, noisy)
+    raw, discarded = _measure(cfg, budget, max_wait, noisy, schedules)
 
     result: dict[str, Any] = {
         "benchmark": "pipeline_vs_torch",
@@ -345,18 +351,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "budget_s": budget, "max_wait_quiet_s": max_wait, "noisy_cores": noisy},
     }  # fmt: skip
     for system in SYSTEMS:
-        result[system] = {sc: _summary(raw[system][sc], cfg) for sc in SCHEDULES}
+        result[system] = {sc: _summary(raw[system][sc], cfg) for sc in schedules}
     result["throughput_ratio"] = {
-        sc: result["layerwise"][sc]["tokens_per_s"] / result["torch"][sc]["tokens_per_s"] for sc in SCHEDULES
+        sc: result["layerwise"][sc]["tokens_per_s"] / result["torch"][sc]["tokens_per_s"] for sc in schedules
     }
     # each layerwise run against the torch run right after it: cancels slow drifts in machine load
     result["throughput_ratio_paired"] = {
         sc: [a / b for a, b in zip(result["layerwise"][sc]["runs_tokens_per_s"], result["torch"][sc]["runs_tokens_per_s"])]
-        for sc in SCHEDULES
+        for sc in schedules
     }  # fmt: skip
+    result["throughput_ratio_paired_summary"] = {
+        sc: {"median": statistics.median(v), "min": min(v), "max": max(v), "pairs": len(v)}
+        for sc, v in result["throughput_ratio_paired"].items()
+    }
     p, m = STAGES, cfg["microbatches"]
     result["bubble"] = {}
-    for sc in SCHEDULES:
+    for sc in schedules:
         steps = [b for run in raw["layerwise"][sc] for b in run["ranks"][0]["bubbles"]]  # rank 0's copy
         meas, pred = statistics.mean(b[0] for b in steps), statistics.mean(b[1] for b in steps)
         mk_meas, mk_pred = statistics.mean(b[2] for b in steps), statistics.mean(b[3] for b in steps)
@@ -371,30 +381,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["layerwise_action_ms"] = {
         sc: {k: statistics.median(run["ranks"][0]["action_ms"][k] for run in raw["layerwise"][sc])
              for k in raw["layerwise"][sc][0]["ranks"][0]["action_ms"]}
-        for sc in SCHEDULES
+        for sc in schedules
     }  # fmt: skip
     result["layerwise_action_ms_note"] = ("per step, median over runs: rK.X = time rank K spent in actions of kind X, "
                                           "summed over microbatches (F, B compute; SF/SB posting a send; RF/RB "
                                           "waiting for a receive)")  # fmt: skip
     result["peak_rss_mib"] = {
         system: {sc: {f"rank{r}": max(run["ranks"][r]["peak_rss_mib"] for run in raw[system][sc]) for r in range(STAGES)}
-                 for sc in SCHEDULES}
+                 for sc in schedules}
         for system in SYSTEMS
     }  # fmt: skip
     result["peak_rss_note"] = ("ru_maxrss of each stage process (the process peak: the interpreter, torch, the "
                                "full model every rank builds before keeping its stage, optimizer state, "
                                "activations); max over runs. rss_at_start_mib is the peak before the model.")
-    result["rss_at_start_mib"] = {system: statistics.median(r["rss_start_mib"] for sc in SCHEDULES
+    result["rss_at_start_mib"] = {system: statistics.median(r["rss_start_mib"] for sc in schedules
                                                             for run in raw[system][sc] for r in run["ranks"])
                                   for system in SYSTEMS}  # fmt: skip
     # same seed, data and split: the losses agree up to float rounding
     result["first_losses"] = {system: {sc: next(r["losses"] for r in raw[system][sc][0]["ranks"][::-1] if r["losses"])[:3]
-                                       for sc in SCHEDULES}
+                                       for sc in schedules}
                               for system in SYSTEMS}  # fmt: skip
     def slim(run: dict[str, Any]) -> dict[str, Any]:
         return {**run, "ranks": [{k: v for k, v in r.items() if k != "action_ms"} for r in run["ranks"]]}
 
-    result["raw"] = {system: {sc: [slim(run) for run in raw[system][sc]] for sc in SCHEDULES} for system in SYSTEMS}
+    result["raw"] = {system: {sc: [slim(run) for run in raw[system][sc]] for sc in schedules} for system in SYSTEMS}
     result["discarded"] = [{**d, "runs": [slim(run) for run in d["runs"]]} for d in discarded]
     result["wall_s"] = time.time() - start
 
@@ -413,12 +423,15 @@ def _print_table(r: dict[str, Any]) -> None:
     print(f"{'':8s} {'tokens/s':^27s} | {'layerwise bubble':^24s} | {'peak RSS MiB, rank 0 / 1':^25s}")
     print(f"{'schedule':8s} {'layerwise':>9s} {'torch':>9s} {'ratio':>7s} | {'measured':>8s} {'predicted':>9s} "
           f"{'diff':>5s} | {'layerwise':>12s} {'torch':>12s}")  # fmt: skip
-    for sc in SCHEDULES:
+    for sc in r["throughput_ratio"]:
         b, rss = r["bubble"][sc], r["peak_rss_mib"]
         lw, th = rss["layerwise"][sc], rss["torch"][sc]
         print(f"{sc:8s} {r['layerwise'][sc]['tokens_per_s']:9.0f} {r['torch'][sc]['tokens_per_s']:9.0f} "
               f"{r['throughput_ratio'][sc]:7.3f} | {b['measured']:8.3f} {b['predicted']:9.3f} {b['relative_error']:+5.0%} | "
               f"{lw['rank0']:5.0f} / {lw['rank1']:<4.0f} {th['rank0']:5.0f} / {th['rank1']:<4.0f}")  # fmt: skip
+    for sc, q in r["throughput_ratio_paired_summary"].items():
+        print(f"{sc:8s} paired ratios (layerwise run / the torch run after it): median {q['median']:.3f}, "
+              f"min {q['min']:.3f}, max {q['max']:.3f} over {q['pairs']} pairs")
 
 
 if __name__ == "__main__":

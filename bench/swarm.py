@@ -11,6 +11,9 @@
     measured) against blind (speed-1) spans.
 (d) 4 peers behind 50 ms of one-way latency and 100 Mbit/s each (emulated in the peers), with the
     schedule simulator's prediction from request times measured without emulation.
+(e) 2 stages, the second held by a peer of emulated speed 0.5 (spans as for equal peers): step
+    time without a spare, with a spare of speed 0.5 as the slow stage's replica (the microbatches
+    split between the two), and with the same 3 peers as a 3-stage pipeline instead.
 
 Writes ``bench/results/swarm.json``. Peers are real processes on 127.0.0.1; a zenoh-only seed
 process listens on the endpoint, so any peer may be killed. Timings on a shared 2-core machine
@@ -194,18 +197,37 @@ def slow_links(b: Bench, steps: int = 6, latency_ms: float = 50.0, mbit: float =
     return res
 
 
+def replicas(b: Bench, steps: int = 10) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    runs = (("without_replica", 2, 2), ("with_replica", 3, 2), ("three_stages", 3, 3))
+    for name, count, stages in runs:
+        with b.swarm() as peers:
+            peers.start("a")
+            for extra in "bc"[: count - 1]:
+                peers.start(extra, ["--speed", "0.5"])
+            # blind: spans as for equal peers, so the slow peer's stage stays the slowest
+            with b.trainer(peers, BIG, count, max_stages=stages, capacity="blind") as tr:
+                tr.train(steps)
+                res[name] = {"step_s": _median_step(tr, 2), "spans": tr.assignment.counts(),
+                             "slots": [list(s.slots) for s in tr.assignment.stages]}  # fmt: skip
+        print(f"  (e) {name}: {res[name]}", flush=True)
+    res["speedup"] = res["without_replica"]["step_s"] / res["with_replica"]["step_s"]
+    res["speedup_three_stages"] = res["without_replica"]["step_s"] / res["three_stages"]["step_s"]
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="3 runs in (a), shorter runs elsewhere")
     ap.add_argument("--port", type=int, default=17900)
-    ap.add_argument("--only", default="a,b,c,d", help="parts to run; the others are kept from the last JSON")
+    ap.add_argument("--only", default="a,b,c,d,e", help="parts to run; the others are kept from the last JSON")
     args = ap.parse_args()
     b = Bench(args.port)
     started = time.time()
     path = ROOT / "bench" / "results" / "swarm.json"
     parts = set(args.only.split(","))
-    out: dict[str, Any] = json.loads(path.read_text()) if parts != set("abcd") and path.exists() else {}
+    out: dict[str, Any] = json.loads(path.read_text()) if parts != set("abcde") and path.exists() else {}
     out.update(machine=f"{os.cpu_count()} CPUs, shared", spec=SPEC.to_json(), spec_c=BIG.to_json())
     if "a" in parts:
         out["a_random_kills"] = failures(b, 3 if args.quick else args.runs)
@@ -219,6 +241,9 @@ def main() -> int:
     if "d" in parts:
         out["d_slow_links"] = slow_links(b)
         print("(d)", out["d_slow_links"], flush=True)
+    if "e" in parts:
+        out["e_replicas"] = replicas(b, 6 if args.quick else 10)
+        print("(e)", out["e_replicas"], flush=True)
     out[f"seconds_{''.join(sorted(parts))}"] = round(time.time() - started, 1)
     path.write_text(json.dumps(out, indent=2) + "\n")
     a, b_, c, d = (out[k] for k in ("a_random_kills", "b_after_failure", "c_unequal_peers", "d_slow_links"))
@@ -233,6 +258,10 @@ def main() -> int:
     print(f"{'(c) capacity-aware / blind spans':<44} {c['speedup']:>13.2f}x {'>=1.25x':>10}")
     print(f"{'(c) the same with measured speeds':<44} {c['speedup_measured']:>13.2f}x")
     print(f"{'(d) 50 ms + 100 Mbit/s: measured / simulated':<44} {d['measured_over_predicted']:>14.2f} {'~1':>10}")
+    if "e_replicas" in out:
+        e = out["e_replicas"]
+        print(f"{'(e) slow stage + a replica / without':<44} {e['speedup']:>13.2f}x")
+        print(f"{'(e) the 3 peers as 3 stages / without':<44} {e['speedup_three_stages']:>13.2f}x")
     print(f"wrote {path.relative_to(ROOT)}")
     return 0
 

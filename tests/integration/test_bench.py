@@ -39,6 +39,9 @@ def test_balance_quick(tmp_path: Path) -> None:
     for key in ("balanced_vs_uniform", "prediction_error"):  # the spread over runs (one in --quick)
         assert r["spread"][key]["min"] <= r[key] <= r["spread"][key]["max"]
         assert len(r["spread"][key]["values"]) == len(r["runs"]) == r["config"]["runs"]
+    for run in r["runs"]:  # each headline ratio is the median of that run's paired ratios
+        for key, pairs in run["details"]["paired_ratios"].items():
+            assert min(pairs) <= run[key] <= max(pairs), key
 
 
 def test_schedules_quick(tmp_path: Path) -> None:
@@ -56,3 +59,5 @@ def test_backward_split_quick(tmp_path: Path) -> None:
     for kind, row in r["kinds"].items():
         assert row["identical_gradients"], kind
         assert row["split_ms"] > 0 and row["fused_ms"] > 0
+        lo, hi = row["split_over_fused_paired_quartiles"]
+        assert lo <= row["split_over_fused_paired"] <= hi, kind

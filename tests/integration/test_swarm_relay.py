@@ -4,8 +4,11 @@ Three network namespaces: ``r`` holds the relay (``layerwise swarm relay``, a ze
 ``a`` (the trainer and one peer) and ``b`` (two peers) each reach only ``r`` over a veth pair, on
 two subnets, and ``r`` does not forward IP: there is no route between ``a`` and ``b`` (checked).
 Every process connects *out* to the relay with ``--relay``. The run must equal one process.
-Needs root and iproute2 (``ip netns``); skipped with the reason otherwise. Namespaces and
-processes are removed in every case.
+A second run does the same with mutual TLS: the relay has a ``relay`` certificate of the swarm's
+CA, every process an identity; a peer with another swarm's certificate connects to the relay too
+and must get nothing (the run goes on without it), while the signed hello and the MAC of every
+request work end to end through the router. Needs root and iproute2 (``ip netns``); skipped with
+the reason otherwise. Namespaces and processes are removed in every case.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from layerwise.swarm.identity import throwaway
 from layerwise.swarm.reference import reference
 from layerwise.swarm.spec import SwarmSpec
 
@@ -107,30 +111,60 @@ def netns() -> Iterator[Namespaces]:
     assert not leftover, f"namespaces left behind: {leftover}"
 
 
-def test_two_groups_behind_nat_train_through_a_relay(netns: Namespaces) -> None:
-    ra, rb = f"tcp/10.{NET}.1.1:7447", f"tcp/10.{NET}.2.1:7447"
+def _train_through_relay(netns: Namespaces, proto: str, ids: dict[str, Path] | None = None,
+                         intruder: Path | None = None) -> None:  # fmt: skip
+    ra, rb = f"{proto}/10.{NET}.1.1:7447", f"{proto}/10.{NET}.2.1:7447"
+
+    def ident(name: str) -> list[str]:
+        return ["--identity", str(ids[name])] if ids else []
+
     # no route between the groups: a TCP connect from a to b's address fails at once
     connect = f"import socket; s = socket.socket(); s.settimeout(2); s.connect(('10.{NET}.2.2', 9))"
     probe = netns.run("a", ["-c", connect])
     _, err = probe.communicate(timeout=30)
     assert probe.returncode != 0 and ("unreachable" in err or "timed out" in err), err
 
-    relay = netns.run("r", ["-m", "layerwise", "swarm", "relay", "--listen", ra, "--listen", rb])
+    relay = netns.run("r", ["-m", "layerwise", "swarm", "relay", "--listen", ra, "--listen", rb, *ident("relay")])
     assert relay.stdout is not None
     ready, _, _ = select.select([relay.stdout], [], [], 60.0)  # "relay listening on ..." once it listens
     assert ready and relay.stdout.readline().startswith("relay listening"), relay.communicate(timeout=10)[1]
     swarm = f"relay-{os.getpid()}"
     for ns, name, ep in (("a", "a1", ra), ("b", "b1", rb), ("b", "b2", rb)):
-        netns.run(ns, ["-m", "layerwise", "swarm", "serve", "--swarm", swarm, "--name", name, "--relay", ep])
+        netns.run(ns, ["-m", "layerwise", "swarm", "serve", "--swarm", swarm, "--name", name, "--relay", ep,
+                       *ident(name)])  # fmt: skip
+    if intruder is not None:  # another swarm's certificate: the relay's TLS refuses it
+        netns.run("b", ["-m", "layerwise", "swarm", "serve", "--swarm", swarm, "--relay", rb, "--identity",
+                        str(intruder)])  # fmt: skip
     steps = 3
     trainer = netns.run("a", ["-m", "layerwise", "swarm", "train", "--swarm", swarm, "--relay", ra, "--peers", "3",
-                              "--wait", "120", "--steps", str(steps), "--model", "tiny", "--json"])  # fmt: skip
+                              "--wait", "120", "--steps", str(steps), "--model", "tiny", "--json", *ident("t")])  # fmt: skip
     out, err = trainer.communicate(timeout=240)
     assert trainer.returncode == 0, err[-2000:]
+    # status reaches every peer through the relay too (with an identity: a signed hello to each)
+    status = netns.run("b", ["-m", "layerwise", "swarm", "status", "--swarm", swarm, "--relay", rb, "--json",
+                             *ident("t")])  # fmt: skip
+    st_out, st_err = status.communicate(timeout=60)
+    assert status.returncode == 0, st_err[-2000:]
+    peers = json.loads(st_out.strip().splitlines()[-1])["peers"]
+    assert sorted(peers) == ["a1", "b1", "b2"] and all("error" not in p for p in peers.values()), peers
     summary = json.loads(out.strip().splitlines()[-1])
     spans = next(line for line in err.splitlines() if line.startswith("spans:"))
     assert all(f"on {p} " in spans for p in ("a1", "b1", "b2")), spans  # both groups hold layers
+    assert "eve" not in spans and "eve" not in out, spans
     spec = SwarmSpec(width=64, blocks=4, batch_size=8, microbatches=4, schedule="gpipe", seed=0)
     _, want = reference(spec, steps)
     assert summary["lost_steps"] == 0
     assert summary["losses"] == want  # equal to one process, bit for bit
+
+
+def test_two_groups_behind_nat_train_through_a_relay(netns: Namespaces) -> None:
+    _train_through_relay(netns, "tcp")
+
+
+def test_the_same_through_a_relay_with_mutual_tls(netns: Namespaces, tmp_path: Path) -> None:
+    ids = throwaway(tmp_path / "lab", f"relay-{os.getpid()}", {"relay": "relay", "t": "trainer", "a1": "peer",
+                                                                "b1": "peer", "b2": "peer"})  # fmt: skip
+    eve = throwaway(tmp_path / "other", f"relay-{os.getpid()}", {"eve": "peer"})["eve"]
+    for d in (*ids.values(), eve):  # the processes run as root in the namespaces; keys stay owner-only
+        assert (d / "key.pem").stat().st_mode & 0o077 == 0
+    _train_through_relay(netns, "tls", ids, intruder=eve)

@@ -49,7 +49,7 @@ def test_zbv_places_two_chunks_per_rank_in_a_v() -> None:
 
 def test_zbv_is_near_zero_bubble_for_m_at_least_2p() -> None:
     # A chunk is half a stage, so the startup is (p - 1) / 2 of a stage's forward: the bound is
-    # 3m + (p - 1) / 2 with T_F = T_I = T_W = 1. The list scheduler reaches it within one action.
+    # 3m + (p - 1) / 2 with T_F = T_I = T_W = 1. Both of its orders (list scheduler, handcrafted) reach it within one action.
     for p in RANKS:
         for m in range(2 * p, 2 * p + 9):
             _, r = _run("zbv", p, m)

@@ -46,12 +46,13 @@ def _stop(*args: Any, **kw: Any) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A swarm CA with a trainer and a peer identity, made through the CLI (init, invite, revoke)."""
+    """A swarm CA with a trainer, a peer and a relay identity, made through the CLI (init, invite, revoke)."""
     d = tmp_path_factory.mktemp("pki")
     ca = str(d / "ca")
     assert main(["swarm", "init", ca, "--swarm", SWARM]) == 0
     assert main(["swarm", "invite", "t", "--role", "trainer", "--out", str(d / "t"), "--ca", ca, "--days", "2"]) == 0
     assert main(["swarm", "invite", "p", "--role", "peer", "--out", str(d / "p"), "--ca", ca]) == 0
+    assert main(["swarm", "invite", "r", "--role", "relay", "--out", str(d / "r"), "--ca", ca]) == 0
     assert main(["swarm", "invite", "gone", "--role", "peer", "--out", str(d / "gone"), "--ca", ca]) == 0
     assert main(["swarm", "revoke", "gone", "--ca", ca]) == 0
     return d
@@ -79,8 +80,8 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, Any]
 
 def _where(identity: bool, relay: bool, pki: Path, role: str) -> list[str]:
     ident = ["--identity", str(pki / role), "--crl", str(pki / "ca" / "crl.pem")] if identity else []
-    if relay:
-        return [*ident, "--relay", "tcp/127.0.0.1:7448"]
+    if relay:  # with an identity, the relay is mutual TLS too
+        return [*ident, "--relay", f"{'tls' if identity else 'tcp'}/127.0.0.1:7448"]
     return [*ident, "--listen", f"{'tls' if identity else 'tcp'}/127.0.0.1:7447"]
 
 
@@ -92,14 +93,15 @@ def test_train_option_matrix(compress: str, spot: float, identity: bool, relay: 
                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     argv = ["train", "--swarm", SWARM, *_where(identity, relay, pki, "t"), "--compress", compress,
             "--compress-rank", "4", "--spot-check", str(spot), "--ban-after", "3", "--lease-ms", "800",
-            "--schedule", schedule, "--steps", "2", "--wait", "1"]  # fmt: skip
+            "--schedule", schedule, "--steps", "2", "--wait", "1", "--probation-checks", "40"]  # fmt: skip
     got, opts = _run(argv, capsys)
     lossy_checked = spot > 0 and compress != "none"
-    assert got == ("refused" if lossy_checked or (identity and relay) else "ran"), (argv, opts)
+    assert got == ("refused" if lossy_checked else "ran"), (argv, opts)
     if got == "refused":
-        assert ("--relay" in opts) if identity and relay else ("--spot-check" in opts), opts
+        assert "--spot-check" in opts, opts
         return
     assert (opts.compress.mode, opts.spot_check, opts.ban_after, opts.lease_ms) == (compress, spot, 3, 800)
+    assert opts.probation_checks == 40
     assert (opts.identity is not None, bool(opts.relay)) == (identity, relay)
 
 
@@ -113,7 +115,7 @@ def test_serve_option_matrix(fault: str, mib: str | None, identity: bool, relay:
     argv += (["--fault", fault] if fault else []) + (["--max-message-mib", mib] if mib else [])
     got, opts = _run(argv, capsys)
     too_small = mib == "0.01"  # 10 KiB: below the 64 KiB every reply header needs
-    assert got == ("refused" if too_small or (identity and relay) else "ran"), (argv, opts)
+    assert got == ("refused" if too_small else "ran"), (argv, opts)
     if got == "ran":
         assert (opts.fault, opts.lease_ms, opts.identity is not None, bool(opts.relay)) == (fault, 900, identity, relay)
         assert opts.max_message == (1 << 20 if mib == "1" else opts.max_message)
@@ -132,6 +134,9 @@ def test_demo_option_matrix(mtls: bool, compress: str, schedule: str, capsys: py
     (["serve", "--swarm", SWARM, "--listen", "tcp/127.0.0.1:7447", "--crl", "x.pem"], "--crl needs --identity"),
     (["serve", "--swarm", SWARM, "--listen", "tls/127.0.0.1:7447"], "mutual TLS"),
     (["serve", "--swarm", SWARM, "--listen", "tcp/127.0.0.1:7447", "--fault", "corrupt:2"], "fault"),
+    (["serve", "--swarm", SWARM, "--listen", "tcp/127.0.0.1:7447", "--fault", "corrupt:0.1@-3"], "fault"),
+    (["serve", "--swarm", SWARM, "--relay", "tls/127.0.0.1:7448"], "mutual TLS"),
+    (["train", "--swarm", SWARM, "--listen", "tcp/127.0.0.1:7447", "--probation-checks", "-1"], "--probation-checks"),
     (["status", "--join", "tcp/127.0.0.1:7447", "--web", "0", "--json"], "--json"),
     (["status", "--join", "tcp/127.0.0.1:7447", "--web", "70000"], "--web"),
 ])  # fmt: skip
@@ -144,6 +149,10 @@ def test_identities_of_the_wrong_role_or_revoked_are_refused(pki: Path, capsys: 
     where = ["--listen", "tls/127.0.0.1:7447", "--swarm", SWARM]
     for argv, why in ((["train", *where, "--identity", str(pki / "p")], "peer certificate"),
                       (["serve", *where, "--identity", str(pki / "t")], "trainer certificate"),
+                      (["serve", *where, "--identity", str(pki / "r")], "relay certificate"),
+                      (["status", "--join", "tls/127.0.0.1:7447", "--identity", str(pki / "r")], "relay certificate"),
+                      (["train", "--swarm", SWARM, "--identity", str(pki / "t"), "--relay", "tcp/127.0.0.1:7448"],
+                       "use tls/"),
                       (["serve", *where, "--identity", str(pki / "gone"), "--crl", str(pki / "ca" / "crl.pem")],
                        "revoked")):  # fmt: skip
         got, err = _run(argv, capsys)
@@ -153,19 +162,27 @@ def test_identities_of_the_wrong_role_or_revoked_are_refused(pki: Path, capsys: 
     assert got == "ran" and opts.checkpoint_every == 5  # with the directory it needs, it gets through
 
 
-@pytest.mark.parametrize("listen,lease", list(itertools.product(
-    (["tcp/127.0.0.1:7449"], ["tcp/127.0.0.1:7449", "tcp/127.0.0.1:7450"], ["nonsense"]), (None, "800", "0"))))
-def test_relay_option_matrix(listen: list[str], lease: str | None, monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+@pytest.mark.parametrize("listen,lease,ident", list(itertools.product(
+    (["tcp/127.0.0.1:7449"], ["tcp/127.0.0.1:7449", "tcp/127.0.0.1:7450"], ["nonsense"]), (None, "800", "0"),
+    (None, "r", "p", "r-on-tcp"))))
+def test_relay_option_matrix(listen: list[str], lease: str | None, ident: str | None, pki: Path,
+                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     import layerwise.swarm.relay as relay
 
     seen: list[Any] = []
-    monkeypatch.setattr(relay, "run_relay", lambda listen, lease_ms, **kw: seen.append((listen, lease_ms)))
+    monkeypatch.setattr(relay, "run_relay", lambda listen, lease_ms, **kw: seen.append((listen, lease_ms,
+                                                                                        kw["identity"])))
+    if ident in ("r", "p"):  # mutual TLS listens on tls/ endpoints
+        listen = [e.replace("tcp/", "tls/") for e in listen]
     argv = ["relay", *[a for e in listen for a in ("--listen", e)]] + (["--lease-ms", lease] if lease else [])
+    argv += ["--identity", str(pki / ident.split("-")[0])] if ident else []
     capsys.readouterr()
     rc = main(["swarm", *argv])
     err = capsys.readouterr().err
-    if listen == ["nonsense"] or lease == "0":
+    if listen == ["nonsense"] or lease == "0" or ident in ("p", "r-on-tcp"):
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and not seen, (argv, err)
+        if ident == "p" and listen != ["nonsense"] and lease != "0":
+            assert "this needs a relay one" in err, err
     else:
-        assert rc == 0 and seen == [(listen, int(lease or 1000))], (argv, seen, err)
+        assert rc == 0 and len(seen) == 1 and seen[0][:2] == (listen, int(lease or 1000)), (argv, seen, err)
+        assert (seen[0][2] is not None and seen[0][2].name == "r") if ident else seen[0][2] is None

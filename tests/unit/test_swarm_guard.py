@@ -116,13 +116,29 @@ def test_ledger_probation_then_ban_and_counts() -> None:
     assert led.strike("a", Reason.NONFINITE, 4) == "probation" and led.on_probation("a")
     assert led.strike("a", Reason.MISMATCH, 5) == "probation"
     assert led.strike("a", Reason.MISMATCH, 6) == "ban" and led.banned("a") and not led.on_probation("a")
-    assert led.strike("a", Reason.MISMATCH, 7) == "ban"  # counted, not banned twice
+    assert led.strike("a", Reason.MISMATCH, 7) == "banned"  # counted, not banned twice
     led.count(Reason.GARBAGE)
     snap = led.snapshot()
     assert snap["rejected"] == {"nonfinite": 1, "mismatch": 3, "garbage": 1}
-    assert snap["bans"] == [{"peer": "a", "reason": "mismatch", "step": 6}] and not led.banned("b")
+    assert snap["bans"] == [{"peer": "a", "reason": "mismatch", "step": 6, "confirmed": False}]
+    assert not led.banned("b")
     with pytest.raises(ValueError):
         Policy(probation_after=3, ban_after=2)
+    with pytest.raises(ValueError):
+        Policy(probation_checks=-1)
+
+
+def test_a_confirmed_mismatch_bans_at_once_and_trust_is_earned_by_passed_checks() -> None:
+    led = Ledger(Policy(ban_after=2, probation_checks=3))
+    assert led.strike("a", Reason.MISMATCH, 1, confirmed=True) == "ban" and led.snapshot()["bans"][0]["confirmed"]
+    assert led.strike("b", Reason.MISMATCH, 1) == "probation"  # unconfirmed: a strike as before
+    assert Ledger(Policy(ban_on_proof=False)).strike("c", Reason.MISMATCH, 1, confirmed=True) == "probation"
+    assert led.unproven("d")
+    for _ in range(3):
+        led.passes("d")
+    assert not led.unproven("d") and led.snapshot()["passed"] == {"d": 3}
+    led.forget("d")  # lost, and perhaps back as another process
+    assert led.unproven("d") and not led.unproven("a")  # a banned peer gets no work, checked or not
 
 
 def test_relative_error_treats_nan_and_shape_as_infinite() -> None:
@@ -196,7 +212,7 @@ def test_a_peer_refuses_requests_that_do_not_fit_its_stage_with_a_named_reason()
 def test_fault_modes_parse_and_tamper_only_outputs() -> None:
     from layerwise.swarm.peer.fault import Tamper, parse_tamper
 
-    assert parse_tamper("corrupt:0.05") == ("corrupt", 0.05) and parse_tamper("") is None
+    assert parse_tamper("corrupt:0.05") == ("corrupt", 0.05, 0) and parse_tamper("") is None
     for bad in ("corrupt", "corrupt:0", "corrupt:2", "flip:0.1", "nan:x"):
         with pytest.raises(ValueError):
             parse_tamper(bad)
@@ -214,6 +230,14 @@ def test_fault_modes_parse_and_tamper_only_outputs() -> None:
     assert Tamper("oversized", 1.0).apply(req, Message("ok", tensors=[out]))[1] == "oversized"
     t = Tamper("corrupt", 1.0)
     assert t.apply(Message("commit"), Message("ok", tensors=[out]))[0].tensors[0] is out and t.tampered == 0
+    assert parse_tamper("corrupt:0.05@30") == ("corrupt", 0.05, 30)
+    for bad in ("corrupt:0.05@", "corrupt:0.05@-1", "corrupt:0.05@x"):
+        with pytest.raises(ValueError):
+            parse_tamper(bad)
+    late = Tamper("corrupt", 1.0, start=3)  # honest before step 3, a liar from it on
+    assert late.apply(req, Message("ok", 2, 0, 1, tensors=[out]))[0].tensors[0] is out and late.tampered == 0
+    assert not torch.equal(late.apply(Message("forward", 3, 0, 1), Message("ok", 3, 0, 1, tensors=[out]))[0].tensors[0],
+                           out) and late.tampered == 1  # fmt: skip
 
 
 def test_the_trainer_names_replies_from_another_step_stage_or_microbatch() -> None:
@@ -224,7 +248,7 @@ def test_the_trainer_names_replies_from_another_step_stage_or_microbatch() -> No
 
     stages = (StageSpan(stage=0, first=0, count=2, holder="a", copy="b"),
               StageSpan(stage=1, first=2, count=2, holder="b", copy="a"))  # fmt: skip
-    tr: Any = SimpleNamespace(spec=SPEC, opts=SimpleNamespace(ban_after=2, spot_check=0.0), losses=[],
+    tr: Any = SimpleNamespace(spec=SPEC, opts=SimpleNamespace(ban_after=2, spot_check=0.0, probation_checks=90), losses=[],
                               assignment=Assignment(epoch=1, stages=stages))  # fmt: skip
     trust = Trust(tr)
     msg = Message("forward", 5, 1, 1, 1, {"weight": 0.5}, [torch.randn(2, 8, 16)])
@@ -243,6 +267,78 @@ def test_the_trainer_names_replies_from_another_step_stage_or_microbatch() -> No
     assert 2 * 8 * 16 * 8 < trust._limit(msg) < 1 << 20
     nparams = sum(p.numel() for m in build_layers(SPEC)[2:4] for p in m.parameters())
     assert 4 * nparams < trust._limit(Message("commit", 5, 1)) < 4 * nparams + (1 << 20)
+
+
+def test_a_mismatch_bans_at_once_only_when_the_holders_weights_agree_with_the_copys() -> None:
+    """The trainer's recomputation is proof only from weights both sides hold: a copy that makes up
+    its weights (and a check reply to match) cannot get an honest holder banned, only checked."""
+    from types import SimpleNamespace
+
+    from layerwise.swarm.assignment import Assignment, StageSpan
+    from layerwise.swarm.trainer.trust import Trust
+
+    layers = build_layers(SPEC)[2:4]  # stage 1: the last two layers (embedding, blocks, head)
+    true_w = [p.detach().clone() for m in layers for p in m.parameters()]
+    made_up = [w + 0.1 * torch.randn_like(w) for w in true_w]
+
+    def state(ws: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t for w in ws for t in (w, torch.zeros_like(w), torch.zeros_like(w))]
+
+    rows = SPEC.batch_size // SPEC.microbatches
+    x = torch.randn(rows, SPEC.seq, SPEC.width)
+    y = torch.randint(0, 256, (rows, SPEC.seq))
+    msg = Message("forward", 0, 1, 0, 1, {"weight": 0.5}, [x, y])
+    check = Message("check", 0, 1, 0, 1, {"what": "forward", "weight": 0.5}, [x, y])
+
+    def loss_with(ws: list[torch.Tensor]) -> torch.Tensor:
+        from layerwise.swarm.spot import load_layers
+
+        mods = load_layers(SPEC, 2, 2, state(ws))
+        return recompute(mods, is_first=False, is_last=True, what="forward", tensors=[x, y], weight=0.5)[0]
+
+    stages = (StageSpan(stage=0, first=0, count=2, holder="a", copy="b"),
+              StageSpan(stage=1, first=2, count=2, holder="b", copy="a"))  # fmt: skip
+    for liar in ("holder", "copy"):
+        weights = {"b": true_w, "a": made_up if liar == "copy" else true_w}
+        node = SimpleNamespace(request=lambda peer, m, *a, **k: Message("ok", stage=1, tensors=state(weights[peer])))
+        tr: Any = SimpleNamespace(spec=SPEC, opts=SimpleNamespace(ban_after=2, spot_check=0.05, probation_checks=90),
+                                  losses=[], assignment=Assignment(epoch=1, stages=stages), node=node, epoch=1,
+                                  failures=[], recopy=lambda s: None)  # fmt: skip
+        trust = Trust(tr)
+        honest = loss_with(true_w)
+        if liar == "holder":
+            reply, other = Message("ok", 0, 1, 0, tensors=[honest * 1.05]), Message("ok", 0, 1, 0, tensors=[honest])
+        else:
+            reply, other = Message("ok", 0, 1, 0, tensors=[honest]), Message("ok", 0, 1, 0, tensors=[loss_with(made_up)])
+        with pytest.raises(Rejected) as e:
+            trust._compare(1, msg, check, reply, "b", "a", {"reply": other})
+        assert e.value.reason == Reason.MISMATCH and e.value.sender == "b"
+        if liar == "holder":  # proof: the holder is banned at once, the copy passed
+            assert trust.banned("b") and trust.status()["bans"][0]["confirmed"] and not trust.banned("a")
+            assert trust.stats["confirmed"] == 1 and trust.ledger.passed["a"] == 1
+        else:  # suspicion only: the copy, which agreed with its own made-up weights, is not confirmed either
+            assert not trust.banned("b") and not trust.banned("a") and trust.stats["confirmed"] == 0
+            assert trust.on_probation("b")  # unproven, so every output of it is checked; the driver adds a strike
+
+
+def test_a_new_peer_is_on_probation_until_it_passed_its_checks_and_again_after_a_failure() -> None:
+    from types import SimpleNamespace
+
+    from layerwise.swarm.trainer.options import Failure
+    from layerwise.swarm.trainer.trust import Trust
+
+    for rate in (0.0, 0.05):
+        tr: Any = SimpleNamespace(spec=SPEC, opts=SimpleNamespace(ban_after=2, spot_check=rate, probation_checks=3),
+                                  losses=[], failures=[])  # fmt: skip
+        trust = Trust(tr)
+        assert trust.on_probation("a") == (rate > 0)  # without spot checks, only a strike means probation
+        for _ in range(3):
+            trust.ledger.passes("a")
+        assert not trust.on_probation("a") and trust.status()["checks_passed"] == {"a": 3}
+        tr.failures.append(Failure(peer="a", step=4, phase="forward", noticed_at=0.0, left_at=None))
+        assert trust.on_probation("a") == (rate > 0)  # it may come back as another process: earned again
+        trust.ledger.passes("a")
+        assert trust.on_probation("a") == (rate > 0)  # one of three passes since its return
 
 
 _DIM = st.one_of(st.integers(0, 8), st.sampled_from([1 << 31, 1 << 40, (1 << 63) - 1, (1 << 64) - 1]))

@@ -25,7 +25,7 @@ KEY = "lw/s/peer/p0"
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pki")
-    ids = throwaway(root, "s", {"tr": "trainer", "p0": "peer", "p1": "peer", "bad": "trainer"})
+    ids = throwaway(root, "s", {"tr": "trainer", "p0": "peer", "p1": "peer", "bad": "trainer", "hub": "relay"})
     t = dt.datetime.now(dt.timezone.utc)
     ids["old"] = issue(root / "ca", "old", "peer", root / "old", not_before=t - dt.timedelta(days=2),
                        not_after=t - dt.timedelta(days=1))  # fmt: skip
@@ -157,6 +157,10 @@ def test_hello_refuses_wrong_server_and_revoked_or_foreign_clients(pki: dict[str
     eve = Client(Identity(pki["eve"]))
     h1, _ = eve.hello_start()
     assert "eve" in str(Guard(Identity(pki["p0"])).admit(h1, KEY, b"").refused)
+    # a relay's certificate opens TLS links to the relay and nothing else: no process gives it a session
+    hub = Client(Identity(pki["hub"]))
+    h1, _ = hub.hello_start()
+    assert "hub: holds a relay certificate" in str(Guard(Identity(pki["p0"])).admit(h1, KEY, b"").refused)
     # a revocation list carried in a hello reaches the server, which then refuses the revoked
     ids = throwaway(tmp_path, "s", {"tr": "trainer", "t2": "trainer", "p0": "peer"})
     revoke(tmp_path / "ca", "t2")

@@ -36,7 +36,7 @@ def _text(fragment: str) -> str:
 
 def test_every_string_from_the_network_is_escaped() -> None:
     got = _status(peers={EVIL: {"block_s": 0.1, "memory_bytes": 1, "identity": EVIL}},
-                  stages=[{"stage": EVIL, "layers": [EVIL, EVIL], "holder": EVIL, "copy": EVIL}],
+                  stages=[{"stage": EVIL, "layers": [EVIL, EVIL], "holder": EVIL, "copy": EVIL, "replicas": [EVIL]}],
                   failures=[{"peer": EVIL, "step": EVIL, "phase": EVIL, "stages": [EVIL], "noticed_at": 1.0,
                              "left_at": None, "recovered_at": None}],
                   refused=[{"name": EVIL, "why": EVIL, "at": 1.0}], rejected={EVIL: EVIL},
@@ -69,6 +69,8 @@ def test_missing_keys_show_a_dash_and_present_ones_their_rows() -> None:
     assert "nan 3" in text and "bans (1)" in text and "c spot check 9" in text
     assert "peer-a" in text and "yes" in text and "banned" in text
     assert "trainer-1" in text and "41 (2 bad) at 5%" in text
+    page = render(_status(stages=[{"stage": 0, "layers": [0, 2], "holder": "a", "copy": None, "replicas": ["r1", "r2"]}]))
+    assert "r1, r2" in _text(page)  # the replicas that split stage 0's microbatches
 
 
 def test_no_trainer_and_a_hung_peer() -> None:

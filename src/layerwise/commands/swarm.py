@@ -35,6 +35,10 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (default 8)")
     p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="gpipe", help="stage order (default gpipe)")
     p.add_argument("--seed", type=int, default=0, help="weights and data seed")
+    p.add_argument("--max-grad-norm", type=float, default=0.0, metavar="NORM",
+                   help="clip the global gradient norm to NORM at every step, as clip_grad_norm_ (default 0: off)")
+    p.add_argument("--tie-embeddings", action="store_true",
+                   help="the head's weight is the token embedding's, as in the demo GPT (default: untied)")
     p.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
     p.add_argument("--compress", choices=("none", "bf16", "int8", "int6", "int4", "lowrank"), default="none",
                    help="activations and their gradients between stages: none (default, exact), bf16, int8, int6 or int4 "
@@ -54,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--latency-ms", type=float, default=0.0, help="emulated one-way latency per message")
     serve.add_argument("--bandwidth-mbit", type=float, default=None, help="emulated bandwidth cap, Mbit/s")
     serve.add_argument("--name", default=None, help="peer id (default host-pid-random)")
-    serve.add_argument("--fault", default="", metavar="MODE:P",
-                       help="fault injection: lie in a fraction P of outputs; MODE corrupt, nan, shape, stale or garbage")
+    serve.add_argument("--fault", default="", metavar="MODE:P[@STEP]",
+                       help="fault injection: lie in a fraction P of outputs (from step STEP on, default 0); MODE "
+                            "corrupt, nan, shape, stale, garbage or oversized")
     serve.add_argument("--max-message-mib", type=float, default=None, metavar="MiB",
                        help="refuse messages larger than this (default 4096)")
     train = sub.add_parser("train", help="train the model through the swarm's peers")
@@ -63,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_args(train)
     train.add_argument("--peers", type=positive_int, default=1, help="wait for this many peers (default 1)")
     train.add_argument("--wait", type=float, default=120.0, help="seconds to wait for them (default 120)")
+    train.add_argument("--max-stages", type=positive_int, default=None, metavar="N",
+                       help="at most N pipeline stages; further peers become replicas of the slowest stage "
+                            "(default: a stage per peer, up to one layer each)")
     train.add_argument("--checkpoint", default=None, metavar="DIR", help="save every layer's state here")
     train.add_argument("--checkpoint-every", type=positive_int, default=None,
                        help="steps between checkpoints, with --checkpoint (default 10)")
@@ -71,7 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="probability that a stage's output is recomputed by its copy and compared (default 0; "
                             "a peer on probation is always checked)")
     train.add_argument("--ban-after", type=positive_int, default=2, metavar="N",
-                       help="rejected replies that ban a peer from the run (default 2; the first means probation)")
+                       help="rejected replies that ban a peer from the run (default 2; the first means probation; a "
+                            "mismatch the trainer confirmed by recomputing the output itself bans at once)")
+    train.add_argument("--probation-checks", type=int, default=None, metavar="N",
+                       help="with --spot-check: checks a new (or returning) peer passes before only the sample P of "
+                            "its outputs is checked (default 90: catches a peer lying in 5%% of its outputs with "
+                            "probability 0.99)")
     demo = sub.add_parser("demo", help="a local swarm: N peers, K killed, J joining, checked against one process")
     demo.add_argument("--peers", type=positive_int, default=4, help="peer processes (default 4)")
     demo.add_argument("--kill", type=int, default=1, help="peers to SIGKILL at random moments (default 1)")
@@ -82,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     relay.add_argument("--listen", action="append", default=[], metavar="ENDPOINT", required=True,
                        help="where peers connect out to, e.g. tcp/0.0.0.0:7447 (repeatable)")
     relay.add_argument("--lease-ms", type=positive_int, default=1000, help="zenoh link lease (default 1000)")
+    swarm_identity.add_relay_option(relay)
     status = sub.add_parser("status", help="peers, spans, step rate and recent failures of a running swarm")
     _common(status, listen=False)
     # the live status page (swarm/web.py)
@@ -122,9 +136,6 @@ def _endpoints(args: argparse.Namespace, listen: bool = True) -> tuple[tuple[str
         raise UsageError(str(e)) from None
     if relay and (join or lst):
         raise UsageError("--relay connects out through a relay only: leave out --join and --listen")
-    if relay and getattr(args, "identity", None):
-        raise UsageError("--identity cannot be combined with --relay yet: the relay (a zenoh router) has no "
-                         "certificate of the swarm; join the peers directly for mutual TLS")
     if not join and not lst and not relay:
         raise UsageError("give --join ENDPOINT (or --listen ENDPOINT for the first process of a swarm, "
                          "or --relay ENDPOINT behind NAT)")
@@ -147,7 +158,8 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     size = {"tiny": {"width": 64, "blocks": 4}, "small": {"width": 128, "blocks": 6}}[args.model]
     try:
         return SwarmSpec(**size, batch_size=args.batch_size, microbatches=args.microbatches,
-                         schedule=args.schedule, seed=args.seed, data=args.data)  # fmt: skip
+                         schedule=args.schedule, seed=args.seed, data=args.data,
+                         tie_embeddings=args.tie_embeddings, max_grad_norm=args.max_grad_norm)  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -165,7 +177,13 @@ def _serve(args: argparse.Namespace) -> int:
                            relay=tuple(args.relay), **limit)  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
-    serve(opts, on_ready=lambda p: print(f"peer {p.id} serving swarm {args.swarm!r}; Ctrl-C to leave", flush=True))
+    from layerwise.swarm.errors import SwarmError
+
+    try:
+        serve(opts, on_ready=lambda p: print(f"peer {p.id} serving swarm {args.swarm!r}; Ctrl-C to leave", flush=True))
+    except SwarmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -184,11 +202,12 @@ def _train(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     try:
         opts = TrainerOptions(swarm=args.swarm, join=join, listen=lst, min_peers=args.peers, wait_s=args.wait,
-                              lease_ms=args.lease_ms, checkpoint_dir=args.checkpoint,
+                              lease_ms=args.lease_ms, checkpoint_dir=args.checkpoint, max_stages=args.max_stages,
                               checkpoint_every=(args.checkpoint_every or 10) if args.checkpoint else 0,
                               resume=args.resume, identity=identity, crl=args.crl, spot_check=args.spot_check,
                               ban_after=args.ban_after, relay=tuple(args.relay),
-                              compress=compression_from_args(args))  # fmt: skip
+                              compress=compression_from_args(args),
+                              **({} if args.probation_checks is None else {"probation_checks": args.probation_checks}))  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
@@ -197,7 +216,8 @@ def _train(args: argparse.Namespace) -> int:
     def progress(tr: Any, step: int) -> None:
         if step == 0:
             say("spans: " + ", ".join(f"stage {s.stage} layers {s.first}-{s.first + s.count - 1} on {s.holder} "
-                                      f"(copy on {s.copy})" for s in tr.assignment.stages))
+                                      + (f"(replicas {', '.join(s.replicas)})" if s.replicas else f"(copy on {s.copy})")
+                                      for s in tr.assignment.stages))  # fmt: skip
         elif tr.losses:
             say(f"step {step}/{args.steps}  loss {tr.losses[-1]:.4f}  ({tr.step_times[-1][2]:.2f} s)")
 
@@ -227,11 +247,16 @@ def _failure(f: Any) -> dict[str, Any]:
 def _status(args: argparse.Namespace) -> int:
     if args.web is not None or args.web_host is not None:
         return _status_web(args)
+    from layerwise.swarm.errors import SwarmError
     from layerwise.swarm.status import query_status
 
     join, _ = _endpoints(args, listen=False)
     identity = swarm_identity.check(args, None, join)
-    got = query_status(args.swarm, join, args.lease_ms, identity=identity, crl=args.crl, relay=tuple(args.relay))
+    try:
+        got = query_status(args.swarm, join, args.lease_ms, identity=identity, crl=args.crl, relay=tuple(args.relay))
+    except SwarmError as e:  # through a relay that refused (or is not there): one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(got))
     else:
@@ -273,7 +298,8 @@ def format_status(got: dict[str, Any]) -> str:
     rate = tr.get("steps_per_s")
     lines.append(f"trainer: step {tr['step']}, loss {tr['loss']}, {rate and round(rate, 2)} steps/s")
     for s in tr["stages"]:
-        lines.append(f"  stage {s['stage']} layers {s['layers'][0]}-{s['layers'][1]}: {s['holder']} (copy {s['copy']})")
+        more = f", replicas {', '.join(s['replicas'])}" if s.get("replicas") else ""
+        lines.append(f"  stage {s['stage']} layers {s['layers'][0]}-{s['layers'][1]}: {s['holder']} (copy {s['copy']}{more})")
     for f in tr["failures"]:
         lines.append(f"  failure: {f['peer']} at step {f['step']} ({f['phase']}), stages {f['stages']}")
     for r in tr.get("refused", [])[-10:]:  # --identity: who was refused, by name (swarm/access.py)
@@ -281,7 +307,8 @@ def format_status(got: dict[str, Any]) -> str:
     if tr.get("rejected"):
         lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(tr["rejected"].items())))
     for b in tr.get("bans", []):
-        lines.append(f"  banned: {b['peer']} at step {b['step']} ({b['reason']})")
+        proof = ", confirmed by the trainer's recomputation" if b.get("confirmed") else ""
+        lines.append(f"  banned: {b['peer']} at step {b['step']} ({b['reason']}{proof})")
     return "\n".join(lines)
 
 
@@ -292,9 +319,11 @@ def _relay(args: argparse.Namespace) -> int:
         listen = [check_endpoint(e) for e in args.listen]
     except ValueError as e:
         raise UsageError(str(e)) from None
+    identity = swarm_identity.load(swarm_identity.check(args, "relay", tuple(listen)))
+    tls = f" with mutual TLS as {identity.name}" if identity is not None else ""
     try:
-        run_relay(listen, args.lease_ms,
-                  on_ready=lambda: print(f"relay listening on {', '.join(listen)}; Ctrl-C to stop", flush=True))
+        run_relay(listen, args.lease_ms, identity=identity,
+                  on_ready=lambda: print(f"relay listening on {', '.join(listen)}{tls}; Ctrl-C to stop", flush=True))
     except Exception as e:  # zenoh could not listen there (address in use, not this host's): one line, no traceback
         print(f"error: relay cannot listen on {', '.join(listen)}: {e}", file=sys.stderr)
         return 1

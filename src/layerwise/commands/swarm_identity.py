@@ -19,7 +19,8 @@ def add_commands(sub: Any) -> None:
     init.add_argument("--swarm", default="layerwise", help="the swarm's name, written into every certificate")
     invite = sub.add_parser("invite", help="issue NAME a certificate and key (an identity directory)")
     invite.add_argument("name", metavar="NAME", help="the process's name: a peer's id, or the trainer's")
-    invite.add_argument("--role", required=True, choices=("peer", "trainer"), help="what NAME may do")
+    invite.add_argument("--role", required=True, choices=("peer", "trainer", "relay"),
+                        help="what NAME may do: serve layers, train, or relay ('layerwise swarm relay') only")
     invite.add_argument("--out", required=True, metavar="DIR", help="the identity directory to create")
     invite.add_argument("--ca", default=".", metavar="DIR", help="the CA directory (default .)")
     invite.add_argument("--days", type=float, default=365.0, help="validity in days (default 365)")
@@ -35,6 +36,22 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crl", default=None, metavar="FILE",
                    help="the revocation list to re-read while running, e.g. the CA's crl.pem (default: DIR/crl.pem "
                         "of --identity)")  # fmt: skip
+
+
+def add_relay_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--identity", default=None, metavar="DIR",
+                   help="the relay's identity (layerwise swarm invite NAME --role relay): mutual TLS on tls/ "
+                        "endpoints, only certificates of the same swarm CA may connect")  # fmt: skip
+    p.set_defaults(crl=None)  # zenoh has no revocation list: the relay checks only its own certificate, at start
+
+
+def load(ident: str | None) -> Any:
+    """The :class:`~layerwise.swarm.identity.Identity` of a directory that :func:`check` accepted."""
+    if ident is None:
+        return None
+    from layerwise.swarm.identity import Identity
+
+    return Identity(ident)
 
 
 def add_demo_option(p: argparse.ArgumentParser) -> None:
@@ -63,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace, role: str | None, endpoints: tuple[str, ...]) -> str | None:
-    """Validate ``--identity``/``--crl`` before anything starts; returns the identity directory."""
+    """Validate ``--identity``/``--crl`` before anything starts; returns the identity directory.
+
+    ``endpoints``: where it listens and joins; its ``--relay`` endpoints are checked with them."""
+    endpoints = (*endpoints, *getattr(args, "relay", ()))
     ident = getattr(args, "identity", None)
     if ident is None:
         if getattr(args, "crl", None):
@@ -80,6 +100,9 @@ def check(args: argparse.Namespace, role: str | None, endpoints: tuple[str, ...]
         got = Identity(ident, args.crl)
     except IdentityError as e:
         raise UsageError(str(e)) from None
+    if role is None and got.role == "relay":
+        raise UsageError(f"--identity {ident} holds a relay certificate ({got.name}): it is good only for "
+                         f"'layerwise swarm relay'")  # fmt: skip
     if role is not None and got.role != role:
         raise UsageError(f"--identity {ident} holds a {got.role} certificate ({got.name}); this needs a {role} one")
     if getattr(args, "name", None) not in (None, got.name):

@@ -46,8 +46,9 @@ def closed_makespan(p: int, m: int, where: tuple[int, ...], split: bool, f: list
     interleaved 1F1B ``(m v + p - 1)(F + I + W)`` with per-chunk times and ``m`` a multiple of
     ``p`` (Sec. 2.2.2), ZB-H1 ``m (F + I + W) + (p - 1)(F + I - W)`` for ``m >= p`` (Qi et al.,
     2023, Sec. 3.1). These equal the simulation for uniform stages without messages (tested).
-    ZB-H2 and ZB-V, as the runtime's unit-time list scheduler builds them, are priced with ZB-H1's
-    form (per chunk for ZB-V), which is close for uniform stages (tested).
+    ZB-H2 and ZB-V, as the runtime builds them (a list scheduler; ZB-V in the paper's handcrafted
+    order from 2p - 1 microbatches), are priced with ZB-H1's form (per chunk for ZB-V), which is
+    close for uniform stages (tested).
     Messages add one transfer each way per boundary (the fill and drain; the steady state can
     stall more), stages that differ are taken from the busiest rank for the steady state and the
     mean stage for the fill and drain: an estimate the search uses only to choose which

@@ -20,7 +20,7 @@ from .strategy import SCHEDULES, SPLIT_BACKWARD, Strategy, StrategyError
 
 _MAX_MICRO = 64
 _CHUNKS = (2, 4, 8)
-# ZB-H2 and ZB-V come from a list scheduler (layerwise.schedule.zero_bubble), not a formula: a
+# ZB-H2 and ZB-V come from generators (layerwise.schedule.zero_bubble), not a formula: a
 # replay first builds the schedule, ~0.1 s of CPU at this many compute actions and growing with
 # them. Larger ones are searched only when pinned, so that a 4,096-device search stays in seconds.
 _MAX_LISTED_ACTIONS = 10_000

@@ -17,7 +17,7 @@ splitting a layer norm's backward would recompute its normalized input.
 
 The products are the ones autograd runs for ``F.linear`` (``addmm`` / ``mm`` backward: ``dY.mm(W)``,
 ``dY.t().mm(X)``, ``dY.sum(0)``, on the same layouts), so the gradients are bit-identical to the
-fused backward's; :func:`accumulate` adds them the way ``AccumulateGrad`` does.
+fused backward's; W adds them the way ``AccumulateGrad`` does.
 """
 
 from __future__ import annotations
@@ -34,22 +34,35 @@ from torch import nn
 
 @dataclass
 class WeightGrads:
-    """What one microbatch's I leaves for its W: per deferred linear layer, its saved input and
-    the gradient of its output."""
+    """What one microbatch's I leaves for its W: per deferred linear layer, its saved input, the
+    gradient of its output (both as 2-D matrices) and the parameters still owed a gradient."""
 
     active: bool = False  # set during I: linear layers defer their weight gradients
-    later: list[tuple[torch.Tensor, torch.Tensor, nn.Linear]] = field(default_factory=list)
+    # (X as rows x in, dY as rows x out, the weight or None, the bias or None) per deferred layer
+    later: list[tuple[torch.Tensor, torch.Tensor, Any, Any]] = field(default_factory=list)
 
     def run(self) -> None:
-        """W: the weight and bias gradients of every deferred layer, accumulated into ``.grad``."""
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for x, g2, layer in self.later:
-            if layer.weight.requires_grad:  # dW = dY^T X, as mm_mat2_backward computes it
-                pairs.append((layer.weight, g2.t().mm(x.reshape(-1, x.shape[-1]))))
-            if layer.bias is not None and layer.bias.requires_grad:  # the broadcast bias: sum_to
-                pairs.append((layer.bias, g2.sum(0, keepdim=True).view(-1)))
+        """W: the weight and bias gradients of every deferred layer, accumulated into ``.grad``.
+
+        Kept to the two kernels per layer and the accumulation: W is a small share of a small
+        layer's backward (a 256 x 256 projection on 256 rows: about 0.3 ms), so every Python
+        step here shows in the split's cost against the fused backward."""
+        with torch.no_grad():  # the saved inputs are in the graph: no graph for their products
+            for x2, g2, weight, bias in self.later:
+                if weight is not None:  # dW = dY^T X, as mm_mat2_backward computes it
+                    _add(weight, g2.t().mm(x2))
+                if bias is not None:  # the broadcast bias: sum_to (same reduction as sum(0, keepdim))
+                    _add(bias, g2.sum(0))
         self.later.clear()
-        accumulate(pairs)
+
+
+def _add(p: torch.Tensor, g: torch.Tensor) -> None:
+    """``AccumulateGrad`` for one gradient (called under no_grad): the first becomes ``.grad``
+    (no copy), later ones are added in place."""
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad += g
 
 
 class _Linear(torch.autograd.Function):
@@ -57,23 +70,27 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
-                layer: nn.Linear, store: WeightGrads) -> torch.Tensor:  # fmt: skip
+                store: WeightGrads) -> torch.Tensor:  # fmt: skip
         ctx.save_for_backward(x, weight)
-        ctx.layer, ctx.store = layer, store
+        # the parameters themselves: under activation checkpointing the unpacked saved tensors
+        # are recomputed aliases, and W must accumulate into the parameters' own ``.grad``
+        ctx.params, ctx.store = (weight, bias), store
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         g2 = g if g.dim() == 2 else g.reshape(-1, g.shape[-1])  # (rows, out), as addmm saw it
-        dx = g2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = g2.mm(weight).view(x.shape) if need_x else None
+        x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])  # contiguous: checked before the forward
         if ctx.store.active and (need_w or need_b):
-            ctx.store.later.append((x, g2, ctx.layer))
-            return dx, None, None, None, None
-        dw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
-        db = g2.sum(0, keepdim=True).view(-1) if need_b else None
-        return dx, dw, db, None, None
+            w, b = ctx.params
+            ctx.store.later.append((x2, g2, w if need_w else None, b if need_b else None))
+            return dx, None, None, None
+        dw = g2.t().mm(x2) if need_w else None
+        db = g2.sum(0) if need_b else None
+        return dx, dw, db, None
 
 
 def deferrable(layers: Sequence[nn.Module]) -> list[nn.Linear]:
@@ -108,11 +125,14 @@ def deferring(linears: Sequence[nn.Linear], store: WeightGrads) -> Iterator[None
     unchanged outside the stage's own calls."""
 
     def make(m: nn.Linear) -> Any:
+        params = m._parameters  # looked up per call (a parameter may be replaced), without Module.__getattr__
+
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if (torch.is_grad_enabled() and x.is_contiguous() and x.dim() in (2, 3) and x.dtype == m.weight.dtype
-                    and not torch.is_autocast_enabled(x.device.type) and not _hooked(m)):  # fmt: skip
-                return _Linear.apply(x, m.weight, m.bias, m, store)
-            return F.linear(x, m.weight, m.bias)  # the fused node of autograd: its gradients come in I
+            w, b = params["weight"], params["bias"]
+            if (torch.is_grad_enabled() and x.is_contiguous() and x.dim() in (2, 3) and x.dtype == w.dtype
+                    and not torch.is_autocast_enabled(x.device.type) and not _hooked(w, b)):  # fmt: skip
+                return _Linear.apply(x, w, b, store)
+            return F.linear(x, w, b)  # the fused node of autograd: its gradients come in I
 
         return forward
 
@@ -125,18 +145,10 @@ def deferring(linears: Sequence[nn.Linear], store: WeightGrads) -> Iterator[None
             m.__dict__.pop("forward", None)
 
 
-def _hooked(m: nn.Linear) -> bool:
+def _hooked(w: torch.Tensor, b: torch.Tensor | None) -> bool:
     """A parameter whose gradient has hooks keeps it in I: ``AccumulateGrad`` runs its
-    post-accumulate hooks even for the empty gradient a deferred layer returns in I."""
-    return any(p._backward_hooks or p._post_accumulate_grad_hooks for p in m.parameters(recurse=False))
-
-
-def accumulate(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Add each gradient into its parameter's ``.grad`` as ``AccumulateGrad`` does (without
-    gradient mode): the first one becomes ``.grad`` (no copy), later ones are added in place."""
-    with torch.no_grad():
-        for p, g in pairs:
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad += g
+    post-accumulate hooks even for the empty gradient a deferred layer returns in I. (Checked on
+    every forward: a hook may be added at any time; written out, as it runs per linear layer
+    and microbatch.)"""
+    return bool(w._backward_hooks or w._post_accumulate_grad_hooks
+                or (b is not None and (b._backward_hooks or b._post_accumulate_grad_hooks)))  # fmt: skip

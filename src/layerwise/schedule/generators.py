@@ -1,5 +1,6 @@
 """Per-rank action lists for GPipe, 1F1B, interleaved 1F1B and ZB-H1 (ZB-H2 and ZB-V, built by a
-list scheduler, are in ``zero_bubble.py``).
+list scheduler or, ZB-V from 2p - 1 microbatches, in the paper's handcrafted order, are in
+``zero_bubble.py``).
 
 Each generator returns a compute-only :class:`Schedule` (F, B or F, I, W); :func:`lower` in
 ``comm.py`` adds the send/receive actions a runtime executes.

@@ -1,4 +1,5 @@
-"""ZB-H2 and ZB-V: zero-bubble schedules built by a unit-time list scheduler.
+"""ZB-H2 and ZB-V: zero-bubble schedules, built by a unit-time list scheduler (ZB-V with
+``m >= 2p - 1``: the paper's handcrafted order, see :func:`zbv`).
 
 Qi et al., "Zero Bubble Pipeline Parallelism" (2023) split the backward into I (input gradient,
 on the critical path) and W (weight gradient, free to move) and fill the pipeline's bubbles with
@@ -129,9 +130,73 @@ def zb_h2(stages: int, microbatches: int) -> Schedule:
 
 def zbv(ranks: int, microbatches: int) -> Schedule:
     """ZB-V (Qi et al., 2024, Sec. 6): two chunks per rank in a V, ``2p`` chunk activations in
-    flight per rank at most (1F1B's peak memory), I before F before W."""
+    flight per rank at most (1F1B's peak memory).
+
+    With ``m >= 2p - 1`` microbatches, the paper's handcrafted order (:func:`_zbv_v_order`); with
+    fewer, the unit-time list scheduler (I before F before W), whose startup is shorter there.
+    With ``T_F = T_I = T_W`` the handcrafted order is as short or up to two unit actions
+    shorter (p 1..8, m from 2p - 1 to 2p + 8), and real costs differ more (on a CPU GPT
+    block, I is about 1.15 F and W about 0.9 F, and stages of whole layers are unequal): simulated
+    with per-stage costs drawn at random around those ratios, the handcrafted order's makespan
+    was 3.5-7.5% shorter at the median (up to 20%) and never longer by more than 0.3%, for p in 2..4
+    and m in 2p - 1..16. The list scheduler moves I's ahead of forwards and bunches the W's,
+    which stalls the V's other chunk when one chunk's I costs more than the unit it planned for;
+    the handcrafted order keeps every chunk's F, I, W together in the steady state.
+    """
     _check(ranks, microbatches)
+    if microbatches >= 2 * ranks - 1:
+        return Schedule(
+            name="zbv",
+            num_microbatches=microbatches,
+            stage_to_rank=v_placement(ranks),
+            ranks=tuple(tuple(_zbv_v_order(ranks, microbatches, r)) for r in range(ranks)),
+            split_backward=True,
+            meta={"memory_cap": 2 * ranks, "order": "handcrafted"},
+        )
     return _list_schedule("zbv", v_placement(ranks), microbatches, 2 * ranks)
+
+
+def _zbv_v_order(p: int, m: int, rank: int) -> list[Action]:
+    """Rank ``rank``'s actions in the handcrafted ZB-V (Qi et al., 2024, Sec. 6, Fig. 6; the
+    order of PyTorch's ``ScheduleZBVZeroBubble``), for ``m >= 2p - 1``. Chunk 0 is stage
+    ``rank``, chunk 1 stage ``2p - 1 - rank``. Warm-up: ``2(p - rank) - 1`` forwards of chunk 0,
+    then ``rank`` pairs (chunk 1, chunk 0), then ``p - rank`` times chunk 1's F, I, W; steady
+    state: chunk 0's F (while any is left), I, W, then chunk 1's F, I, W; cool-down: the I's
+    left, then the W's. The rank holds at most ``2p`` chunk activations (F done, W not)."""
+    c0, c1 = rank, 2 * p - 1 - rank
+    nxt = {(c, k): 0 for c in (c0, c1) for k in (Kind.F, Kind.I, Kind.W)}
+    out: list[Action] = []
+
+    def put(c: int, k: Kind) -> None:
+        out.append(Action(c, k, nxt[c, k]))
+        nxt[c, k] += 1
+
+    for _ in range(2 * (p - rank) - 1):
+        put(c0, Kind.F)
+    for _ in range(rank):
+        put(c1, Kind.F)
+        put(c0, Kind.F)
+    for _ in range(p - rank):
+        for k in (Kind.F, Kind.I, Kind.W):
+            put(c1, k)
+    while nxt[c1, Kind.F] < nxt[c0, Kind.F] or nxt[c0, Kind.F] < m:
+        if nxt[c0, Kind.F] < m:
+            put(c0, Kind.F)
+        put(c0, Kind.I)
+        put(c0, Kind.W)
+        for k in (Kind.F, Kind.I, Kind.W):
+            put(c1, k)
+    for _ in range(rank):
+        put(c0, Kind.I)
+        put(c1, Kind.I)
+    for _ in range(p - rank):
+        put(c0, Kind.I)
+        put(c0, Kind.W)
+    while nxt[c1, Kind.W] < nxt[c1, Kind.I]:
+        put(c1, Kind.W)
+    while nxt[c0, Kind.W] < nxt[c0, Kind.I]:
+        put(c0, Kind.W)
+    return out
 
 
 def _check(stages: int, microbatches: int) -> None:

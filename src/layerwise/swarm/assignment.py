@@ -1,14 +1,17 @@
 """Who holds which layers: contiguous spans from the partition solver, plus a copy of each span.
 
-Pure Python (no torch). Stage ``s`` is held by one peer and copied on another: a spare peer if
-there is one, else the holder of stage ``s + 1`` (a ring), so every peer holds about twice its
-own span and any single failure leaves every stage with a live holder or copy. Spans come from
-:func:`layerwise.partition.solve` with each peer's measured speed and half its memory budget (the
-other half is for the copy it keeps of its neighbour's span).
+Pure Python (no torch). Stage ``s`` is held by one peer and copied on another, the holder of
+stage ``s + 1`` (a ring), so every peer holds about twice its own span and any single failure
+leaves every stage with a live holder or copy. Spans come from :func:`layerwise.partition.solve`
+with each peer's measured speed and half its memory budget (the other half is for the copy it
+keeps of its neighbour's span). Peers beyond the stages (``max_stages``, or more peers than
+layers) become *replicas* of the slowest stage, one at a time: the stage's microbatches are dealt
+among its replicas (:mod:`.replicas`), and a stage with two or more needs no copy.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,10 +35,23 @@ class StageSpan:
     count: int
     holder: str
     copy: str | None  # the peer keeping an up-to-date copy of weights and optimizer state
+    # further replicas: slot r > 0 of the stage is replicas[r - 1]; a peer may serve two slots
+    # for the rest of a step after a replica died (the slot's microbatches stay a group of their own)
+    replicas: tuple[str, ...] = ()
 
     @property
     def layers(self) -> range:
         return range(self.first, self.first + self.count)
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The peers that run this stage's microbatches, slot 0 (the holder) first."""
+        return (self.holder, *self.replicas)
+
+    @property
+    def safe(self) -> bool:
+        """Does one peer's death leave this stage's state alive (a copy, or a second replica)?"""
+        return self.copy is not None or len(set(self.slots)) > 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +60,7 @@ class Assignment:
     stages: tuple[StageSpan, ...]
 
     def peers(self) -> set[str]:
-        return {s.holder for s in self.stages} | {s.copy for s in self.stages if s.copy}
+        return {p for s in self.stages for p in s.slots} | {s.copy for s in self.stages if s.copy}
 
     def counts(self) -> list[int]:
         return [s.count for s in self.stages]
@@ -86,12 +102,41 @@ def assign(spec: SwarmSpec, peers: Sequence[PeerInfo], *, epoch: int, max_stages
     spares = [p for p in ranked if p not in chosen]
     counts = solve(times, stages=n, memory=memory, speeds=[by_id[p].speed for p in holders],
                    budgets=[by_id[p].memory_bytes / 2 for p in holders], names=holders)  # fmt: skip
-    stages, first = [], 0
+    starts = [sum(counts[:s]) for s in range(n)]
+    extra = _replicas(spec, [by_id[p] for p in spares], counts, starts, [by_id[p].speed for p in holders])
+    stages = []
     for s, (holder, count) in enumerate(zip(holders, counts)):
-        copy = spares[s] if s < len(spares) else holders[(s + 1) % n] if n > 1 else None
-        stages.append(StageSpan(stage=s, first=first, count=count, holder=holder, copy=copy))
-        first += count
+        copy = None if extra[s] or n == 1 else holders[(s + 1) % n]  # replicas back each other up
+        stages.append(StageSpan(stage=s, first=starts[s], count=count, holder=holder, copy=copy,
+                                replicas=tuple(extra[s])))  # fmt: skip
     return Assignment(epoch=epoch, stages=tuple(stages))
+
+
+def _replicas(spec: SwarmSpec, spares: Sequence[PeerInfo], counts: Sequence[int], starts: Sequence[int],
+              speeds: Sequence[float]) -> list[list[str]]:  # fmt: skip
+    """Spare peers, fastest first, each to the stage that is slowest at that moment and fits in
+    its memory (a replica keeps no copy, so its whole budget counts); at most one replica per
+    microbatch."""
+    times, memory = layer_costs(spec)
+    work = [sum(times[f : f + c]) for f, c in zip(starts, counts)]
+    need = [sum(memory[f : f + c]) for f, c in zip(starts, counts)]
+    slots: list[list[float]] = [[v] for v in speeds]
+    out: list[list[str]] = [[] for _ in counts]
+    for peer in sorted(spares, key=lambda p: (-p.speed, p.id)):
+        fits = [s for s in range(len(counts)) if need[s] <= peer.memory_bytes and len(slots[s]) < spec.microbatches]
+        if not fits:
+            continue
+        s = max(fits, key=lambda s: _stage_time(work[s], slots[s], spec.microbatches))
+        slots[s].append(peer.speed)
+        out[s].append(peer.id)
+    return out
+
+
+def _stage_time(work: float, speeds: Sequence[float], microbatches: int) -> float:
+    """Per microbatch of the step, for a stage whose microbatches are dealt round robin to slots of
+    these speeds: the slowest slot's share bounds it."""
+    share = math.ceil(microbatches / len(speeds)) / microbatches
+    return work * share / min(speeds)
 
 
 def step_time(a: Assignment, spec: SwarmSpec, speeds: dict[str, float]) -> float:
@@ -99,7 +144,9 @@ def step_time(a: Assignment, spec: SwarmSpec, speeds: dict[str, float]) -> float
     times, _ = layer_costs(spec)
     load: dict[str, float] = {}
     for s in a.stages:
-        load[s.holder] = load.get(s.holder, 0.0) + sum(times[i] for i in s.layers) / speeds.get(s.holder, 1.0)
+        share = math.ceil(spec.microbatches / len(s.slots)) / spec.microbatches  # round robin
+        for p in s.slots:
+            load[p] = load.get(p, 0.0) + sum(times[i] for i in s.layers) * share / speeds.get(p, 1.0)
     return max(load.values())
 
 
@@ -107,6 +154,6 @@ def worth_moving(current: Assignment, proposed: Assignment, spec: SwarmSpec, spe
                  threshold: float = 0.15) -> bool:  # fmt: skip
     """Hysteresis: move layers only for a predicted gain of at least ``threshold``, or to give a
     stage without a copy one (safety first)."""
-    if any(s.copy is None for s in current.stages) and all(s.copy for s in proposed.stages):
+    if any(not s.safe for s in current.stages) and all(s.safe for s in proposed.stages):
         return True
     return step_time(proposed, spec, speeds) <= (1.0 - threshold) * step_time(current, spec, speeds)

@@ -14,7 +14,11 @@ failure of that peer: the work is redone elsewhere (the stage's copy or a spare 
 the step's completed work is replayed), so no step is lost and the result stays equal to a
 failure-free run. Each rejection is a strike against the sender: the first puts it on
 *probation* (every output it sends is spot-checked), repeated ones ban it (it gets no work for the
-rest of the run and its stages move as after a failure).
+rest of the run and its stages move as after a failure). A spot-check mismatch that the trainer
+*confirmed* (it recomputed the output itself from weights that the holder and the copy agree on)
+is proof rather than suspicion and bans at once. With spot checks on, trust is also earned: a peer
+new to the run (or back after a failure) is on probation until it has passed
+``Policy.probation_checks`` checks.
 
 A peer cannot tell who sent a request (zenoh queries carry no sender identity unless the sender
 sets it, which a hostile sender would forge), so it counts what it refuses but blames no one;
@@ -105,14 +109,23 @@ def finite(tensors: list[torch.Tensor], what: str) -> None:
 
 
 # -- the ledger: counts, strikes, probation, bans ---------------------------------------------
+# A peer that lies in a fraction q of its outputs passes n checks in a row with probability
+# (1 - q)^n: 90 checks catch one lying in 5% of its outputs with probability 1 - 0.95^90 = 0.99.
+PROBATION_CHECKS = 90
+
+
 @dataclass(frozen=True, kw_only=True)
 class Policy:
     probation_after: int = 1  # strikes that put a peer on probation (every output spot-checked)
     ban_after: int = 2  # strikes that ban it for the rest of the run
+    ban_on_proof: bool = True  # a confirmed mismatch (recomputed by the trainer itself) bans at once
+    probation_checks: int = PROBATION_CHECKS  # checks a new peer passes before it leaves probation
 
     def __post_init__(self) -> None:
         if not 1 <= self.probation_after <= self.ban_after:
             raise ValueError(f"need 1 <= probation_after <= ban_after, got {self.probation_after}, {self.ban_after}")
+        if self.probation_checks < 0:
+            raise ValueError(f"--probation-checks must be >= 0, got {self.probation_checks}")
 
 
 @dataclass
@@ -124,21 +137,25 @@ class Ledger:
     strikes: dict[str, int] = field(default_factory=dict)
     probation: dict[str, int] = field(default_factory=dict)  # peer -> step it went on probation (kept after a ban)
     bans: list[dict[str, Any]] = field(default_factory=list)
+    passed: Counter[str] = field(default_factory=Counter)  # spot checks each peer passed (reset on a return)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, reason: Reason) -> None:
         with self._lock:
             self.rejected[str(reason)] += 1
 
-    def strike(self, peer: str, reason: Reason, step: int) -> str:
-        """Count a rejection from ``peer``; returns ``"ban"``, ``"probation"`` or ``"counted"``."""
+    def strike(self, peer: str, reason: Reason, step: int, confirmed: bool = False) -> str:
+        """Count a rejection from ``peer``; returns ``"ban"`` (banned now), ``"banned"`` (already),
+        ``"probation"`` or ``"counted"``.
+
+        ``confirmed``: the trainer itself recomputed the output and ``peer``'s differs (proof, not suspicion)."""
         with self._lock:
             self.rejected[str(reason)] += 1
             if self._banned(peer):
-                return "ban"
+                return "banned"  # two stages' threads may reject one peer at once: it is banned once
             n = self.strikes[peer] = self.strikes.get(peer, 0) + 1
-            if n >= self.policy.ban_after:
-                self.bans.append({"peer": peer, "reason": str(reason), "step": step})
+            if n >= self.policy.ban_after or (confirmed and self.policy.ban_on_proof):
+                self.bans.append({"peer": peer, "reason": str(reason), "step": step, "confirmed": confirmed})
                 self.probation.setdefault(peer, step)
                 return "ban"
             if n >= self.policy.probation_after:
@@ -158,14 +175,28 @@ class Ledger:
             return {b["peer"] for b in self.bans}
 
     def on_probation(self, peer: str) -> bool:
-        """On probation now (a banned peer is not: it gets no work at all)."""
+        """On probation after a strike (a banned peer is not: it gets no work at all)."""
         with self._lock:
             return peer in self.probation and not self._banned(peer)
+
+    def unproven(self, peer: str) -> bool:
+        """Has not passed ``probation_checks`` spot checks yet (new, or back after a failure)."""
+        with self._lock:
+            return self.passed[peer] < self.policy.probation_checks and not self._banned(peer)
+
+    def passes(self, peer: str) -> None:
+        with self._lock:
+            self.passed[peer] += 1
+
+    def forget(self, peer: str) -> None:
+        """``peer`` failed and may come back as another process: its trust is to be earned again."""
+        with self._lock:
+            self.passed.pop(peer, None)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             banned = {b["peer"] for b in self.bans}
-            return {"rejected": dict(self.rejected), "bans": [dict(b) for b in self.bans],
+            return {"rejected": dict(self.rejected), "bans": [dict(b) for b in self.bans], "passed": dict(self.passed),
                     "probation": {p: s for p, s in self.probation.items() if p not in banned}}  # fmt: skip
 
 

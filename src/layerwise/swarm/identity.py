@@ -8,7 +8,7 @@ Files on disk (PEM everywhere, keys readable by their owner only):
 - an identity directory (``layerwise swarm invite NAME --role ROLE --out DIR``): ``cert.pem`` and
   ``key.pem`` of NAME, plus ``ca.pem`` and a copy of ``crl.pem`` as of the invitation.
 
-A certificate names its holder (subject CN), its role (OU: ``peer`` or ``trainer``) and its swarm
+A certificate names its holder (subject CN), its role (OU: ``peer``, ``trainer`` or ``relay``) and its swarm
 (O: the CA's name). Keys are ECDSA P-256, which rustls (zenoh's TLS) and ``cryptography`` both
 speak; the certificates carry both TLS usages (server and client), since every swarm process
 both listens and connects. The same files configure zenoh's mutual TLS (:mod:`.net`) and the
@@ -33,7 +33,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import SwarmError
 
-ROLES = ("peer", "trainer")
+MEMBER_ROLES = ("peer", "trainer")  # who may take part in a run (the signed hello of access.py)
+# a relay (relay.py) only forwards: its certificate opens TLS links to it and to nothing else
+ROLES = (*MEMBER_ROLES, "relay")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a zenoh key chunk: no / * $ ? #
 _UTC = dt.timezone.utc
 
@@ -264,7 +266,7 @@ class Identity:
         self.revoked: set[int] = set()
         self.refresh()  # first: a certificate its own (or the given) list revokes must not start either
         try:  # its own certificate must pass the checks every other process makes
-            self.check(self.cert)
+            self.check(self.cert, roles=ROLES)
         except Refused as r:
             raise IdentityError(f"identity {d} ({self.name}, {self.role}): {r.why}") from None
 
@@ -301,7 +303,7 @@ class Identity:
         self.revoked = {r.serial_number for r in crl}
         return True
 
-    def check(self, cert: x509.Certificate | str, roles: tuple[str, ...] = ROLES, name: str | None = None,
+    def check(self, cert: x509.Certificate | str, roles: tuple[str, ...] = MEMBER_ROLES, name: str | None = None,
               at: dt.datetime | None = None) -> x509.Certificate:  # fmt: skip
         """Judge another process's certificate; raises :class:`Refused` naming it and saying why."""
         if isinstance(cert, str):

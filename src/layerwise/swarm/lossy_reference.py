@@ -65,7 +65,8 @@ def compressed_reference(spec: SwarmSpec, steps: int, cfg: Compression, counts: 
                             wmeta, wire = pack_reply(meta, streams[s], step, "fwd", mb, [out.detach()])
                             inputs[s + 1][mb] = unpack(wmeta, wire)
                         else:
-                            g = runner.backward(mb, None if s == last else grads[s][mb])
+                            up = None if s == last else grads[s][mb]
+                            g = spans[s].accumulate(0, mb, lambda: runner.backward(mb, up))  # as a holder sums
                             if s > 0:
                                 wmeta, wire = pack_reply(meta, streams[s], step, "bwd", mb, list(g))
                                 grads[s - 1][mb] = unpack(wmeta, wire)

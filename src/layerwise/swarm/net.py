@@ -14,14 +14,13 @@ endpoints only) and every request goes through the signed hello and MAC of :mod:
 from __future__ import annotations
 
 import json
-import queue
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import zenoh
 
-from .errors import PeerLost, PeerRefused
+from .errors import PeerLost, PeerRefused, SwarmError
 from .wire import MAX_MESSAGE, Message, decode_message, encode_message
 
 if TYPE_CHECKING:
@@ -41,11 +40,9 @@ def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms:
            multicast: bool = False, identity: Identity | None = None,
            relay: Sequence[str] = ()) -> zenoh.Config:  # fmt: skip
     if relay:  # behind NAT: a client of the relay, which carries everything (relay.py)
-        if identity is not None:  # refused by the CLI first; a relay with TLS needs its own certificate
-            raise ValueError("--identity cannot be combined with --relay yet: the relay has no certificate")
         from .relay import client_config
 
-        return client_config(relay, lease_ms)
+        return client_config(relay, lease_ms, identity)
     c = zenoh.Config()
     c.insert_json5("mode", '"peer"')
     c.insert_json5("listen/endpoints", json.dumps(list(listen) or [f"{'tls' if identity else 'tcp'}/127.0.0.1:0"]))
@@ -58,6 +55,24 @@ def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms:
     if identity is not None:
         tls_config(c, str(identity.dir))
     return c
+
+
+def open_session(cfg: zenoh.Config, who: str, relay: Sequence[str] = (), identity: Identity | None = None) -> zenoh.Session:
+    """``zenoh.open``, but a client that reaches none of its relays gets one line naming itself.
+
+    A relay's mutual TLS refuses another swarm's certificate (or none) in silence, like a peer; a
+    client then waits out zenoh's connect timeout and fails with no reason (see relay.py)."""
+    try:
+        return zenoh.open(cfg)
+    except zenoh.ZError as e:
+        if not relay:
+            raise
+        how = (f"its certificate ({identity.name}) is not of the relay's swarm CA, or expired, or the relay has no "
+               f"certificate of this swarm" if identity is not None else
+               "a relay that runs with --identity refuses processes without one")  # fmt: skip
+        first = str(e).split(" at /")[0]
+        raise SwarmError(f"{who}: reached no relay at {', '.join(relay)} ({first}): {how}; or no relay listens "
+                         f"there") from None  # fmt: skip
 
 
 def tls_config(c: zenoh.Config, identity_dir: str) -> None:
@@ -112,21 +127,16 @@ class Node:
                  check: Callable[[bytes | None, bytes], bool] | None = None, limit: int = MAX_MESSAGE) -> Message:  # fmt: skip
         """One query, one decoded reply (at most ``limit`` bytes); ``check(attachment, payload)``
         filters replies (a MAC)."""
-        replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.session.get(
-            key, zenoh.handlers.Callback(replies.put, lambda: replies.put(None)),
-            payload=data, timeout=timeout, congestion_control=zenoh.CongestionControl.BLOCK, attachment=attachment,
+        # zenoh's own channel, drained here: a Python callback would make zenoh start a Python
+        # thread per query while it holds the session's lock, and a peer's death (which closes
+        # every query to it from zenoh's threads) could then deadlock on the GIL.
+        replies = self.session.get(
+            key, payload=data, timeout=timeout, congestion_control=zenoh.CongestionControl.BLOCK, attachment=attachment,
         )  # fmt: skip
         got: Message | None = None
         why, refused = "left (no reply)", False
         start = time.monotonic()
-        while True:
-            try:
-                reply = replies.get(timeout=timeout + 5.0)
-            except queue.Empty:
-                raise PeerLost(peer, f"did not answer {msg.describe()} within {timeout:.0f} s") from None
-            if reply is None:
-                break
+        for reply in replies:  # ends when the query is final: every reply in, the peer gone, or the timeout
             if reply.ok is None:
                 why = f"failed: {reply.err.payload.to_string()[:200]}"
                 continue

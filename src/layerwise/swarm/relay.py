@@ -16,6 +16,17 @@ trainer (peers and the trainer lose each other when it dies). Several relays may
 relay waits up to a minute for it (zenoh's clients otherwise give up at once). The relay is content-blind:
 it forwards the same messages the peers would exchange directly, so training is unchanged
 (equal to one process with ``--compress none``).
+
+**With mutual TLS** (``--identity DIR`` of a ``relay`` certificate, ``layerwise swarm invite NAME
+--role relay``; ``tls/`` endpoints): the router accepts only links from certificates of the same
+swarm CA, and its clients (``--identity`` + ``--relay tls/...``) accept only a router with one. TLS
+ends at the router, which could read the messages; it cannot forge or alter them: the signed hello
+and the MAC of :mod:`.access` run end to end between trainer and peer, through it. A ``relay``
+certificate is good for nothing else (every process refuses it in a hello). zenoh has no
+revocation list: the router links a revoked certificate of its CA, and the trainer and peers
+refuse it in the hello as without a relay. The relay judges its own certificate at start against
+the identity directory's ``crl.pem`` (a copy as of the invitation: replace it with the CA's newer
+list to stop a revoked relay from starting again).
 """
 
 from __future__ import annotations
@@ -24,14 +35,19 @@ import json
 import signal
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import zenoh
 
+from .net import ACCEPT_PENDING, ACCEPT_TIMEOUT_MS, tls_config
+
+if TYPE_CHECKING:
+    from .identity import Identity
 
 CONNECT_TIMEOUT_MS = 60_000  # a process started before its relay waits this long for it
 
 
-def client_config(relay: Sequence[str], lease_ms: int) -> zenoh.Config:
+def client_config(relay: Sequence[str], lease_ms: int, identity: Identity | None = None) -> zenoh.Config:
     """A zenoh client of the relay(s): connects out only; everything goes through the router."""
     c = zenoh.Config()
     c.insert_json5("mode", '"client"')
@@ -39,27 +55,35 @@ def client_config(relay: Sequence[str], lease_ms: int) -> zenoh.Config:
     c.insert_json5("connect/timeout_ms", str(CONNECT_TIMEOUT_MS))  # zenoh's client default: fail at once
     c.insert_json5("scouting/multicast/enabled", "false")
     c.insert_json5("transport/link/tx/lease", str(int(lease_ms)))
+    if identity is not None:
+        tls_config(c, str(identity.dir))
     return c
 
 
-def router_config(listen: Sequence[str], lease_ms: int) -> zenoh.Config:
+def router_config(listen: Sequence[str], lease_ms: int, identity: Identity | None = None) -> zenoh.Config:
     c = zenoh.Config()
     c.insert_json5("mode", '"router"')
     c.insert_json5("listen/endpoints", json.dumps(list(listen)))
     c.insert_json5("connect/endpoints", "[]")
     c.insert_json5("scouting/multicast/enabled", "false")
     c.insert_json5("transport/link/tx/lease", str(int(lease_ms)))
+    c.insert_json5("transport/unicast/accept_pending", str(ACCEPT_PENDING))
+    c.insert_json5("transport/unicast/accept_timeout", str(ACCEPT_TIMEOUT_MS))
+    if identity is not None:
+        tls_config(c, str(identity.dir))
     return c
 
 
-def run_relay(listen: Sequence[str], lease_ms: int = 1000, *, stop: threading.Event | None = None,
-              on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+def run_relay(listen: Sequence[str], lease_ms: int = 1000, *, identity: Identity | None = None,
+              stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
     """Serve as the swarm's router until ``stop`` is set (or SIGINT / SIGTERM when none is given)."""
     if stop is None:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())  # type: ignore[union-attr]
-    with zenoh.open(router_config(listen, lease_ms)):
+    # RUST_LOG=warn shows each handshake its TLS refused ("received fatal alert ..."), though not from whom
+    zenoh.try_init_log_from_env()
+    with zenoh.open(router_config(listen, lease_ms, identity)):
         if on_ready is not None:
             on_ready()
         while not stop.wait(0.5):

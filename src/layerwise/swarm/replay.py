@@ -30,6 +30,8 @@ class StepCache:
         self.targets: list[Any] = []  # mb -> the last stage's targets
         self.losses: dict[int, float] = {}
         self.done: list[list[tuple[str, int]]] = [[] for _ in range(stages)]  # completed (kind, mb)
+        self.slots: list[int] = [1] * stages  # replicas per stage this step (microbatch mb -> mb % slots)
+        self.committing = False  # in the commit's second phase: replicas get their gradients with it
         self._cond = threading.Condition()
         self.failed: BaseException | None = None
 

@@ -1,9 +1,11 @@
 """What a swarm trains: the model, the data and the optimizer, as one validated, JSON-able spec.
 
 Every peer builds its layers from the spec alone (deterministic init from ``seed``), so the
-trainer never ships initial weights. The demo GPT is used with untied embeddings: a tied weight
-would live on the first and the last stage at once, and keeping its two copies equal across
-failing peers is a separate problem this first version does not take on.
+trainer never ships initial weights. With ``tie_embeddings`` the head's weight is the token
+embedding's, as in the demo GPT: when the first and the last layer sit on different stages, each
+of the two holds a copy and the trainer sums the two uses' gradients at the commit, so both copies
+take the same update (:mod:`.ties`). ``max_grad_norm`` clips the whole model's gradient norm at
+each commit as ``torch.nn.utils.clip_grad_norm_`` does in one process (:mod:`.trainer.commit`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class SwarmSpec:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     data: str = "stdlib"  # "stdlib" (the Python standard library's source) or a path to a file
+    tie_embeddings: bool = False  # the head's weight is the token embedding's (the demo GPT's default)
+    max_grad_norm: float = 0.0  # clip the global gradient norm to this at each step; 0 = no clipping
 
     def __post_init__(self) -> None:
         ints = {"width": (1, MAX_WIDTH), "heads": (1, 256), "blocks": (1, MAX_BLOCKS), "seq": (2, 1 << 16),
@@ -48,7 +52,9 @@ class SwarmSpec:
             )
         if self.schedule not in ("gpipe", "1f1b"):
             raise ValueError(f"SwarmSpec.schedule must be 'gpipe' or '1f1b', got {self.schedule!r}")
-        for name in ("lr", "weight_decay"):
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"SwarmSpec.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("lr", "weight_decay", "max_grad_norm"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"SwarmSpec.{name} must be a finite number >= 0, got {v!r}")
@@ -91,7 +97,7 @@ def build_layers(spec: SwarmSpec) -> list[Any]:
 
     torch.manual_seed(spec.seed)
     cfg = GPTConfig(vocab=256, context=spec.seq, width=spec.width, heads=spec.heads, blocks=spec.blocks,
-                    tie_embeddings=False)  # fmt: skip
+                    tie_embeddings=spec.tie_embeddings)  # fmt: skip
     return GPT(cfg).pipeline_layers()
 
 

@@ -7,13 +7,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import zenoh
-
 from .access_client import Client
 from .errors import SwarmError
 from .identity import Identity
 from .membership import Membership
-from .net import Node, config, trainer_key
+from .net import Node, config, open_session, trainer_key
 from .wire import Message
 
 
@@ -26,8 +24,8 @@ class StatusProbe:
         self.identity = Identity(identity, crl) if identity else None  # --identity: mutual TLS, signed hello
 
     def __enter__(self) -> StatusProbe:
-        self.session = zenoh.open(config(connect=self.join, lease_ms=self.lease_ms, identity=self.identity,
-                                         relay=self.relay))  # fmt: skip
+        self.session = open_session(config(connect=self.join, lease_ms=self.lease_ms, identity=self.identity,
+                                           relay=self.relay), "status", self.relay, self.identity)  # fmt: skip
         self.members = Membership(self.session, self.swarm)
         self.node = Node(self.session, self.swarm, auth=Client(self.identity) if self.identity else None)
         return self

@@ -149,8 +149,10 @@ def _stages(tr: Mapping[str, Any]) -> str:
     rows = []
     for s in tr.get("stages") or []:
         layers = s.get("layers") or [None, None]
-        rows.append([_e(s.get("stage")), f"{_e(layers[0])}–{_e(layers[-1])}", _e(s.get("holder")), _e(s.get("copy"))])
-    return _table("stages", rows, ["stage", "layers", "holder", "copy (replica)"], "stages")
+        replicas = ", ".join(_e(r) for r in s.get("replicas") or []) or "—"
+        rows.append([_e(s.get("stage")), f"{_e(layers[0])}–{_e(layers[-1])}", _e(s.get("holder")), replicas,
+                     _e(s.get("copy"))])  # fmt: skip
+    return _table("stages", rows, ["stage", "layers", "holder", "replicas (split its microbatches)", "copy"], "stages")
 
 
 def _timeline(tl: Mapping[str, Any] | None, w: int = 900, row: int = 24) -> str:

@@ -42,7 +42,7 @@ _DCODE = {d: i for i, d in enumerate(_DTYPES)}
 
 KINDS = (
     "hello", "install", "forward", "backward", "commit", "backup_apply", "promote", "get_state",
-    "status", "ok", "error", "reset", "drop", "check",
+    "status", "ok", "error", "reset", "drop", "check", "grads",
 )  # fmt: skip
 _CODE = {k: i for i, k in enumerate(KINDS)}
 

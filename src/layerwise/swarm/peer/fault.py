@@ -1,4 +1,6 @@
-"""``--fault MODE:P``: a peer that lies in a fraction P of its outputs, to test and measure the defenses.
+"""``--fault MODE:P[@STEP]``: a peer that lies in a fraction P of its outputs, to test and measure the defenses.
+
+``@STEP``: it is honest until the trainer's step STEP (a peer that first earns trust, then lies).
 
 Modes (each applies to the replies that carry a stage's outputs: forward, backward and spot checks):
 
@@ -28,18 +30,21 @@ MODES = ("corrupt", "nan", "shape", "stale", "garbage", "oversized")
 _OUTPUTS = ("forward", "backward", "check")
 
 
-def parse_tamper(text: str) -> tuple[str, float] | None:
-    """``corrupt:0.05`` -> ("corrupt", 0.05); empty -> None; anything else raises ValueError."""
+def parse_tamper(text: str) -> tuple[str, float, int] | None:
+    """``corrupt:0.05`` -> ("corrupt", 0.05, 0); ``corrupt:0.05@30`` -> (..., 30); empty -> None; else ValueError."""
     if not text:
         return None
-    mode, _, p = text.partition(":")
+    mode, _, rest = text.partition(":")
+    p, at, start = rest.partition("@")
     try:
         prob = float(p)
+        first = int(start) if at else 0
     except ValueError:
-        prob = -1.0
-    if mode not in MODES or not 0.0 < prob <= 1.0:
-        raise ValueError(f"--fault {text!r}: expected MODE:P with MODE one of {', '.join(MODES)} and 0 < P <= 1")
-    return mode, prob
+        prob, first = -1.0, 0
+    if mode not in MODES or not 0.0 < prob <= 1.0 or first < 0:
+        raise ValueError(f"--fault {text!r}: expected MODE:P[@STEP] with MODE one of {', '.join(MODES)}, "
+                         f"0 < P <= 1 and STEP >= 0 (the first step it lies in)")  # fmt: skip
+    return mode, prob, first
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Tamper:
     mode: str
     p: float
     seed: int = 0
+    start: int = 0  # the first step it lies in
     tampered: int = 0  # outputs this peer lied in
     _rng: random.Random = field(init=False, repr=False)
     _gen: torch.Generator = field(init=False, repr=False)
@@ -58,7 +64,7 @@ class Tamper:
 
     def apply(self, request: Message, reply: Message) -> tuple[Message, str]:
         """The reply to send instead, and what to do to its bytes: "" (nothing), "garbage" or "oversized"."""
-        if request.kind not in _OUTPUTS or reply.kind != "ok" or not reply.tensors:
+        if request.kind not in _OUTPUTS or reply.kind != "ok" or not reply.tensors or request.step < self.start:
             return reply, ""
         with self._lock:
             if self._rng.random() >= self.p:

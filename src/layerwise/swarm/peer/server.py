@@ -9,7 +9,10 @@ peer does with each kind of message:
   or from a hand-over of weights and AdamW state); turn a copy into the stage's holder; drop a copy.
 - ``forward`` / ``backward``: one microbatch through a held stage (runtime :class:`Stage`).
 - ``commit``: one AdamW step from the accumulated gradients; the gradients go back to the trainer,
-  which relays them to the stage's copy (``backup_apply``).
+  which relays them to the stage's copy (``backup_apply``). The commit may carry gradients that
+  replace the peer's own (the sum over a stage's replicas, or a tied weight's sum over its stages)
+  and a clip coefficient (``max_grad_norm``); ``grads`` reports a group's gradients (or only their
+  norms) and a cross-tied weight's per-microbatch gradients before such a commit.
 - ``get_state`` / ``status``: hand-over and monitoring.
 
 Stale messages (an older step or assignment epoch) and duplicates (a second backward of one
@@ -41,7 +44,7 @@ import zenoh
 
 from ..access import Guard
 from ..identity import Identity
-from ..net import alive_key, config, peer_key
+from ..net import alive_key, config, open_session, peer_key
 from ..assignment import layer_costs
 from ..compress import Streams, pack_reply, unpack
 from ..spec import SwarmSpec, init_checksum
@@ -101,7 +104,7 @@ class Peer:
         self.checksum: dict[str, float] = {}
         self.fault = _parse_fault(os.environ.get("LAYERWISE_SWARM_FAULT", ""))
         mode = parse_tamper(opts.fault)
-        self.tamper = Tamper(mode[0], mode[1], seed=zlib.crc32(self.id.encode())) if mode else None
+        self.tamper = Tamper(mode[0], mode[1], start=mode[2], seed=zlib.crc32(self.id.encode())) if mode else None
         self.ledger = Ledger()  # what this peer refused, by reason
         self.served = 0
         self.streams: dict[int, Streams] = {}  # per held stage: error feedback of what it sends (compress.py)
@@ -121,7 +124,7 @@ class Peer:
         self._maybe_fault(msg)
         t0 = time.perf_counter()
         reply = fn(msg)
-        if msg.kind in ("forward", "backward", "commit", "backup_apply", "check") and self.opts.speed != 1.0:
+        if msg.kind in ("forward", "backward", "commit", "backup_apply", "check", "grads") and self.opts.speed != 1.0:
             time.sleep((time.perf_counter() - t0) * (1.0 / self.opts.speed - 1.0))  # emulated slower device
         return reply
 
@@ -221,9 +224,11 @@ class Peer:
             raise _Refuse(f"duplicate backward of microbatch {msg.mb}", Reason.REPLAYED)
         if msg.mb not in span.fwd_done:
             raise _Refuse(f"backward of microbatch {msg.mb} before its forward", Reason.OUT_OF_ORDER)
-        assert span.runner is not None
-        inputs = None if span.runner.is_last else unpack(msg.meta, msg.tensors, msg.describe())
-        grads = span.runner.backward(msg.mb, inputs)
+        runner = span.runner
+        assert runner is not None
+        inputs = None if runner.is_last else unpack(msg.meta, msg.tensors, msg.describe())
+        group = int(msg.meta.get("group", 0))  # a replica's slot: its microbatches' gradients are summed apart
+        grads = span.accumulate(group, msg.mb, lambda: runner.backward(msg.mb, inputs))
         span.bwd_done.add(msg.mb)
         return self._reply(msg, "bwd", list(grads))
 
@@ -239,14 +244,41 @@ class Peer:
             return Message("ok", msg.step, msg.stage, meta={"already": True})  # a duplicate commit
         self._check_step(span, msg)
         want = int(msg.meta["microbatches"])
-        if len(span.bwd_done) != want:
+        replace = [int(i) for i in msg.meta.get("replace", [])]
+        if len(replace) != len(msg.tensors) or any(not 0 <= i < len(span.unique) for i in replace):
+            raise _Refuse(f"commit of step {msg.step} replaces gradients {replace} with {len(msg.tensors)} tensors",
+                          Reason.MALFORMED)  # fmt: skip
+        if len(replace) < len(span.unique) and len(span.bwd_done) != want:
             raise _Refuse(f"commit of step {msg.step} after {len(span.bwd_done)} of {want} backwards",
                           Reason.OUT_OF_ORDER)  # fmt: skip
         grads = span.grads()
+        for i, g in zip(replace, msg.tensors):
+            grads[i] = g.to(span.unique[i].dtype).clone()
+        if msg.meta.get("clip") is not None:  # the trainer's clip_grad_norm_ coefficient (fp32, as torch's)
+            coef = torch.tensor(float(msg.meta["clip"]), dtype=torch.float32)
+            for g in grads:
+                g.mul_(coef)
         span.apply(grads, float(msg.meta["lr"]))
         if msg.stage in self.streams:
             self.streams[msg.stage].commit(msg.step)
-        return Message("ok", msg.step, msg.stage, meta={"already": False}, tensors=grads)
+        keep = msg.meta.get("reply_grads", True)  # only a stage with a copy needs them back
+        return Message("ok", msg.step, msg.stage, meta={"already": False}, tensors=grads if keep else [])
+
+    def _on_grads(self, msg: Message) -> Message:
+        """A group's summed gradients (``full``) or only their norms, and the per-microbatch gradients
+        of cross-tied weights for the group's microbatches ``mbs``: what the trainer needs to sum
+        replicas, sum a tie, or compute the global norm before the commit."""
+        span = self._span(msg, "holder")
+        self._check_step(span, msg)
+        group, mbs = int(msg.meta.get("group", 0)), [int(m) for m in msg.meta.get("mbs", [])]
+        if span.counts.get(group, 0) != len(mbs) or any((i, m) not in span.tied for i in span.cross for m in mbs):
+            raise _Refuse(f"gradients of group {group} asked after {span.counts.get(group, 0)} of {len(mbs)} backwards",
+                          Reason.OUT_OF_ORDER)  # fmt: skip
+        grads = span.grads(group)
+        tied = [[i, m] for i in sorted(span.cross) for m in mbs]
+        meta = {"norms": [float(torch.linalg.vector_norm(g, 2.0)) for g in grads], "tied": tied}
+        tensors = (grads if msg.meta.get("full") else []) + [span.tied[(i, m)] for i, m in tied]
+        return Message("ok", msg.step, msg.stage, meta=meta, tensors=tensors)
 
     def _on_backup_apply(self, msg: Message) -> Message:
         span = self._span(msg, "copy")
@@ -279,7 +311,7 @@ class Peer:
         cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
                      identity=self.identity, relay=self.opts.relay)  # fmt: skip
         work: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        with zenoh.open(cfg) as session:
+        with open_session(cfg, f"peer {self.id}", self.opts.relay, self.identity) as session:
             qbl = session.declare_queryable(peer_key(self.opts.swarm, self.id), zenoh.handlers.Callback(work.put))
             token = session.liveliness().declare_token(alive_key(self.opts.swarm, self.id))
             if ready is not None:

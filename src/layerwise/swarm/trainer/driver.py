@@ -5,7 +5,9 @@ Each stage gets a thread that runs its actions in the order of the chosen schedu
 lost mid-request is replaced (:meth:`Trainer.recover`) and the stage's completed actions are
 replayed on the replacement before the failed one is retried. The commit then asks every holder
 for one AdamW step; the holder returns the step's gradients, which are relayed to the stage's
-copy so that it applies the very same update.
+copy so that it applies the very same update. A replicated stage gets a thread per replica, each
+running the stage's actions for its own microbatches (:mod:`.replicas`); with replicas, a weight
+tied across stages or clipping, the commit is two-phase (:mod:`.commit`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..errors import PeerLost
 from ..guard import Rejected
 from ..replay import StepCache
 from ..wire import Message
+from . import commit, replicas
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -36,10 +39,19 @@ def run_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
     for mb in range(m):
         cache.inputs[0][mb] = xs[mb]
     cache.targets = list(ys)
+    cache.slots = [len(x.slots) for x in tr.assignment.stages]
     tr.cache = cache
     schedule = build(tr.spec.schedule, stages=stages, microbatches=m)
-    _in_threads(cache, [lambda s=s: _run_stage(tr, cache, s, schedule.ranks[s]) for s in range(stages)])
-    _in_threads(cache, [lambda s=s: _commit(tr, cache, s) for s in range(stages)])
+    jobs = []
+    for s in range(stages):  # a replicated stage: the schedule's actions of each slot's microbatches
+        for slot in range(cache.slots[s]):
+            acts = [a for a in schedule.ranks[s] if a.microbatch % cache.slots[s] == slot]
+            jobs.append(lambda s=s, slot=slot, acts=acts: _run_stage(tr, cache, s, acts, slot))
+    _in_threads(cache, jobs)
+    if commit.needed(tr):
+        commit.commit_step(tr, cache, _in_threads, call_stage)
+    else:
+        _in_threads(cache, [lambda s=s: _commit(tr, cache, s) for s in range(stages)])
     tr.cache = None
     return sum(cache.losses[mb] for mb in range(m))
 
@@ -68,16 +80,18 @@ def _message(tr: Trainer, cache: StepCache, s: int, kind: str, mb: int) -> Messa
         meta["weight"] = 1.0 / cache.microbatches
         items = [cache.wait(cache.inputs, s, mb)] + ([cache.targets[mb]] if last else [])
         return Message("forward", cache.step, s, mb, tr.epoch, meta, attach(meta, items))
+    if cache.slots[s] > 1:
+        meta["group"] = mb % cache.slots[s]  # a replica's slot: its microbatches' gradients are summed apart
     grads = attach(meta, [] if last else [cache.wait(cache.grads, s, mb)])
     return Message("backward", cache.step, s, mb, tr.epoch, meta, grads)
 
 
-def _run_stage(tr: Trainer, cache: StepCache, s: int, actions: Any) -> None:
+def _run_stage(tr: Trainer, cache: StepCache, s: int, actions: Any, slot: int = 0) -> None:
     last = s == cache.stages - 1
     for a in actions:
         kind = "forward" if a.kind == Kind.F else "backward"
         msg = _message(tr, cache, s, kind, a.microbatch)
-        out = call_stage(tr, cache, s, msg)
+        out = call_stage(tr, cache, s, msg, slot)
         if kind == "forward" and last:
             cache.losses[a.microbatch] = float(out.tensors[0])
         elif kind == "forward":
@@ -87,17 +101,19 @@ def _run_stage(tr: Trainer, cache: StepCache, s: int, actions: Any) -> None:
         cache.done[s].append((kind, a.microbatch))
 
 
-def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message) -> Message:
-    """Send ``msg`` to stage ``s``'s holder; on a lost holder, recover, replay, and retry.
+def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message, slot: int = 0) -> Message:
+    """Send ``msg`` to stage ``s``'s holder (or replica ``slot``); on a lost one, recover, replay, and retry.
 
     A reply that is rejected (:mod:`.trust`: malformed, wrong shape, NaN, a failed spot check) is
     handled like the holder's failure: the work is redone on another peer, the holder gets a strike."""
     while True:
-        holder = tr.holder(s)
+        holder = replicas.peer_of(tr, s, slot) if cache.slots[s] > 1 else tr.holder(s)
         try:
             if tr.trust.banned(holder):  # banned while holding other stages too: they move as after a failure
-                tr.recover(s, holder, cache, msg.kind, force=True)
+                _recover(tr, cache, s, holder, msg.kind)
                 continue
+            if (s, slot) in tr.slot_replay:
+                replicas.replay_slot(tr, cache, s, slot, holder)
             if s in tr.replay_needed:
                 _replay(tr, cache, s, holder)
             msg.epoch = tr.epoch
@@ -107,11 +123,19 @@ def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message) -> Message:
             tr.timeline.record(s, msg.kind, msg.mb, holder, t0, time.perf_counter())
             return reply
         except PeerLost as e:
-            tr.recover(s, e.peer, cache, msg.kind)
+            _recover(tr, cache, s, e.peer, msg.kind, force=False)
         except Rejected as e:
             if not tr.trust.banned(holder):
                 tr.trust.strike(holder, e.reason)
-            tr.recover(s, holder, cache, msg.kind, force=True)
+            _recover(tr, cache, s, holder, msg.kind)
+
+
+def _recover(tr: Trainer, cache: StepCache, s: int, peer: str, phase: str, force: bool = True) -> None:
+    """Move stage ``s``'s work away from ``peer`` (lost, or with ``force`` alive but rejected)."""
+    if cache.slots[s] > 1:
+        replicas.recover_slot(tr, s, peer, cache, phase, force=force)
+    else:
+        tr.recover(s, peer, cache, phase, force=force)
 
 
 def _replay(tr: Trainer, cache: StepCache, s: int, holder: str) -> None:

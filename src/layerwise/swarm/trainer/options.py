@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..compress import Compression
+from ..guard import PROBATION_CHECKS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +29,7 @@ class TrainerOptions:
     crl: str | None = None  # a revocation list file re-read at every step boundary (default: the identity's)
     spot_check: float = 0.0  # probability that an output is recomputed by the stage's copy (see trust.py)
     ban_after: int = 2  # rejected replies (strikes) that ban a peer; the first puts it on probation
+    probation_checks: int = PROBATION_CHECKS  # with spot checks on: checks a new peer passes before it is trusted
     relay: tuple[str, ...] = ()  # relays (zenoh routers) to connect out to, as a zenoh client (relay.py)
     compress: Compression = Compression()  # activations between stages; anything but "none" is inexact
 
@@ -45,6 +47,8 @@ class TrainerOptions:
                              f"error is above the tolerance a recomputation is compared with")  # fmt: skip
         if self.ban_after < 1:
             raise ValueError(f"--ban-after must be >= 1, got {self.ban_after}")
+        if self.probation_checks < 0:
+            raise ValueError(f"--probation-checks must be >= 0, got {self.probation_checks}")
         if self.min_peers < 1:
             raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
 

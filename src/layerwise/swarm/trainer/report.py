@@ -20,10 +20,10 @@ def status(tr: Trainer) -> dict[str, Any]:
         "steps_per_s": len(recent) / sum(recent) if recent else None,
         "tokens_per_s": tokens * len(recent) / sum(recent) if recent else None,
         "peers": {p: {"block_s": tr.block_s.get(p), "memory_bytes": tr.memory.get(p),
-                      "identity": tr.ident.identity_of(p), "probation": tr.trust.ledger.on_probation(p),
+                      "identity": tr.ident.identity_of(p), "probation": tr.trust.on_probation(p),
                       "banned": tr.trust.banned(p)} for p in tr.membership.snapshot()},
         "stages": [{"stage": s.stage, "layers": [s.first, s.first + s.count - 1], "holder": s.holder,
-                    "copy": s.copy} for s in tr.assignment.stages],
+                    "copy": s.copy, "replicas": list(s.replicas)} for s in tr.assignment.stages],
         "failures": [vars(f) for f in tr.failures[-10:]],
         "losses": tr.losses[-200:], "timeline": tr.timeline.last(),  # the status page's curve and Gantt
         "rebalances": tr.rebalances,
@@ -32,9 +32,10 @@ def status(tr: Trainer) -> dict[str, Any]:
 
 
 def committed_steps(tr: Trainer) -> list[int]:
-    """Each holder's committed step count for its stage, as the holders report it."""
+    """Each holder's (and every replica's) committed step count for its stage, as they report it."""
     out = []
     for span in tr.assignment.stages:
-        r = tr.node.request(span.holder, Message("status"))
-        out += [d["step"] for d in r.meta["spans"] if d["stage"] == span.stage and d["role"] == "holder"]
+        for peer in dict.fromkeys(span.slots):  # every replica of a replicated stage
+            r = tr.node.request(peer, Message("status"))
+            out += [d["step"] for d in r.meta["spans"] if d["stage"] == span.stage and d["role"] == "holder"]
     return out

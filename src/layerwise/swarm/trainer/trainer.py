@@ -7,6 +7,7 @@ lost, :meth:`Trainer.recover` moves the stage to a spare peer (handing over the 
 promotes the copy, gives the stage a new copy, and marks the stage for replay of the step's
 completed work. At each step boundary, dead copies are replaced, peers that joined are measured,
 and the layers are re-balanced when the solver predicts a gain above the hysteresis threshold.
+A stage with replicas (spare peers, :mod:`.replicas`) needs no copy: its replicas back each other up.
 """
 
 from __future__ import annotations
@@ -15,21 +16,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
-import zenoh
 
 from ..assignment import Assignment, PeerInfo, StageSpan, assign, relative_speeds, worth_moving
 from .. import checkpoint
 from ..errors import PeerLost, StageLost, SwarmError
 from ..identity import Refused
 from ..membership import Membership
-from ..net import Node, config, trainer_key
+from ..net import Node, config, open_session, trainer_key
 from ..replay import StepCache
 from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_batch
 from ..timeline import StepTimeline
 from ..wire import Message, encode_message
+from . import replicas
 from .driver import run_step
 from . import report
 from .options import Failure, TrainerOptions
@@ -47,6 +49,7 @@ class Trainer:
         self.declared: dict[str, float] = {}
         self.failures: list[Failure] = []
         self.replay_needed: set[int] = set()
+        self.slot_replay: set[tuple[int, int]] = set()  # (stage, replica slot) to replay on its new peer
         self.replayed = 0
         self.request_times: list[tuple[int, str, float]] = []  # (stage, kind, seconds) of each request
         self.timeline = StepTimeline()  # the last step's requests, for the status page
@@ -67,7 +70,7 @@ class Trainer:
     def __enter__(self) -> Trainer:
         cfg = config(listen=self.opts.listen, connect=self.opts.join, lease_ms=self.opts.lease_ms,
                      identity=self.ident.identity, relay=self.opts.relay)  # fmt: skip
-        self.session = zenoh.open(cfg)
+        self.session = open_session(cfg, "trainer", self.opts.relay, self.ident.identity)
         self.node = Node(self.session, self.opts.swarm, auth=self.ident.client)
         self.membership = Membership(self.session, self.opts.swarm)
         self._status = self.session.declare_queryable(trainer_key(self.opts.swarm), self._on_status)
@@ -174,7 +177,9 @@ class Trainer:
         self.ident.at_boundary(self)  # a revoked peer now counts as gone; collect the peers' refusals
         for s in range(len(self.assignment.stages)):
             span = self.assignment.stages[s]
-            if self._lost_peer(span.holder):
+            if len(span.slots) > 1:
+                replicas.heal(self, s)
+            elif self._lost_peer(span.holder):
                 self.recover(s, span.holder, None, force=True)
                 self.mark_recovered(s)
             elif span.copy is None or self._lost_peer(span.copy):
@@ -195,8 +200,8 @@ class Trainer:
     def _use_idle_peers(self, peers: list[PeerInfo]) -> None:
         """A peer with nothing to do takes over the copy of a stage from a peer that also holds one."""
         holders = {x.holder for x in self.assignment.stages}
-        busy = holders | {x.copy for x in self.assignment.stages}
-        for peer in [p.id for p in peers if p.id not in busy]:
+        busy = self.assignment.peers()
+        for peer in replicas.fill(self, [p.id for p in peers if p.id not in busy]):
             doubled = [x for x in self.assignment.stages if x.copy in holders]
             if not doubled:
                 return
@@ -212,7 +217,7 @@ class Trainer:
         """Every layer's weights and AdamW state, from each stage's holder (or its copy)."""
         layers: list[tuple[list[torch.Tensor], int]] = []
         for span in self.assignment.stages:
-            for peer in (span.holder, span.copy):
+            for peer in (*dict.fromkeys(span.slots), span.copy):
                 if peer is None:
                     continue
                 try:
@@ -242,7 +247,7 @@ class Trainer:
                 for p in sorted(p.id for p in peers):
                     self.node.request(p, Message("reset", epoch=new.epoch))
                 for span in new.stages:
-                    for peer, role in ((span.holder, "holder"), (span.copy, "copy")):
+                    for peer, role in (*((p, "holder") for p in dict.fromkeys(span.slots)), (span.copy, "copy")):
                         if peer is not None:
                             self._install(peer, span, role, states, new.epoch)
             except PeerLost as e:
@@ -313,7 +318,7 @@ class Trainer:
             failure.left_at = failure.left_at or self.membership.left_at(dead)
             if span.copy is None or self._lost_peer(span.copy):
                 raise self._lost(span)
-            busy = {x.holder for x in self.assignment.stages} | {x.copy for x in self.assignment.stages}
+            busy = self.assignment.peers()
             spares = [p.id for p in self.peers() if p.id not in busy]
             try:
                 if spares:  # a peer with nothing to do takes the stage over from the copy
@@ -356,11 +361,11 @@ class Trainer:
             span = self.assignment.stages[s]
             load: dict[str, int] = {p.id: 0 for p in self.peers()}
             for x in self.assignment.stages:
-                for p in (x.holder, x.copy):
+                for p in (*x.slots, x.copy):
                     if p in load:
                         load[p] += 1
-            candidates = [(0, to)] if to else sorted((n, p) for p, n in load.items() if p != span.holder)
-            new = StageSpan(stage=s, first=span.first, count=span.count, holder=span.holder, copy=None)
+            candidates = [(0, to)] if to else sorted((n, p) for p, n in load.items() if p not in span.slots)
+            new = replace(span, copy=None)
             if candidates:
                 peer = candidates[0][1]
                 try:
@@ -370,7 +375,7 @@ class Trainer:
                     raise self._lost(span) from None
                 try:
                     self._install(peer, new, "copy", None, self.epoch, r.tensors, int(r.meta["step"]))
-                    new = StageSpan(stage=s, first=span.first, count=span.count, holder=span.holder, copy=peer)
+                    new = replace(span, copy=peer)
                 except PeerLost as e:
                     self.note_lost(e.peer)  # left without a copy; the next boundary tries again
             self._set(new)

@@ -3,7 +3,8 @@
 :meth:`Trust.request` replaces a plain request to a stage's holder. The reply must be ``ok``, for
 the step, stage and microbatch asked, with the tensors the stage produces (shapes, dtypes, finite
 values). With probability ``spot_check`` per output (and for every output of a peer on probation)
-the same forward or backward is sent at the same time to the stage's copy, which recomputes it
+the same forward or backward is sent at the same time to the stage's copy (or, for a stage with
+replicas, another replica), which recomputes it
 from the same committed weights (:mod:`..spot`); results further apart than the fp32 tolerance go
 to the trainer, which recomputes the output itself from the copy's weights and blames whichever
 side disagrees with it. A reply that fails raises :class:`~..guard.Rejected` naming the holder:
@@ -11,8 +12,23 @@ the driver then redoes the work elsewhere exactly as after the holder's failure,
 the same as without the fault. Each rejection is a strike (:class:`~..guard.Ledger`): probation,
 then a ban; a banned peer gets no more work and its stages move as after a failure.
 
+**Trust is earned.** With spot checks on, a peer new to the run (or back after a failure) is on
+probation until it has passed ``probation_checks`` checks (as a holder whose output a copy
+reproduced, or as a copy that reproduced a holder's): a peer lying in a fraction q of its outputs
+gets through n checks with probability (1 - q)^n, so the default 90 catches one lying in 5% with
+probability 0.99, within its first steps. After that only the ``spot_check`` sample is checked,
+and a peer that starts lying later is caught at that rate: a first catch after about
+1 / (checked outputs a step x q) steps.
+
+**Proof bans at once.** On a mismatch the trainer asks the holder for its weights too: when they
+agree with the copy's, the trainer's recomputation is what the holder should have sent, and a side
+that differs from it is *confirmed* wrong and banned at once. When they do not agree (or the
+holder is gone) a mismatch is a plain strike: a lying copy with made-up weights cannot frame an
+honest holder.
+
 Cost: a checked output costs one more forward (a backward check: a forward and a backward) on the
-copy's peer, run while the holder computes; probation makes that every output of the peer.
+copy's peer, run while the holder computes; probation makes that every output of the peer, and a
+mismatch costs two ``get_state`` requests and one recomputation on the trainer.
 """
 
 from __future__ import annotations
@@ -30,17 +46,24 @@ from ..errors import PeerLost, PeerRefused, WireError
 from ..guard import Expect, Ledger, Policy, Reason, Rejected, check_tensors, finite, reason_of, relative_error
 from ..replay import StepCache
 from ..spec import build_layers
-from ..spot import expected, load_layers, recompute, tolerance
+from ..spot import U, expected, load_layers, recompute, tolerance
 from ..wire import MAX_MESSAGE, Message, header_bytes
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
+# Holder and copy run the same elementwise AdamW code on the same gradients, so their weights are
+# bit-identical on one kind of CPU; across machines a fused multiply-add may round differently, by a
+# few units of roundoff per step. 2^10 u (6e-5 relative) leaves room for that over a long run and is
+# far below what made-up weights would differ by.
+WEIGHT_TOLERANCE = 1024 * U
+
 
 class Trust:
     def __init__(self, tr: Trainer) -> None:
         self.tr = tr
-        self.ledger = Ledger(Policy(ban_after=tr.opts.ban_after))
+        self.ledger = Ledger(Policy(ban_after=tr.opts.ban_after, probation_checks=tr.opts.probation_checks))
+        self._failures_seen = 0  # tr.failures already read: a failed peer earns its trust again
         # which outputs are checked must be unpredictable to the peers (a seeded choice could be dodged);
         # it does not change the result, which is the same with or without checks
         self.rng = random.SystemRandom()
@@ -52,16 +75,30 @@ class Trust:
     def status(self) -> dict[str, Any]:
         snap = self.ledger.snapshot()
         return {"rejected": snap["rejected"], "bans": snap["bans"], "spot_checks": dict(self.stats),
-                "spot_check_rate": self.tr.opts.spot_check}  # fmt: skip
+                "spot_check_rate": self.tr.opts.spot_check, "checks_passed": snap["passed"],
+                "probation_checks": self.tr.opts.probation_checks}  # fmt: skip
 
     def banned(self, peer: str | None) -> bool:
         return peer is not None and self.ledger.banned(peer)
 
-    def strike(self, peer: str, reason: Reason) -> str:
-        verdict = self.ledger.strike(peer, reason, len(self.tr.losses))
+    def on_probation(self, peer: str) -> bool:
+        """Every output of ``peer`` is checked: after a strike, or (spot checks on) until it earned trust."""
+        if self.ledger.on_probation(peer):
+            return True
+        if self.tr.opts.spot_check <= 0:
+            return False  # no spot checks asked for: none for new peers either
+        failures = self.tr.failures
+        while self._failures_seen < len(failures):  # lost (or refused) and perhaps back as another process
+            self.ledger.forget(failures[self._failures_seen].peer)
+            self._failures_seen += 1
+        return self.ledger.unproven(peer)
+
+    def strike(self, peer: str, reason: Reason, confirmed: bool = False) -> str:
+        verdict = self.ledger.strike(peer, reason, len(self.tr.losses), confirmed)
         if verdict == "ban":
-            print(f"warning: peer {peer} is banned from this run ({reason} after earlier rejections); its stages "
-                  f"move to other peers", flush=True)  # fmt: skip
+            why = "confirmed by the trainer's own recomputation" if confirmed else "after earlier rejections"
+            print(f"warning: peer {peer} is banned from this run ({reason} {why}); its stages move to other peers",
+                  flush=True)  # fmt: skip
             # its copies are replaced now, so that a stage whose holder is banned next still has one;
             # the stages it holds move at their next request (driver.call_stage), between two actions
             for span in list(self.tr.assignment.stages):
@@ -72,13 +109,13 @@ class Trust:
     # -- one request ---------------------------------------------------------------------------
     def request(self, s: int, msg: Message, holder: str, cache: StepCache | None) -> Message:
         """Ask ``holder`` (stage ``s``) for ``msg``; a reply that is not to be used raises Rejected(sender=holder)."""
-        span = self.tr.assignment.stages[s]
-        check = self._check_message(s, msg, holder, span.copy, cache)
+        checker = self._checker(s, holder)
+        check = self._check_message(s, msg, holder, checker, cache)
         result: dict[str, Any] = {}
         worker = None
         if check is not None:
-            assert span.copy is not None
-            worker = threading.Thread(target=self._ask_checker, args=(span.copy, check, result), daemon=True)
+            assert checker is not None
+            worker = threading.Thread(target=self._ask_checker, args=(checker, check, result), daemon=True)
             worker.start()
         try:
             reply = self._ask(holder, msg)
@@ -87,11 +124,19 @@ class Trust:
             if worker is not None:
                 worker.join()
         if check is not None:
-            assert span.copy is not None
-            self._compare(s, msg, check, reply, holder, span.copy, result)
+            assert checker is not None
+            self._compare(s, msg, check, reply, holder, checker, result)
         if self.banned(holder):  # banned by another stage's thread while this request ran
             raise Rejected(f"peer {holder} was banned during {msg.describe()}", Reason.REFUSED, holder)
         return reply
+
+    def _checker(self, s: int, holder: str) -> str | None:
+        """Another holder of stage ``s``'s layers to recompute an output: its copy, else another replica."""
+        span = self.tr.assignment.stages[s]
+        for p in (span.copy, *span.slots):
+            if p is not None and p != holder and not self.banned(p) and self.tr.membership.is_alive(p):
+                return p
+        return None
 
     def _ask(self, peer: str, msg: Message) -> Message:
         try:
@@ -125,7 +170,7 @@ class Trust:
         if msg.kind == "commit":
             if reply.step != msg.step or reply.stage != msg.stage:
                 raise Rejected(f"{what} is for step {reply.step}, stage {reply.stage}", _routing(msg, reply), peer)
-            if not reply.meta.get("already"):
+            if not reply.meta.get("already") and msg.meta.get("reply_grads", True):  # else none come back
                 span = self.tr.assignment.stages[s]
                 shapes = [sh for i in span.layers for sh in self._shapes[i]]
                 check_tensors(reply.tensors, [Expect(sh, True) for sh in shapes], what)
@@ -159,7 +204,7 @@ class Trust:
         if msg.kind == "backward" and s == 0:
             return None  # the first stage's backward returns nothing to compare (token ids have no gradient)
         with self._lock:
-            chosen = self.ledger.on_probation(holder) or self.rng.random() < self.tr.opts.spot_check
+            chosen = self.on_probation(holder) or self.rng.random() < self.tr.opts.spot_check
         if not chosen:
             return None
         if copy is None or copy == holder or self.banned(copy):
@@ -197,19 +242,29 @@ class Trust:
         tol = tolerance(self.tr.spec, span.count, msg.kind)
         other: Message = result["reply"]
         if _agree(reply.tensors, other.tensors, tol):
+            self.ledger.passes(holder)
+            self.ledger.passes(copy)
             return
         self.stats["mismatches"] += 1
-        local = self._arbitrate(s, check, copy)
+        local, confirmed = self._arbitrate(s, check, holder, copy)
         holder_ok = local is not None and _agree(reply.tensors, local, tol)
         checker_ok = local is not None and _agree(other.tensors, local, tol)
-        if not checker_ok:
-            self.strike(copy, Reason.MISMATCH)
+        if confirmed:
+            self.stats["confirmed"] += 1
+        for peer, ok in ((holder, holder_ok), (copy, checker_ok)):
+            if ok:
+                self.ledger.passes(peer)
+            elif peer == copy or confirmed:  # the holder's plain strike is the driver's (call_stage)
+                self.strike(peer, Reason.MISMATCH, confirmed=confirmed)
         if not holder_ok:
             raise Rejected(f"peer {holder}'s {msg.describe()} differs from its recomputation by another holder "
                            f"(beyond the fp32 tolerance {tol:.1e})", Reason.MISMATCH, holder)  # fmt: skip
 
-    def _arbitrate(self, s: int, check: Message, copy: str) -> list[torch.Tensor] | None:
-        """The trainer recomputes the output itself, from the copy's committed weights."""
+    def _arbitrate(self, s: int, check: Message, holder: str, copy: str) -> tuple[list[torch.Tensor] | None, bool]:
+        """The trainer recomputes the output itself, from the copy's committed weights.
+
+        Returns the output and whether it is *confirmed*: the holder's weights agree with the copy's,
+        so it is what both should have sent (a copy that made up its weights cannot frame a holder)."""
         self.stats["arbitrations"] += 1
         span = self.tr.assignment.stages[s]
         try:
@@ -217,10 +272,20 @@ class Trust:
             finite(state.tensors, f"peer {copy}'s weights of stage {s}")
             layers = load_layers(self.tr.spec, span.first, span.count, state.tensors)
         except (PeerLost, WireError, ValueError):
-            return None  # no arbiter: both sides are treated as wrong, the work is redone elsewhere
+            return None, False  # no arbiter: both sides are treated as wrong, the work is redone elsewhere
         last = span.first + span.count == self.tr.spec.layers
-        return recompute(layers, is_first=span.first == 0, is_last=last, what=str(check.meta["what"]),
-                         tensors=list(check.tensors), weight=float(check.meta["weight"]))  # fmt: skip
+        local = recompute(layers, is_first=span.first == 0, is_last=last, what=str(check.meta["what"]),
+                          tensors=list(check.tensors), weight=float(check.meta["weight"]))  # fmt: skip
+        try:
+            theirs = self.tr.node.request(holder, Message("get_state", stage=s, epoch=self.tr.epoch))
+        except (PeerLost, WireError):
+            return local, False
+        return local, _same_weights(theirs.tensors[0::3], state.tensors[0::3])
+
+
+def _same_weights(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Holder and copy apply the same AdamW update to the same gradients: equal up to a few roundings."""
+    return len(a) == len(b) and all(relative_error(x, y) <= WEIGHT_TOLERANCE for x, y in zip(a, b))
 
 
 def _agree(a: list[torch.Tensor], b: list[torch.Tensor], tol: float) -> bool:
