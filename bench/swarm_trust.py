@@ -1,12 +1,13 @@
 """Swarm trust on this machine: mTLS overhead, spot checks against a corrupting peer, compression.
 
-    python bench/swarm_trust.py [--quick] [--only mtls,spot,compress]
+    python bench/swarm_trust.py [--quick] [--only mtls,spot,compress,compress_loss]
 
 Each section lives in ``bench/trust/<section>.py`` and exposes ``run(quick: bool) -> dict``:
 - ``mtls``: ``mtls_overhead`` (step time with mutual TLS over step time without);
 - ``spot``: a peer with ``--fault corrupt:0.05`` under 5% spot checks: ``detection_rate``,
   ``steps_to_ban``, ``overhead`` (extra step time, relative);
-- ``compress``: per compression mode ``bytes_ratio`` and ``loss_change`` at 100 Mbit/s, 50 ms.
+- ``compress``: per compression mode ``bytes_ratio`` (bytes on the wire) and the step time at
+  100 Mbit/s, 50 ms; ``compress_loss``: per mode ``loss_change`` (mean over seeds, with its spread).
 
 Writes ``bench/results/swarm_trust.json`` (sections merged into one object) and prints a table.
 Timings on a shared 2-core machine are noisy: compare the ratios, not the absolute numbers.
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-SECTIONS = ("mtls", "spot", "compress")
+SECTIONS = ("mtls", "spot", "compress", "compress_loss")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import layerwise.swarm.trainer as swarm_trainer
 from layerwise.cli import main
 
 SWARM = "matrix"
-MODES = ("none", "bf16", "int8", "int4", "lowrank")
+MODES = ("none", "bf16", "int8", "int6", "int4", "lowrank")
 
 
 class _Reached(Exception):

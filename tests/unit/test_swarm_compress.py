@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -33,7 +35,7 @@ def test_bf16_roundtrip_error_bound() -> None:
     assert float(((y - x).abs() / x.abs().clamp_min(1e-30)).max()) <= 2**-8
 
 
-@pytest.mark.parametrize("mode, levels", [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("mode, levels", [("int8", 127), ("int6", 31), ("int4", 7)])
 @pytest.mark.parametrize("block", [1, 7, 64, 1000])
 @pytest.mark.parametrize("shape", [(2, 32, 64), (3, 5, 7)])  # 7 * 15 = 105: odd, and not a multiple of a block
 def test_blockwise_roundtrip_error_bound_per_block(mode: str, levels: int, block: int, shape: tuple[int, ...]) -> None:
@@ -47,7 +49,7 @@ def test_blockwise_roundtrip_error_bound_per_block(mode: str, levels: int, block
     assert block == 1 or not torch.equal(y, x)  # a block of one element is its own scale: exact
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int6", "int4"])
 def test_blockwise_zero_and_constant_blocks(mode: str) -> None:
     x = torch.zeros(4, 64)
     x[1] = 3.0
@@ -59,10 +61,28 @@ def test_blockwise_zero_and_constant_blocks(mode: str) -> None:
 def test_wire_bytes_per_element() -> None:
     x = _x(0, (2, 32, 64))  # 4096 elements, 64 blocks of 64
     sizes = {}
-    for mode in ("bf16", "int8", "int4", "lowrank"):
+    for mode in ("bf16", "int8", "int6", "int4", "lowrank"):
         _, wire, _ = encode_tensor(x, Compression(mode=mode, rank=8))
         sizes[mode] = sum(t.numel() * t.element_size() for t in wire)
-    assert sizes == {"bf16": 8192, "int8": 4096 + 256, "int4": 2048 + 256, "lowrank": 2 * 32 * 8 * 4}
+    assert sizes == {"bf16": 8192, "int8": 4096 + 256, "int6": 3072 + 256, "int4": 2048 + 256,
+                     "lowrank": 2 * 32 * 8 * 4}
+
+
+def test_whole_messages_on_the_wire_shrink_close_to_their_payloads() -> None:
+    """A swarm message costs its payload plus a few hundred bytes (routing header, JSON meta, 26 bytes
+    of tensor header), not the runtime's 2 KiB: int6 crosses with over 4x fewer bytes than none."""
+    x = _x(0, (2, 32, 64))
+    sizes = {}
+    for mode in ("none", "bf16", "int8", "int6", "int4", "lowrank"):
+        cfg = Compression(mode=mode)
+        req = {"weight": 0.25} | ({} if cfg.exact else {"compress": cfg.to_meta()})
+        meta, wire = pack_reply(req.get("compress"), Streams(), 0, "fwd", 0, [x])
+        tensors = attach(req, [kept(meta, wire, single=True)])
+        sizes[mode] = len(encode_message(Message("forward", 0, 1, 0, 1, req, tensors)))
+        payload = sum(t.numel() * t.element_size() for t in tensors)
+        assert payload < sizes[mode] <= payload + 250
+    assert sizes["none"] / sizes["int6"] > 4.5 and sizes["none"] / sizes["int4"] > 6
+    assert sizes["none"] / sizes["int8"] > 3.5
 
 
 def test_lowrank_is_the_orthogonal_projection() -> None:
@@ -85,7 +105,7 @@ def test_token_ids_targets_and_scalars_are_never_compressed() -> None:
             assert entry == {"c": "raw"} and wire[0] is not None and torch.equal(wire[0], t)
 
 
-@pytest.mark.parametrize("mode, levels", [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("mode, levels", [("int8", 127), ("int6", 31), ("int4", 7)])
 def test_error_feedback_bounds_the_accumulated_error(mode: str, levels: int) -> None:
     """Along one stream, the sum of errors stays one residual with error feedback, and grows without."""
     n = 200
@@ -170,6 +190,7 @@ def test_trainer_side_pass_through() -> None:
 
 _I8 = {"c": "int8", "shape": [2, 64], "block": 64, "dtype": "float32"}
 _I4 = dict(_I8, c="int4")
+_I6 = dict(_I8, c="int6")
 _LR = {"c": "lowrank", "rank": 8, "seed": 0, "hidden": 64, "dtype": "float32"}
 _CODES = torch.zeros(128, dtype=torch.int8)
 
@@ -189,6 +210,8 @@ _CODES = torch.zeros(128, dtype=torch.int8)
         ([_I8], [torch.zeros(128, dtype=torch.int8)]),
         ([_I4], [torch.zeros(128, dtype=torch.uint8), torch.ones(2)]),
         ([_I4], [torch.zeros(64, dtype=torch.int8), torch.ones(2)]),
+        ([_I6], [torch.zeros(64, dtype=torch.uint8), torch.ones(2)]),  # 64 bytes: int4's size, not int6's 96
+        ([_I6], [torch.zeros(96, dtype=torch.uint8), torch.ones(1)]),
         ([{"c": "bf16", "dtype": "float32"}], [torch.zeros(4, 4)]),
         ([_LR], [torch.zeros(4, 7)]),
         ([dict(_LR, hidden=8)], [torch.zeros(4, 8)]),
@@ -235,3 +258,36 @@ def test_compressed_reference_without_compression_is_one_process() -> None:
     assert lossy_losses[0] != losses[0] or max_diff(lossy, want) > 0.0
     with pytest.raises(ValueError, match="do not cover"):
         compressed_reference(spec, 1, Compression(), [1, 1])
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_bit_packing_round_trips_every_code(bits: int) -> None:
+    from layerwise.swarm.compress import _pack_bits, _unpack_bits
+
+    for n in (1, 2, 3, 5, 64, 4097):
+        u = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(n))
+        packed = _pack_bits(u, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-n * bits // 8)
+        assert torch.equal(_unpack_bits(packed, bits, n), u.to(torch.int32))
+
+
+def test_to_meta_sends_only_the_settings_of_its_mode() -> None:
+    for cfg in (Compression(), Compression(mode="int6", block=32, error_feedback=False),
+                Compression(mode="lowrank", rank=4, seed=7), Compression(mode="bf16")):
+        assert Compression.from_meta(cfg.to_meta()) == dataclasses.replace(
+            Compression(mode=cfg.mode), **{k: getattr(cfg, k) for k in _USED[cfg.mode]})
+    assert Compression(mode="int8").to_meta() == {"mode": "int8", "block": 64, "ef": True}
+
+
+_USED = {"none": (), "bf16": (), "int6": ("block", "error_feedback"), "lowrank": ("rank", "seed")}
+
+
+def test_cli_compress_options_build_the_compression() -> None:
+    import argparse
+
+    from layerwise.commands.swarm import compression_from_args
+
+    ns = argparse.Namespace(compress="int6", compress_rank=8, seed=3, compress_no_ef=True)
+    assert compression_from_args(ns) == Compression(mode="int6", seed=3, error_feedback=False)
+    ns.compress_no_ef = False
+    assert compression_from_args(ns).error_feedback

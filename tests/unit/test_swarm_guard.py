@@ -15,7 +15,7 @@ from layerwise.swarm.errors import WireError
 from layerwise.swarm.guard import Expect, Ledger, Policy, Reason, Rejected, check_tensors, reason_of, relative_error
 from layerwise.swarm.spec import SwarmSpec, build_layers
 from layerwise.swarm.spot import corrupt, expected, recompute, tolerance
-from layerwise.swarm.wire import KINDS, MAX_META, Message, _HEAD, decode_message, encode_message
+from layerwise.swarm.wire import KINDS, MAX_META, VERSION, Message, _HEAD, decode_message, encode_message
 
 SPEC = SwarmSpec(width=16, heads=2, blocks=2, seq=8, batch_size=4, microbatches=2)
 
@@ -43,10 +43,10 @@ def test_each_malformed_message_gets_its_named_reason() -> None:
     bad_kind = bytearray(good)
     struct.pack_into("<H", bad_kind, 6, len(KINDS))
     assert _reason(bytes(bad_kind)) == Reason.GARBAGE
-    not_json = _HEAD.pack(b"LWSW", 1, 0, 0, 0, 0, 0, 3) + b"{x]"
+    not_json = _HEAD.pack(b"LWSW", VERSION, 0, 0, 0, 0, 0, 3) + b"{x]"
     assert _reason(not_json) == Reason.GARBAGE
     deep = b"[" * 100_000  # a meta nested deep enough to exhaust the parser's stack
-    assert _reason(_HEAD.pack(b"LWSW", 1, 0, 0, 0, 0, 0, len(deep)) + deep) == Reason.GARBAGE
+    assert _reason(_HEAD.pack(b"LWSW", VERSION, 0, 0, 0, 0, 0, len(deep)) + deep) == Reason.GARBAGE
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -82,8 +82,13 @@ def test_fuzz_mutated_real_messages_decode_or_raise_a_named_error(cut: int, flip
 def test_limits_hold_for_a_header_that_claims_a_huge_tensor() -> None:
     raw = bytearray(_good())
     meta_len = struct.unpack_from("<I", raw, _HEAD.size - 4)[0]
-    slots = _HEAD.size + meta_len
-    struct.pack_into("<q", raw, slots + 8 * 6, 1 << 40)  # the first tensor's first dim
+    first_dim = _HEAD.size + meta_len + 4 + 2  # after the meta: the tensor count, then dtype and rank
+    assert struct.unpack_from("<Q", raw, first_dim)[0] == 2
+    struct.pack_into("<Q", raw, first_dim, 1 << 30)  # 512 GiB claimed, a few hundred bytes sent
+    with pytest.raises(WireError, match="section"):
+        decode_message(bytes(raw), "peer x")
+    struct.pack_into("<Q", raw, first_dim, 0)  # 0 elements, then a dim too large for any tensor
+    struct.pack_into("<Q", raw, first_dim + 8, 1 << 63)
     with pytest.raises(WireError):
         decode_message(bytes(raw), "peer x")
     with pytest.raises(WireError, match="exceeds"):
@@ -357,3 +362,24 @@ def test_a_replicated_stage_is_spot_checked_by_another_replica_when_it_has_no_co
     trust.ledger.strike("c", Reason.MISMATCH, 0, confirmed=True)
     assert trust._checker(0, "a") is None  # nor does a banned one
     assert trust._checker(1, "c") is None  # a single holder and no copy: nobody to recompute
+
+
+_DIM = st.one_of(st.integers(0, 8), st.sampled_from([1 << 31, 1 << 40, (1 << 63) - 1, (1 << 64) - 1]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(heads=st.lists(st.tuples(st.integers(0, 255), st.lists(_DIM, max_size=10)), max_size=5),
+       count=st.integers(0, 8), payload=st.binary(max_size=512))  # fmt: skip
+def test_fuzz_tensor_headers_decode_exactly_or_raise_a_named_error(heads: list[tuple[int, list[int]]], count: int,
+                                                                   payload: bytes) -> None:  # fmt: skip
+    """Compact tensor headers built field by field (a lying count, dtype, rank or size): a message
+    decodes only when its headers account for every byte, else a named error, never another one."""
+    section = struct.pack("<I", count) + b"".join(struct.pack(f"<BB{len(d)}Q", c, len(d), *d) for c, d in heads)
+    raw = _HEAD.pack(b"LWSW", VERSION, 2, 0, 0, 0, 0, 2) + b"{}" + section + payload
+    try:
+        msg = decode_message(raw, "fuzz", limit=1 << 20)
+    except WireError as e:
+        assert isinstance(reason_of(e), Reason)
+        return
+    assert len(msg.tensors) == count == len(heads)
+    assert sum(t.numel() * t.element_size() for t in msg.tensors) == len(payload)

@@ -40,11 +40,13 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tie-embeddings", action="store_true",
                    help="the head's weight is the token embedding's, as in the demo GPT (default: untied)")
     p.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
-    p.add_argument("--compress", choices=("none", "bf16", "int8", "int4", "lowrank"), default="none",
-                   help="activations and their gradients between stages: none (default, exact), bf16, int8 or int4 "
+    p.add_argument("--compress", choices=("none", "bf16", "int8", "int6", "int4", "lowrank"), default="none",
+                   help="activations and their gradients between stages: none (default, exact), bf16, int8, int6 or int4 "
                         "(blockwise, error feedback) or lowrank (fixed projection); all but none change the results")
     p.add_argument("--compress-rank", type=positive_int, default=8, metavar="R",
                    help="directions kept of the hidden size with --compress lowrank (default 8)")
+    p.add_argument("--compress-no-ef", action="store_true",
+                   help="int8/int6/int4 without error feedback (on the demo model it helped no int codec)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +146,8 @@ def compression_from_args(args: argparse.Namespace) -> Any:
     from layerwise.swarm.compress import Compression
 
     try:
-        return Compression(mode=args.compress, rank=args.compress_rank, seed=args.seed)
+        return Compression(mode=args.compress, rank=args.compress_rank, seed=args.seed,
+                           error_feedback=not getattr(args, "compress_no_ef", False))
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -15,8 +15,12 @@ message passes through, forwards the compressed tensors untouched, so each cross
   same stream, so errors do not accumulate along a stream (their sum stays bounded by one
   residual instead of growing with the number of messages). 1 byte per element plus 4 per block:
   at most 4x fewer bytes than fp32 by construction (3.76x at ``block`` 64, before headers).
-- ``int4``: the same with 4 bits (levels -7..7, two codes a byte, error at most ``absmax / 14``),
-  with error feedback: 7.1x fewer payload bytes at ``block`` 64; for links where int8 is not enough.
+- ``int6``: the same with 6 bits (levels -31..31, four codes in three bytes, error at most
+  ``absmax / 62``): 4.9x fewer payload bytes at ``block`` 64, the finest step that gets past 4x
+  (int8 cannot: its scales alone keep it under). A b-bit code is sent as ``code + levels + 1``,
+  its bits packed least significant first.
+- ``int4``: the same with 4 bits (levels -7..7, two codes a byte, error at most ``absmax / 14``):
+  7.1x fewer payload bytes at ``block`` 64.
 - ``lowrank``: a fixed orthonormal projection of the hidden (last) dimension onto ``rank``
   directions, ``c = x P`` with ``P`` (hidden x rank) drawn from ``seed`` by both sides, decoded as
   ``c P^T`` (hidden/rank fewer bytes). In the spirit of Pluralis' Protocol Models (arXiv
@@ -25,6 +29,13 @@ message passes through, forwards the compressed tensors untouched, so each cross
   here the model is unchanged, so the part of each tensor outside the subspace is simply lost
   (a rank/hidden fraction of a random tensor's energy survives). No error feedback here: a fixed
   projection never sends the complement, so a residual would only grow.
+
+Error feedback is on by default for the int codecs (``error_feedback``; the SWARM recipe the issue
+asked for), but it was designed for quantities that are *summed* over steps (gradients of one
+parameter vector); an activation's residual is added to the next step's activation of *another*
+sample, which doubles the per-message error. On the demo model it did not help: in
+bench/README.md (``compress_loss``) int6 and int4 without it had lower mean loss changes (by about
+one standard error), so ``--compress-no-ef`` turns it off.
 
 What "the same stream" is, for error feedback: one stage's output towards the next stage
 (forward) or the gradient of its input towards the previous one (backward), for one microbatch
@@ -52,8 +63,9 @@ import torch
 
 from .errors import WireError
 
-MODES = ("none", "bf16", "int8", "int4", "lowrank")
-_LEVELS = {"int8": 127, "int4": 7}
+MODES = ("none", "bf16", "int8", "int6", "int4", "lowrank")
+_BITS = {"int8": 8, "int6": 6, "int4": 4}
+_LEVELS = {mode: (1 << (bits - 1)) - 1 for mode, bits in _BITS.items()}  # symmetric: -127..127, -31..31, -7..7
 MAX_BLOCK = 1 << 20
 MAX_RANK = 8192  # SwarmSpec's widest hidden size
 MAX_ELEMENTS = 1 << 31
@@ -87,7 +99,12 @@ class Compression:
         return self.mode == "none"
 
     def to_meta(self) -> dict[str, Any]:
-        return {"mode": self.mode, "block": self.block, "ef": self.error_feedback, "rank": self.rank, "seed": self.seed}
+        """Only the settings the mode uses (it travels with every request; the rest keep their defaults)."""
+        if self.mode in _BITS:
+            return {"mode": self.mode, "block": self.block, "ef": self.error_feedback}
+        if self.mode == "lowrank":
+            return {"mode": self.mode, "rank": self.rank, "seed": self.seed}
+        return {"mode": self.mode}
 
     @classmethod
     def from_meta(cls, d: Any) -> Compression:
@@ -167,15 +184,27 @@ def encode_tensor(x: torch.Tensor, cfg: Compression, residual: torch.Tensor | No
     if cfg.error_feedback:
         new_residual = flat - (codes.float() * scale[:, None]).reshape(-1)[:n]
     flat_codes = codes.reshape(-1)[:n]
-    if cfg.mode == "int4":  # two codes a byte: (code + 8) in the low nibble, the next one's in the high
-        u = torch.nn.functional.pad(flat_codes + 8, (0, n % 2)).to(torch.uint8).view(-1, 2)
-        return entry, [u[:, 0] | (u[:, 1] << 4), scale], new_residual
+    if cfg.mode != "int8":  # code + levels + 1 in [1, 2**bits), packed into consecutive bits
+        return entry, [_pack_bits(flat_codes + (levels + 1), _BITS[cfg.mode]), scale], new_residual
     return entry, [flat_codes.clone(), scale], new_residual
+
+
+def _pack_bits(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Values in [0, 2**bits) -> ceil(n bits / 8) bytes, least significant bit first."""
+    n = u.numel()
+    flat = ((u.to(torch.int32)[:, None] >> torch.arange(bits, dtype=torch.int32)) & 1).reshape(-1)
+    flat = torch.nn.functional.pad(flat, (0, (-n * bits) % 8)).view(-1, 8)
+    return (flat << torch.arange(8, dtype=torch.int32)).sum(dim=1).to(torch.uint8)
+
+
+def _unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    flat = ((data.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1)[: n * bits]
+    return (flat.view(n, bits) << torch.arange(bits, dtype=torch.int32)).sum(dim=1)
 
 
 _OUT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
                "bfloat16": torch.bfloat16}  # fmt: skip
-_WIRE_COUNT = {"raw": 1, "bf16": 1, "int8": 2, "int4": 2, "lowrank": 1}
+_WIRE_COUNT = {"raw": 1, "bf16": 1, "int8": 2, "int6": 2, "int4": 2, "lowrank": 1}
 
 
 def decode_tensor(entry: dict[str, Any], wire: list[torch.Tensor], what: str = "a tensor") -> torch.Tensor:
@@ -213,15 +242,15 @@ def decode_tensor(entry: dict[str, Any], wire: list[torch.Tensor], what: str = "
     if not isinstance(b, int) or not 1 <= b <= MAX_BLOCK:
         raise bad(f"block {b!r}")
     n = math.prod(shape)
-    want = (torch.int8, n) if codec == "int8" else (torch.uint8, (n + 1) // 2)
+    want = (torch.int8, n) if codec == "int8" else (torch.uint8, -(-n * _BITS[codec] // 8))
     if n > MAX_ELEMENTS or (codes.dtype, codes.numel()) != want or codes.dim() != 1:
         raise bad(f"{codes.numel()} {codes.dtype} codes for shape {shape}")
     if scale.dtype != torch.float32 or scale.dim() != 1 or scale.numel() != -(-n // b):
         raise bad(f"{scale.numel()} {scale.dtype} scales for {n} elements in blocks of {b}")
     if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
         raise bad("scales that are negative, NaN or Inf")
-    if codec == "int4":
-        codes = (torch.stack([codes & 15, codes >> 4], dim=1).reshape(-1)[:n].to(torch.int8) - 8)
+    if codec != "int8":  # a code of 0 (never sent) decodes to -levels - 1: still bounded by the scale
+        codes = _unpack_bits(codes, _BITS[codec], n) - (_LEVELS[codec] + 1)
     pad = (-n) % b
     vals = torch.nn.functional.pad(codes.float(), (0, pad)).view(-1, b) * scale[:, None]
     return vals.reshape(-1)[:n].reshape(shape).to(out)

@@ -11,6 +11,8 @@ to tell the codec's effect on training from a transport bug.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..schedule.actions import Kind
@@ -21,8 +23,10 @@ from .spec import SwarmSpec, load_corpus, step_batch
 
 
 def compressed_reference(spec: SwarmSpec, steps: int, cfg: Compression, counts: list[int],
+                         on_step: Callable[[int, list[torch.Tensor]], None] | None = None,
                          ) -> tuple[list[torch.Tensor], list[float]]:  # fmt: skip
-    """Final parameters (in layer order) and per-step losses with stages of ``counts`` layers."""
+    """Final parameters (in layer order) and per-step losses with stages of ``counts`` layers;
+    ``on_step(step, params)`` sees the parameters after each step (live tensors: copy to keep)."""
     if sum(counts) != spec.layers or min(counts) < 1:
         raise ValueError(f"stage layer counts {counts} do not cover the model's {spec.layers} layers")
     threads = torch.get_num_threads()
@@ -70,6 +74,8 @@ def compressed_reference(spec: SwarmSpec, steps: int, cfg: Compression, counts: 
                 span.apply(span.grads(), spec.lr_at(step))
                 streams[s].commit(step)
             losses.append(total)
+            if on_step is not None:
+                on_step(step, [p.detach() for span in spans for p in span.params])
         return [p.detach().clone() for span in spans for p in span.params], losses
     finally:
         torch.set_num_threads(threads)

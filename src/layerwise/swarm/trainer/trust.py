@@ -47,8 +47,7 @@ from ..guard import Expect, Ledger, Policy, Reason, Rejected, check_tensors, fin
 from ..replay import StepCache
 from ..spec import build_layers
 from ..spot import U, expected, load_layers, recompute, tolerance
-from ...runtime.wire import HEADER_SLOTS
-from ..wire import GROUP, MAX_MESSAGE, Message
+from ..wire import MAX_MESSAGE, Message, header_bytes
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -162,7 +161,7 @@ class Trust:
             nbytes = 8 * sum(math.prod(sh) for sh in shapes)
         else:
             return MAX_MESSAGE
-        return nbytes + (64 << 10) + 8 * HEADER_SLOTS * (len(shapes) // GROUP + 1)  # meta, then a header per group
+        return nbytes + (64 << 10) + header_bytes([len(sh) for sh in shapes])  # room for the meta, then the headers
 
     def _verify(self, s: int, msg: Message, reply: Message, peer: str) -> None:
         what = f"peer {peer}'s reply to {msg.describe()}"
