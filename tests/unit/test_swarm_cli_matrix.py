@@ -216,3 +216,15 @@ def test_replica_clipping_and_tie_options_with_train_and_demo(stages: str | None
         assert (spec.max_grad_norm, spec.tie_embeddings, spec.schedule) == (float(norm or 0), tie, schedule)
         if takes_stages:
             assert opts.max_stages == (int(stages) if stages else None)
+
+
+@pytest.mark.parametrize("compress,no_ef", list(itertools.product(MODES, (False, True))))
+def test_compress_no_ef_runs_with_the_int_codecs_and_is_refused_with_the_others(
+        compress: str, no_ef: bool, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    for argv in (["train", "--swarm", SWARM, "--listen", "tcp/127.0.0.1:7447", "--compress", compress],
+                 ["demo", "--peers", "2", "--steps", "2", "--compress", compress]):  # fmt: skip
+        got, opts = _run(argv + (["--compress-no-ef"] if no_ef else []), capsys)
+        if no_ef and compress not in ("int8", "int6", "int4"):
+            assert got == "refused" and "--compress-no-ef" in opts, opts
+            continue
+        assert got == "ran" and (opts.compress.mode, opts.compress.error_feedback) == (compress, not no_ef)

@@ -145,6 +145,8 @@ def _endpoints(args: argparse.Namespace, listen: bool = True) -> tuple[tuple[str
 def compression_from_args(args: argparse.Namespace) -> Any:
     from layerwise.swarm.compress import Compression
 
+    if getattr(args, "compress_no_ef", False) and args.compress not in ("int8", "int6", "int4"):
+        raise UsageError(f"--compress-no-ef applies to --compress int8, int6 or int4, not {args.compress}")
     try:
         return Compression(mode=args.compress, rank=args.compress_rank, seed=args.seed,
                            error_feedback=not getattr(args, "compress_no_ef", False))
