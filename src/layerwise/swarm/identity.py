@@ -22,8 +22,10 @@ import datetime as dt
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -38,6 +40,7 @@ MEMBER_ROLES = ("peer", "trainer")  # who may take part in a run (the signed hel
 ROLES = (*MEMBER_ROLES, "relay")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a zenoh key chunk: no / * $ ? #
 _UTC = dt.timezone.utc
+T = TypeVar("T")
 
 
 class IdentityError(SwarmError):
@@ -140,18 +143,29 @@ class _CA:
 
 def _load_ca(directory: str | os.PathLike[str]) -> _CA:
     d = Path(directory)
+    key, cert, issued = _read(
+        d, "a swarm CA", "CA", f"create one with 'layerwise swarm init {d}'",
+        lambda: (serialization.load_pem_private_key((d / "ca-key.pem").read_bytes(), None),
+                 x509.load_pem_x509_certificate((d / "ca.pem").read_bytes()),
+                 json.loads((d / "issued.json").read_text())),
+    )  # fmt: skip
+    return _CA(d, _ec_key(key, d / "ca-key.pem"), cert, issued)
+
+
+def _read(d: Path, what: str, kind: str, hint: str, load: Callable[[], T]) -> T:
+    """``load()`` the files of directory ``d``, a missing or unreadable one named in one line."""
     try:
-        key = serialization.load_pem_private_key((d / "ca-key.pem").read_bytes(), None)
-        cert = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
-        issued = json.loads((d / "issued.json").read_text())
+        return load()
     except FileNotFoundError as e:
-        raise IdentityError(f"{d} is not a swarm CA directory (missing {Path(e.filename).name}); "
-                            f"create one with 'layerwise swarm init {d}'") from None  # fmt: skip
+        raise IdentityError(f"{d} is not {what} directory (missing {Path(e.filename).name}); {hint}") from None
     except ValueError as e:
-        raise IdentityError(f"{d}: unreadable CA file: {e}") from None
+        raise IdentityError(f"{d}: unreadable {kind} file: {e}") from None
+
+
+def _ec_key(key: Any, path: Path) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise IdentityError(f"{d}/ca-key.pem is not an ECDSA key")
-    return _CA(d, key, cert, issued)
+        raise IdentityError(f"{path} is not an ECDSA key")
+    return key
 
 
 def _sign_crl(key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, serials: list[tuple[int, dt.datetime]],
@@ -245,18 +259,13 @@ class Identity:
     def __init__(self, directory: str | os.PathLike[str], crl_path: str | os.PathLike[str] | None = None) -> None:
         d = Path(directory)
         self.dir = d
-        try:
-            self.cert = x509.load_pem_x509_certificate((d / "cert.pem").read_bytes())
-            self.ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
-            key = serialization.load_pem_private_key((d / "key.pem").read_bytes(), None)
-        except FileNotFoundError as e:
-            raise IdentityError(f"{d} is not an identity directory (missing {Path(e.filename).name}); "
-                                f"issue one with 'layerwise swarm invite NAME --role ROLE --out {d}'") from None  # fmt: skip
-        except ValueError as e:
-            raise IdentityError(f"{d}: unreadable identity file: {e}") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise IdentityError(f"{d}/key.pem is not an ECDSA key")
-        self.key = key
+        self.cert, self.ca, key = _read(
+            d, "an identity", "identity", f"issue one with 'layerwise swarm invite NAME --role ROLE --out {d}'",
+            lambda: (x509.load_pem_x509_certificate((d / "cert.pem").read_bytes()),
+                     x509.load_pem_x509_certificate((d / "ca.pem").read_bytes()),
+                     serialization.load_pem_private_key((d / "key.pem").read_bytes(), None)),
+        )  # fmt: skip
+        self.key = _ec_key(key, d / "key.pem")
         self.name, self.role = cert_name(self.cert), cert_role(self.cert)
         self.swarm = _attr(self.ca, NameOID.ORGANIZATION_NAME)
         self.cert_pem = _pem(self.cert).decode()

@@ -43,12 +43,20 @@ def config(*, listen: Sequence[str] = (), connect: Sequence[str] = (), lease_ms:
         from .relay import client_config
 
         return client_config(relay, lease_ms, identity)
+    listen = list(listen) or [f"{'tls' if identity else 'tcp'}/127.0.0.1:0"]
+    c = base_config("peer", listen=listen, connect=connect, lease_ms=lease_ms, identity=identity, multicast=multicast)
+    c.insert_json5("scouting/gossip/enabled", "true")
+    return c
+
+
+def base_config(mode: str, *, listen: Sequence[str], connect: Sequence[str], lease_ms: int,
+                identity: Identity | None, multicast: bool = False) -> zenoh.Config:  # fmt: skip
+    """What every process of a swarm sets, peer or relay: endpoints, the lease, the accept limits, TLS."""
     c = zenoh.Config()
-    c.insert_json5("mode", '"peer"')
-    c.insert_json5("listen/endpoints", json.dumps(list(listen) or [f"{'tls' if identity else 'tcp'}/127.0.0.1:0"]))
+    c.insert_json5("mode", json.dumps(mode))
+    c.insert_json5("listen/endpoints", json.dumps(list(listen)))
     c.insert_json5("connect/endpoints", json.dumps(list(connect)))
     c.insert_json5("scouting/multicast/enabled", "true" if multicast else "false")
-    c.insert_json5("scouting/gossip/enabled", "true")
     c.insert_json5("transport/link/tx/lease", str(int(lease_ms)))
     c.insert_json5("transport/unicast/accept_pending", str(ACCEPT_PENDING))
     c.insert_json5("transport/unicast/accept_timeout", str(ACCEPT_TIMEOUT_MS))

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import zenoh
 
-from .net import ACCEPT_PENDING, ACCEPT_TIMEOUT_MS, tls_config
+from .net import base_config, tls_config
 
 if TYPE_CHECKING:
     from .identity import Identity
@@ -61,17 +61,7 @@ def client_config(relay: Sequence[str], lease_ms: int, identity: Identity | None
 
 
 def router_config(listen: Sequence[str], lease_ms: int, identity: Identity | None = None) -> zenoh.Config:
-    c = zenoh.Config()
-    c.insert_json5("mode", '"router"')
-    c.insert_json5("listen/endpoints", json.dumps(list(listen)))
-    c.insert_json5("connect/endpoints", "[]")
-    c.insert_json5("scouting/multicast/enabled", "false")
-    c.insert_json5("transport/link/tx/lease", str(int(lease_ms)))
-    c.insert_json5("transport/unicast/accept_pending", str(ACCEPT_PENDING))
-    c.insert_json5("transport/unicast/accept_timeout", str(ACCEPT_TIMEOUT_MS))
-    if identity is not None:
-        tls_config(c, str(identity.dir))
-    return c
+    return base_config("router", listen=listen, connect=(), lease_ms=lease_ms, identity=identity)
 
 
 def run_relay(listen: Sequence[str], lease_ms: int = 1000, *, identity: Identity | None = None,

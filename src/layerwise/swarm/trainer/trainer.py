@@ -12,7 +12,6 @@ A stage with replicas (spare peers, :mod:`.replicas`) needs no copy: its replica
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,14 +23,13 @@ import torch
 from ..assignment import Assignment, PeerInfo, StageSpan, assign, relative_speeds, worth_moving
 from .. import checkpoint
 from ..errors import PeerLost, StageLost, SwarmError
-from ..identity import Refused
 from ..membership import Membership
 from ..net import Node, config, open_session, trainer_key
 from ..replay import StepCache
 from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_batch
 from ..timeline import StepTimeline
 from ..wire import Message, encode_message
-from . import replicas
+from . import admission, replicas
 from .driver import run_step
 from . import report
 from .options import Failure, TrainerOptions
@@ -124,42 +122,13 @@ class Trainer:
             )
         # gossip makes direct links after the first ones through the seed; tokens may flap meanwhile
         self.membership.settle(quiet_s=1.0, timeout=10.0)
-        self._measure_new()
+        admission.measure_new(self)
         if not self.peers():
             raise SwarmError(f"no peer of swarm {self.opts.swarm!r} answered: check that they run the same version")
         states = None
         if self.opts.resume:
             states, self.losses = checkpoint.load(self.opts.resume, self.spec)
         self._reconfigure(states=states)
-
-    def _measure_new(self) -> None:
-        for peer in sorted(self.membership.snapshot()):
-            if peer in self.block_s or peer in self.refused:
-                continue
-            for _attempt in range(3):  # a peer's queryable may reach us a moment after its token
-                try:
-                    r = self.node.request(peer, Message("hello", meta={"spec": self.spec.to_json()}), 60.0)
-                    break
-                except PeerLost:
-                    time.sleep(0.2)
-                except Refused as e:  # its certificate (or ours, for it) failed the signed hello
-                    self.ident.refused(peer, e)
-                    self.refused.add(peer)
-                    break
-            else:
-                continue
-            if peer in self.refused:
-                continue
-            if r.meta.get("checksum") != self._checksum:
-                if peer not in self.refused:
-                    self.refused.add(peer)
-                    print(f"warning: peer {peer} builds other initial weights from the same spec (another "
-                          f"layerwise version?); it is left out", file=sys.stderr, flush=True)
-                continue
-            self.block_s[peer] = float(r.meta["block_s"])
-            self.declared[peer] = float(r.meta["speed"])
-            self.epoch = max(self.epoch, int(r.meta["epoch"]))  # peers remember an earlier trainer's epochs
-            self.memory[peer] = float(r.meta["memory_bytes"])
 
     def peers(self) -> list[PeerInfo]:
         live = {p: s for p, s in self.block_s.items() if self.membership.is_alive(p) and not self.trust.banned(p)}
@@ -186,7 +155,7 @@ class Trainer:
                 if span.copy is not None:
                     self.note_lost(span.copy)
                 self.recopy(s)
-        self._measure_new()
+        admission.measure_new(self)
         peers = self.peers()
         order = [s.holder for s in self.assignment.stages]
         proposed = assign(self.spec, peers, epoch=self.epoch + 1, max_stages=self.opts.max_stages, order=order)
