@@ -286,7 +286,23 @@ class Trainer:
             failure.stages.append(s)
             failure.left_at = failure.left_at or self.membership.left_at(dead)
             if span.copy is None or self._lost_peer(span.copy):
-                raise self._lost(span)
+                # before the first commit a stage's state is its seeded init, which any peer can build
+                spares = [p.id for p in self.peers() if p.id not in span.slots and p.id != span.copy]
+                if self.losses or self.opts.resume or phase == "commit" or not spares:
+                    raise self._lost(span)
+                fresh = StageSpan(stage=s, first=span.first, count=span.count, holder=spares[0], copy=None)
+                try:
+                    self._install(spares[0], fresh, "holder", None, self.epoch)
+                except PeerLost as e:
+                    self.note_lost(e.peer)
+                    raise self._lost(span) from None
+                self._set(fresh)
+                self.recopy(s)
+                if cache is not None and cache.done[s]:
+                    self.replay_needed.add(s)
+                else:
+                    self.mark_recovered(s)
+                return
             busy = self.assignment.peers()
             spares = [p.id for p in self.peers() if p.id not in busy]
             try:
