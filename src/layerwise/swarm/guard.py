@@ -96,15 +96,23 @@ def check_tensors(tensors: list[torch.Tensor], expect: list[Expect], what: str) 
             raise Rejected(f"{what}: tensor {i} is {t.dtype} {tuple(t.shape)}, expected {kind} {e.shape}",
                            Reason.BAD_SHAPE)  # fmt: skip
         if e.floating:
-            if t.numel() and not bool(torch.isfinite(t).all()):
+            if t.numel() and not all_finite(t):
                 raise Rejected(f"{what}: tensor {i} holds NaN or Inf", Reason.NONFINITE)
         elif e.below is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= e.below):
             raise Rejected(f"{what}: tensor {i} holds ids outside [0, {e.below})", Reason.BAD_VALUE)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. A NaN or an Inf anywhere makes the sum NaN or Inf (Inf - Inf is NaN),
+    so a finite sum proves every element finite without ``isfinite``'s bool copy of the tensor
+    (11-13 ms for the 16 MB of gradients in a commit reply, against about 1 ms); a sum that
+    overflowed from finite values falls back to the exact test."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def finite(tensors: list[torch.Tensor], what: str) -> None:
     for i, t in enumerate(tensors):
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.numel() and not all_finite(t):
             raise Rejected(f"{what}: tensor {i} holds NaN or Inf", Reason.NONFINITE)
 
 

@@ -80,7 +80,9 @@ def encode_message(msg: Message) -> bytes:
             raise WireError(f"{msg.describe()}: tensor {i} ({t.dtype}, {t.dim()} dims) cannot cross the swarm wire; "
                             f"dtypes {[str(d)[6:] for d in _DTYPES]}, at most {MAX_NDIM} dims")  # fmt: skip
         heads.append(_TENSOR.pack(_DCODE[t.dtype], t.dim()) + struct.pack(f"<{t.dim()}Q", *t.shape))
-    payloads = [t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors if t.numel()]
+    # the tensors' own memory, joined in one copy (``tobytes`` first would copy every tensor twice:
+    # 7 ms against 3.5 ms for the 16 MB of gradients a commit of bench/swarm.py (c) sends back)
+    payloads = [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in tensors if t.numel()]
     return b"".join(heads + payloads)
 
 

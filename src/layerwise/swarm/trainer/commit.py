@@ -32,6 +32,7 @@ from ..replay import StepCache
 from ..spec import SwarmSpec
 from ..ties import Name, canonical, cross_ties, span_names
 from ..wire import Message
+from . import copies
 from .replicas import group_mbs
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ def _combine(
 def relay_to_copy(tr: Trainer, s: int, step: int, lr: float, grads: list[torch.Tensor]) -> None:
     """The committed step's gradients to stage ``s``'s copy, which applies the very same update; a
     banned or lost copy is replaced by a fresh one from the holder, which has just committed."""
+    copies.settle(tr, s)  # a relay of the previous step still in flight (copies.py) goes first
     copy = tr.assignment.stages[s].copy
     if copy is None:
         return

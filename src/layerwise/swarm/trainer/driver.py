@@ -3,11 +3,12 @@
 Each stage gets a thread that runs its actions in the order of the chosen schedule (GPipe or
 1F1B from :mod:`layerwise.schedule`), waiting for its inputs in the :class:`StepCache`. A peer
 lost mid-request is replaced (:meth:`Trainer.recover`) and the stage's completed actions are
-replayed on the replacement before the failed one is retried. The commit then asks every holder
-for one AdamW step; the holder returns the step's gradients, which are relayed to the stage's
-copy so that it applies the very same update. A replicated stage gets a thread per replica, each
+replayed on the replacement before the failed one is retried. Each stage's thread then asks its
+holder for one AdamW step (the commit), without waiting for the other stages; the holder returns
+the step's gradients, which are relayed to the stage's copy so that it applies the very same
+update, in the background (:mod:`.copies`). A replicated stage gets a thread per replica, each
 running the stage's actions for its own microbatches (:mod:`.replicas`); with replicas, a weight
-tied across stages or clipping, the commit is two-phase (:mod:`.commit`).
+tied across stages or clipping, the commit is two-phase (:mod:`.commit`), after every stage's actions.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..errors import PeerLost
 from ..guard import Rejected
 from ..replay import StepCache
 from ..wire import Message
-from . import commit, replicas
+from . import commit, copies, replicas
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -42,16 +43,18 @@ def run_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
     cache.slots = [len(x.slots) for x in tr.assignment.stages]
     tr.cache = cache
     schedule = build(tr.spec.schedule, stages=stages, microbatches=m)
+    # Plain commits (each holder applies its own sum) start as soon as the stage's own actions are
+    # done: a later stage finishes its backwards first and commits while earlier ones still drain.
+    # A two-phase commit (commit.py) needs every stage's gradients first.
+    two_phase = commit.needed(tr)
     jobs = []
     for s in range(stages):  # a replicated stage: the schedule's actions of each slot's microbatches
         for slot in range(cache.slots[s]):
             acts = [a for a in schedule.ranks[s] if a.microbatch % cache.slots[s] == slot]
-            jobs.append(lambda s=s, slot=slot, acts=acts: _run_stage(tr, cache, s, acts, slot))
+            jobs.append(lambda s=s, slot=slot, acts=acts: _run_stage(tr, cache, s, acts, slot, not two_phase))
     _in_threads(cache, jobs)
-    if commit.needed(tr):
+    if two_phase:
         commit.commit_step(tr, cache, _in_threads, call_stage)
-    else:
-        _in_threads(cache, [lambda s=s: _commit(tr, cache, s) for s in range(stages)])
     tr.cache = None
     return sum(cache.losses[mb] for mb in range(m))
 
@@ -86,7 +89,7 @@ def _message(tr: Trainer, cache: StepCache, s: int, kind: str, mb: int) -> Messa
     return Message("backward", cache.step, s, mb, tr.epoch, meta, grads)
 
 
-def _run_stage(tr: Trainer, cache: StepCache, s: int, actions: Any, slot: int = 0) -> None:
+def _run_stage(tr: Trainer, cache: StepCache, s: int, actions: Any, slot: int = 0, then_commit: bool = False) -> None:
     last = s == cache.stages - 1
     for a in actions:
         kind = "forward" if a.kind == Kind.F else "backward"
@@ -99,6 +102,8 @@ def _run_stage(tr: Trainer, cache: StepCache, s: int, actions: Any, slot: int = 
         elif s > 0:
             cache.put(cache.grads, s - 1, a.microbatch, kept(out.meta, out.tensors, single=False))
         cache.done[s].append((kind, a.microbatch))
+    if then_commit:
+        _commit(tr, cache, s)
 
 
 def call_stage(tr: Trainer, cache: StepCache, s: int, msg: Message, slot: int = 0) -> Message:
@@ -152,4 +157,4 @@ def _commit(tr: Trainer, cache: StepCache, s: int) -> None:
     reply = call_stage(tr, cache, s, msg)
     if reply.meta.get("already"):
         return  # the new holder's state came from a copy that had already applied this step
-    commit.relay_to_copy(tr, s, cache.step, lr, reply.tensors)
+    copies.start(tr, s, cache.step, lr, reply.tensors)  # the step does not wait for the copy (copies.py)

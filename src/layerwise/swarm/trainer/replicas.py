@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from ..errors import PeerLost
 from ..replay import StepCache
 from ..wire import Message
+from . import copies
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -44,6 +45,7 @@ def recover_slot(tr: Trainer, s: int, dead: str, cache: StepCache | None, phase:
     """Give every slot of stage ``s`` that ``dead`` served a live peer; mark those slots for replay.
     With ``force`` the peer is moved off although it answers (its reply was rejected)."""
     with tr._lock:
+        copies.settle(tr, s, on_lost="drop")  # the copy may be handed over below: up to date, or none
         span = tr.assignment.stages[s]
         if dead not in span.slots:
             return  # another thread already recovered it

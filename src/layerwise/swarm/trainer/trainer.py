@@ -29,7 +29,7 @@ from ..replay import StepCache
 from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_batch
 from ..timeline import StepTimeline
 from ..wire import Message, encode_message
-from . import admission, replicas
+from . import admission, copies, replicas
 from .driver import run_step
 from . import report
 from .options import Failure, TrainerOptions
@@ -48,6 +48,7 @@ class Trainer:
         self.failures: list[Failure] = []
         self.replay_needed: set[int] = set()
         self.slot_replay: set[tuple[int, int]] = set()  # (stage, replica slot) to replay on its new peer
+        self.relays: dict[int, copies.Relay] = {}  # per stage: its copy's update still in flight (copies.py)
         self.replayed = 0
         self.request_times: list[tuple[int, str, float]] = []  # (stage, kind, seconds) of each request
         self.timeline = StepTimeline()  # the last step's requests, for the status page
@@ -75,6 +76,9 @@ class Trainer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        for relay in list(self.relays.values()):  # no request left running on a closing session
+            assert relay.thread is not None
+            relay.thread.join()
         self._status.undeclare()
         self.membership.close()
         self.session.close()
@@ -111,6 +115,7 @@ class Trainer:
             self.step_times.append((step, time.time(), time.perf_counter() - t0))
             if self.opts.checkpoint_every and len(self.losses) % self.opts.checkpoint_every == 0:
                 checkpoint.save(str(self.opts.checkpoint_dir), self.spec, self._gather(), self.losses)
+        copies.settle_all(self)  # every copy as up to date as its holder when the run returns
         return self.losses
 
     def start(self) -> None:
@@ -184,6 +189,7 @@ class Trainer:
 
     def _gather(self) -> list[tuple[list[torch.Tensor], int]]:
         """Every layer's weights and AdamW state, from each stage's holder (or its copy)."""
+        copies.settle_all(self)
         layers: list[tuple[list[torch.Tensor], int]] = []
         for span in self.assignment.stages:
             for peer in (*dict.fromkeys(span.slots), span.copy):
@@ -205,6 +211,7 @@ class Trainer:
 
     def _reconfigure(self, states: list[tuple[list[torch.Tensor], int]] | None) -> None:
         """Install a new assignment on every live peer, from the seed or from gathered states."""
+        copies.settle_all(self)  # a reset drops the copies: no update may arrive after it
         for _attempt in range(5):
             peers = self.peers()
             if not peers:  # every token away at once: gossip re-linking, or really no one left
@@ -275,6 +282,7 @@ class Trainer:
         """Give stage ``s`` a live holder again after ``dead`` was lost (or, ``force``, is not to be trusted
         with this work); mark it for replay."""
         with self._lock:
+            copies.settle(self, s, on_lost="drop")  # the copy has the last committed step, or is no copy
             span = self.assignment.stages[s]
             if span.holder != dead and self.membership.is_alive(span.holder):
                 return  # another thread already recovered this stage
@@ -343,6 +351,7 @@ class Trainer:
     def recopy(self, s: int, to: str | None = None) -> None:
         """Make a fresh copy of stage ``s`` from its holder on ``to`` or the least busy other live peer."""
         with self._lock:
+            copies.settle(self, s, on_lost="note")  # the old copy's update is done before it is replaced
             span = self.assignment.stages[s]
             load: dict[str, int] = {p.id: 0 for p in self.peers()}
             for x in self.assignment.stages:

@@ -48,6 +48,7 @@ from ..replay import StepCache
 from ..spec import build_layers
 from ..spot import U, expected, load_layers, recompute, tolerance
 from ..wire import MAX_MESSAGE, Message, header_bytes
+from . import copies
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -115,6 +116,7 @@ class Trust:
         worker = None
         if check is not None:
             assert checker is not None
+            copies.settle(self.tr, s)  # the copy recomputes with the last committed step's weights
             worker = threading.Thread(target=self._ask_checker, args=(checker, check, result), daemon=True)
             worker.start()
         try:
