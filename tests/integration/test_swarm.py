@@ -102,6 +102,20 @@ def test_four_peers_train_equal_to_one_process(swarm: LocalSwarm) -> None:
     assert max_diff(params, full) < 1e-4  # full-batch sums in another order; Adam magnifies it
 
 
+def test_a_copy_killed_while_it_applies_a_relayed_step_loses_nothing(swarm: LocalSwarm) -> None:
+    """The copy's update runs in the background (trainer/copies.py): a peer that dies while applying
+    one is noticed when the copy is next needed, replaced, and the run stays bit-identical."""
+    swarm.start("c1", "kill:backup_apply:3:*")  # 5 peers, 5 stages: c1 holds one and copies another
+    with swarm.trainer(SPEC, 5) as tr:
+        params, committed = _run(tr, 6)
+        failures = {f.peer: f for f in tr.failures}
+    assert "c1" not in swarm.alive()
+    assert failures["c1"].recovered_at is not None
+    assert committed == [6] * len(committed)
+    want, _ = reference(SPEC, 6)
+    assert max_diff(params, want) == 0.0
+
+
 @pytest.fixture(scope="module")
 def churn(swarm: LocalSwarm) -> dict[str, Any]:
     """One 10-step run over 8 peers (8 layers, a stage each) in which four peers fail in turn."""

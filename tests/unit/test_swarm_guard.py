@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layerwise.swarm.errors import WireError
-from layerwise.swarm.guard import Expect, Ledger, Policy, Reason, Rejected, check_tensors, reason_of, relative_error
+from layerwise.swarm.guard import (Expect, Ledger, Policy, Reason, Rejected, all_finite, check_tensors, reason_of,
+                                   relative_error)  # fmt: skip
 from layerwise.swarm.spec import SwarmSpec, build_layers
 from layerwise.swarm.spot import corrupt, expected, recompute, tolerance
 from layerwise.swarm.wire import KINDS, MAX_META, VERSION, Message, _HEAD, decode_message, encode_message
@@ -109,6 +110,21 @@ def test_tensor_checks_name_shape_nan_and_range() -> None:
         with pytest.raises(Rejected) as e:
             check_tensors(tensors, [hidden, tokens], "x")
         assert e.value.reason == reason
+
+
+def test_all_finite_finds_one_nan_or_inf_and_a_sum_that_overflows_is_not_one() -> None:
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert all_finite(t)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[617] = bad
+        assert not all_finite(u)
+    both = t.clone()
+    both[3], both[9] = float("inf"), float("-inf")  # their sum is NaN: still caught
+    assert not all_finite(both)
+    huge = torch.full((4,), 3e38)  # finite values whose fp32 sum overflows: the exact test decides
+    assert not bool(torch.isfinite(huge.sum())) and all_finite(huge)
+    assert all_finite(torch.full((8,), 60000.0, dtype=torch.float16))  # an fp16 sum past 65504
 
 
 def test_ledger_probation_then_ban_and_counts() -> None:
