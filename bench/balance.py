@@ -1,19 +1,18 @@
 """Does ``layerwise.partition`` pay off when measured? Balanced vs uniform, capacity-aware vs blind.
 
 GPT models are profiled in two processes at once, one thread each (``profile_with_loss`` and an
-AdamW step on every contiguous range of layers; the mean of the two), as the two ranks then run:
-profiled alone, with the other core idle, a layer ran up to 1.2x faster than inside the pipeline.
-They are partitioned and trained by two CPU processes (one stage and one thread each) under six
+AdamW step on every contiguous range of layers; the mean of the two), as the two ranks then run,
+and partitioned. They are trained by two CPU processes (one stage and one thread each) under six
 partitions:
 
 (a) ``uniform`` (even layer counts) vs ``balanced`` (``balance="time"``) on equal devices:
-    throughput ratio ``balanced_vs_uniform``; the balanced plan's predicted step time against the
-    measured one gives ``prediction_error``. The issue's model has an embedding and a head of about
-    two blocks each: four blocks of work outside the blocks. On a CPU an embedding lookup costs
-    about 0.2 block at any vocabulary, so that work can only sit in the head and its loss: the
-    vocabulary (6912) is the one at which embedding, head and loss together cost about four blocks.
-    The same pair is also timed on the model whose head alone costs two blocks (vocabulary 4608;
-    with its loss 2.7 blocks), reported as ``balanced_vs_uniform_head_two_blocks``.
+    throughput ratio ``balanced_vs_uniform``, and the balanced plan's ``prediction_error`` (below).
+    The issue's model has an embedding and a head of about two blocks each: four blocks of work
+    outside the blocks. On a CPU an embedding lookup costs about 0.2 block at any vocabulary, so
+    that work can only sit in the head and its loss: the vocabulary (6912) is the one at which
+    embedding, head and loss together cost about four blocks. The same pair is also timed on the
+    model whose head alone costs two blocks (vocabulary 4608; with its loss 2.7 blocks), reported
+    as ``balanced_vs_uniform_head_two_blocks``.
 (b) rank 1 emulates a device of half the speed (``Pipeline(speed=0.5)`` sleeps after each of its
     compute actions for as long as the action took): ``aware`` (``devices=[fast 1.0, slow 0.5]``)
     vs ``blind`` (the balanced plan for equal devices): ``aware_vs_blind``, on the vocabulary-4608
@@ -22,17 +21,24 @@ partitions:
     for uniform and balanced plans of a deeper model of the same width, from its measured costs.
 
 All six partitions live in the same two processes; each repetition times ``steps`` steps of
-every partition, in alternating order (the list, then the list reversed), after untimed warm-up steps. Each
-ratio is the median over repetitions of the paired ratio (the two partitions' blocks of one
-repetition ran next to each other, so a slow spell of the machine hits both); step times are the
-median over repetitions. The whole run (profile, plans, training) is repeated ``--runs`` times (3): the
-headline numbers are medians over the runs, and ``spread`` gives each run's value, min and max.
-Writes ``bench/results/balance.json``. For diagnosis it also records, per timed block,
-the share of the CPU that other processes used (a shared machine disturbs the timings), and, per
-partition, three recorded steps: each stage's compute inside the running pipeline against its
-profile, and the simulator's error when fed the runtime's own per-stage costs.
+every partition, in alternating order (the list, then the list reversed), after untimed warm-up
+steps. Each ratio is the median over repetitions of the paired ratio (the two partitions' blocks
+of one repetition ran next to each other, so a slow spell of the machine hits both).
 
-    python bench/balance.py            # 3 runs, about 5-7 minutes on 2 cores
+The prediction is paired the same way (``balance_profile``): before every repetition both ranks
+profile the whole models at once, inside the training processes; each block is predicted from its
+own repetition's profile, stage k's layers costed by rank k's profile, and ``prediction_error`` is
+how far the median of the per-block predicted/measured ratios is from 1. The prediction from the
+up-front profile alone is kept as ``prediction_error_upfront``. The whole run (profile, plans,
+training) is repeated ``--runs`` times (3): the headline numbers are medians over the runs, and
+``spread`` gives each run's value, min, max and range. Writes ``bench/results/balance.json``. For
+diagnosis it also records, per timed block, the share of the CPU that other processes used (a
+shared machine disturbs the timings), and, per partition, three recorded steps: each stage's
+compute inside the running pipeline against the profile its ranks took right after, the
+simulator's error when fed the runtime's own per-stage costs, and the time a step spends after
+its schedule's last action (the tied gradient's all-reduce, the loss).
+
+    python bench/balance.py            # 3 runs, about 7-8 minutes on 2 cores
     python bench/balance.py --quick    # smoke test, one run, under a minute
 """
 
@@ -46,6 +52,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from balance_profile import keep_heap, model, paired_error, profile_alone, profiles, rank_costs, spread, stage_optimizer
@@ -59,7 +66,7 @@ from balance_ranks import foreign_share, train
 # blocks) is clearly apart from the capacity-aware one ([5, 1]), so timing noise cannot swap them.
 FULL = dict(vocab=4608, uneven_vocab=6912, width=128, heads=4, blocks=4, context=64, rows=8,
             microbatches=8, warmup=2, steps=2, reps=16, lr=1e-3, profile_repeats=10, profile_rounds=3,
-            deep_blocks=14, pair_repeats=4)  # fmt: skip
+            deep_blocks=14, pair_repeats=6)  # fmt: skip
 QUICK = dict(vocab=4608, uneven_vocab=6912, width=128, heads=4, blocks=5, context=64, rows=4,
              microbatches=4, warmup=1, steps=2, reps=2, lr=1e-3, profile_repeats=3, profile_rounds=1,
              deep_blocks=6, pair_repeats=1)  # fmt: skip
@@ -229,7 +236,7 @@ def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
     nets = {cfg["uneven_vocab"]: model1, cfg["vocab"]: model2}
     paired = {name: _paired(cfg, nets[vocab], counts, [devices[0], devices[1]] if slow != 1.0 else None,
                             [r["paired_profiles"][str(vocab)] for r in results], step[name], optimizer[name],
-                            timeline[name], [r["profile_after_timeline"][str(vocab)] for r in results])
+                            timeline[name], results[0]["tied_all_reduce_s"][str(vocab)])
               for name, counts, slow, vocab in runs}  # fmt: skip
 
     deeper: dict[str, Any] = {}
@@ -300,36 +307,43 @@ def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
 
 def _paired(cfg: dict[str, Any], net: Any, counts: list[int], devices: list[Any] | None,
             per_rank: list[list[Any]], measured: list[float], stage_opt: list[float],
-            timeline: list[dict[str, Any]], after: list[Any]) -> dict[str, Any]:  # fmt: skip
+            timeline: list[dict[str, Any]], tied: list[float]) -> dict[str, Any]:  # fmt: skip
     """Each timed block of one partition against the step predicted from the profile both ranks
     took just before that repetition: stage k's layers costed by rank k's profile, simulated, plus
-    the slowest stage's optimizer step (profiled up front: 1-2% of a step). Also the diagnosis of
-    what is left: each stage's compute in the recorded steps against the profile the ranks took
-    right after them, the simulator fed with the runtime's own costs, and the time a step spends
-    after its schedule's last action."""
+    the slowest stage's optimizer step (profiled up front: 1-2% of a step) and the tied gradient's
+    all-reduce (timed in the ranks with that profile). Also the same prediction from the per-layer
+    median of all the repetitions' profiles (``interleaved``), and the diagnosis of what is left:
+    each stage's compute in the recorded steps against that median profile, the simulator fed
+    with the runtime's own costs, and the time a step spends after its schedule's last action."""
     import layerwise.partition
     from layerwise.partition import LayerCost
 
-    def predict(profile: list[Any]) -> tuple[float, list[float]]:
+    def predict(profile: Sequence[Any], all_reduce: float) -> tuple[float, list[float]]:
         mixed = rank_costs(profile, counts)
         costs = [LayerCost(forward_s=f, backward_s=b, param_bytes=0, grad_bytes=0, optimizer_bytes=0,
                            activation_bytes=0) for f, b in mixed]  # fmt: skip
         plan = layerwise.partition(net, 2, balance=list(counts), costs=costs, microbatches=cfg["microbatches"],
                                    devices=devices)  # fmt: skip
-        return plan.predicted_step_time + max(stage_opt), list(plan.stage_times)
+        return plan.predicted_step_time + max(stage_opt) + all_reduce, list(plan.stage_times)
 
-    predicted = [predict(list(p))[0] for p in zip(*per_rank)]
-    _, profiled = predict(after)
+    predicted = [predict(p, t)[0] for p, t in zip(zip(*per_rank), tied)]
+    median = [[[statistics.median(rep[k][j] for rep in reps) for j in range(2)] for k in range(len(reps[0]))]
+              for reps in per_rank]  # per rank, per layer, over the repetitions  # fmt: skip
+    interleaved, profiled = predict(median, statistics.median(tied))
     # both on the device: stage_times stretched by its speed, the recorded actions by their sleep
     recorded = [statistics.median(t["forward_s"][k] + t["backward_s"][k] for t in timeline) for k in range(len(counts))]
     return {
         "predicted_s": predicted,
         **paired_error(predicted, measured),
+        "tied_all_reduce_ms": [1e3 * t for t in tied],
+        "interleaved": {"predicted_s": interleaved, "measured_s": statistics.median(measured),
+                        "error": abs(interleaved - statistics.median(measured)) / statistics.median(measured)},
+        "profiles": per_rank,  # per rank, per repetition, per layer [forward_s, backward_s]
         "diagnosis": {
             "stage_compute_ms": [1e3 * t for t in recorded],
-            "stage_profile_after_ms": [1e3 * t for t in profiled],
-            # > 1: the stage computed slower inside the pipeline than its ranks' profile just after
-            "compute_vs_paired_profile": [r / p for r, p in zip(recorded, profiled)],
+            "stage_profile_ms": [1e3 * t for t in profiled],
+            # > 1: the stage computed slower inside the pipeline than its ranks' median profile
+            "compute_vs_profile": [r / p for r, p in zip(recorded, profiled)],
             "simulator_error_with_runtime_costs": statistics.median(
                 (t["simulated_from_timeline_s"] - t["span_s"]) / t["span_s"] for t in timeline),
             "latency_ms": 1e3 * statistics.median(t["latency_s"] for t in timeline),
@@ -345,15 +359,15 @@ def _met(key: str, value: float) -> bool:
 def _print(report: dict[str, Any]) -> None:
     d = report["details"]
     print(f"\n{'run':<15} {'partition':<10} {'up front: pred':>14} {'measured ms':>11} {'error':>6} "
-          f"{'paired: pred/meas':>17} {'error':>6}  {'compute/paired profile':>22} {'sim err':>7} {'after':>6}")  # fmt: skip
+          f"{'paired: pred/meas':>17} {'error':>6}  {'interleaved':>11} {'compute/profile':>15} {'sim err':>7} {'after':>6}")  # fmt: skip
     for group in ("two_stages", "two_stages_head_two_blocks", "two_speeds"):
         for name, e in d[group].items():
             p = d["paired_prediction"][name]
             g = p["diagnosis"]
-            compute = " ".join(f"{r:.2f}" for r in g["compute_vs_paired_profile"])
+            compute = " ".join(f"{r:.2f}" for r in g["compute_vs_profile"])
             print(f"{name:<15} {str(e['partition']):<10} {1e3 * e['predicted_step_with_optimizer_s']:>14.1f} "
                   f"{1e3 * e['measured_step_s']:>11.1f} {100 * e['prediction_error']:>5.1f}% "
-                  f"{p['median_ratio']:>17.3f} {100 * p['error']:>5.1f}%  {compute:>22} "
+                  f"{p['median_ratio']:>17.3f} {100 * p['error']:>5.1f}%  {100 * p['interleaved']['error']:>10.1f}% {compute:>15} "
                   f"{100 * g['simulator_error_with_runtime_costs']:>6.1f}% {g['after_span_ms']:>4.1f}ms")  # fmt: skip
     shares = [v for per in d["foreign_cpu_share"].values() for v in per]
     print(f"\nCPU used by other processes while timing: median {100 * statistics.median(shares):.0f}%, "
@@ -376,6 +390,8 @@ def _print(report: dict[str, Any]) -> None:
         predicted = report["predicted"].get(key)
         sim = "" if predicted is None else f", simulator predicts {predicted:.3f}"
         print(f"{key:<20} {value:6.3f}  (target {target}: {'met' if ok else 'MISSED'}{sim})")
+    print(f"{'(from the up-front profile)':<20} {report['prediction_error_upfront']:6.3f}  (prediction_error "
+          "without the paired profiles)")
 
 
 if __name__ == "__main__":

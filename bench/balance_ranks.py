@@ -51,11 +51,14 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float, int]]) ->
     optim_s: dict[str, list[float]] = {name: [] for name in pipes}
     usage: dict[str, list[list[float]]] = {name: [] for name in pipes}  # [busy, total, own] CPU s
     paired: dict[str, list[list[list[float]]]] = {str(v): [] for v in vocabs}  # rep -> layer -> [f, b]
+    # the tied embedding's gradient is summed over its two ranks after the schedule's last action
+    tied: dict[str, list[float]] = {str(v): [] for v in vocabs}
     names = list(pipes)
     for rep in range(cfg["reps"]):
         dist.barrier()  # both ranks profile at once, every core busy, as when they train
         for v in vocabs:
             paired[str(v)].append(profile_round(cfg, whole[v], v, cfg["pair_repeats"], warmup=1))
+            tied[str(v)].append(_all_reduce_s(torch.zeros(v, cfg["width"])))
         for name in names if rep % 2 == 0 else names[::-1]:  # alternate, so drift hits all alike
             pipe, (x, y) = pipes[name], data[name]
             dist.barrier()
@@ -77,9 +80,25 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float, int]]) ->
     dist.barrier()  # and one more paired profile, for the recorded steps just before it
     after = {str(v): profile_round(cfg, whole[v], v, cfg["pair_repeats"], warmup=1) for v in vocabs}
     return {"rank": rank, "step_s": step_s, "optimizer_s": optim_s, "cpu": usage, "timeline": timeline,
-            "paired_profiles": paired, "profile_after_timeline": after,
+            "paired_profiles": paired, "profile_after_timeline": after, "tied_all_reduce_s": tied,
             "first_loss": {k: v[0] for k, v in losses.items()},
             "last_loss": {k: v[-1] for k, v in losses.items()}}  # fmt: skip
+
+
+def _all_reduce_s(grad: Any) -> float:
+    """Seconds of one all-reduce of a tensor the size of the tied gradient (median of three), as
+    the Pipeline sums it between the embedding's and the head's ranks after every step."""
+    import statistics
+
+    import torch.distributed as dist
+
+    runs = []
+    for _ in range(4):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(grad)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs[1:])
 
 
 def _machine_cpu() -> tuple[float, float]:
