@@ -236,7 +236,7 @@ def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
     nets = {cfg["uneven_vocab"]: model1, cfg["vocab"]: model2}
     paired = {name: _paired(cfg, nets[vocab], counts, [devices[0], devices[1]] if slow != 1.0 else None,
                             [r["paired_profiles"][str(vocab)] for r in results], step[name], optimizer[name],
-                            timeline[name], results[0]["tied_all_reduce_s"][str(vocab)])
+                            timeline[name], results[0]["tied_all_reduce_s"][str(vocab)], optim[name])
               for name, counts, slow, vocab in runs}  # fmt: skip
 
     deeper: dict[str, Any] = {}
@@ -307,48 +307,69 @@ def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
 
 def _paired(cfg: dict[str, Any], net: Any, counts: list[int], devices: list[Any] | None,
             per_rank: list[list[Any]], measured: list[float], stage_opt: list[float],
-            timeline: list[dict[str, Any]], tied: list[float]) -> dict[str, Any]:  # fmt: skip
+            timeline: list[dict[str, Any]], tied: list[float], optim: list[float]) -> dict[str, Any]:  # fmt: skip
     """Each timed block of one partition against the step predicted from the profile both ranks
     took just before that repetition: stage k's layers costed by rank k's profile, simulated, plus
     the slowest stage's optimizer step (profiled up front: 1-2% of a step) and the tied gradient's
     all-reduce (timed in the ranks with that profile). Also the same prediction from the per-layer
-    median of all the repetitions' profiles (``interleaved``), and the diagnosis of what is left:
-    each stage's compute in the recorded steps against that median profile, the simulator fed
-    with the runtime's own costs, and the time a step spends after its schedule's last action."""
+    median of all the repetitions' profiles (``interleaved``), and, per block, where measured and
+    predicted differ (:func:`_decompose`)."""
     import layerwise.partition
     from layerwise.partition import LayerCost
 
-    def predict(profile: Sequence[Any], all_reduce: float) -> tuple[float, list[float]]:
+    def predict(profile: Sequence[Any]) -> Any:
         mixed = rank_costs(profile, counts)
         costs = [LayerCost(forward_s=f, backward_s=b, param_bytes=0, grad_bytes=0, optimizer_bytes=0,
                            activation_bytes=0) for f, b in mixed]  # fmt: skip
-        plan = layerwise.partition(net, 2, balance=list(counts), costs=costs, microbatches=cfg["microbatches"],
+        return layerwise.partition(net, 2, balance=list(counts), costs=costs, microbatches=cfg["microbatches"],
                                    devices=devices)  # fmt: skip
-        return plan.predicted_step_time + max(stage_opt) + all_reduce, list(plan.stage_times)
 
-    predicted = [predict(p, t)[0] for p, t in zip(zip(*per_rank), tied)]
+    plans = [predict(p) for p in zip(*per_rank)]
+    predicted = [p.predicted_step_time + max(stage_opt) + t for p, t in zip(plans, tied)]
     median = [[[statistics.median(rep[k][j] for rep in reps) for j in range(2)] for k in range(len(reps[0]))]
               for reps in per_rank]  # per rank, per layer, over the repetitions  # fmt: skip
-    interleaved, profiled = predict(median, statistics.median(tied))
-    # both on the device: stage_times stretched by its speed, the recorded actions by their sleep
-    recorded = [statistics.median(t["forward_s"][k] + t["backward_s"][k] for t in timeline) for k in range(len(counts))]
+    interleaved = predict(median).predicted_step_time + max(stage_opt) + statistics.median(tied)
+    at = statistics.median(measured)
     return {
         "predicted_s": predicted,
         **paired_error(predicted, measured),
         "tied_all_reduce_ms": [1e3 * t for t in tied],
-        "interleaved": {"predicted_s": interleaved, "measured_s": statistics.median(measured),
-                        "error": abs(interleaved - statistics.median(measured)) / statistics.median(measured)},
+        "interleaved": {"predicted_s": interleaved, "measured_s": at, "error": abs(interleaved - at) / at},
         "profiles": per_rank,  # per rank, per repetition, per layer [forward_s, backward_s]
-        "diagnosis": {
-            "stage_compute_ms": [1e3 * t for t in recorded],
-            "stage_profile_ms": [1e3 * t for t in profiled],
-            # > 1: the stage computed slower inside the pipeline than its ranks' median profile
-            "compute_vs_profile": [r / p for r, p in zip(recorded, profiled)],
-            "simulator_error_with_runtime_costs": statistics.median(
-                (t["simulated_from_timeline_s"] - t["span_s"]) / t["span_s"] for t in timeline),
-            "latency_ms": 1e3 * statistics.median(t["latency_s"] for t in timeline),
-            "after_span_ms": 1e3 * statistics.median(t["call_s"] - t["span_s"] for t in timeline),
-        },
+        "diagnosis": _decompose(plans, measured, timeline, tied, optim, max(stage_opt)),
+    }
+
+
+def _decompose(plans: list[Any], measured: list[float], timeline: list[dict[str, Any]], tied: list[float],
+               optim: list[float], opt_predicted: float) -> dict[str, Any]:  # fmt: skip
+    """Where a block's measured step differs from its paired prediction, per block (its recorded
+    last step against its repetition's profile), medians over the blocks, in ms per step:
+    ``costs``: the simulated step from the runtime's own per-stage costs (compute, posting sends,
+    message latency) less the one from the profile; ``simulator``: the recorded schedule's span
+    less that simulation (waits the model leaves out); ``after_schedule``: what the call spends
+    after the span (the tied all-reduce, the loss broadcast) less the timed all-reduce;
+    ``optimizer``: measured less profiled; ``rest``: the block's step less all of the above (the
+    barrier, the step's set-up). Also each stage's compute inside the pipeline against its profile."""
+    terms: dict[str, list[float]] = {k: [] for k in ("costs", "simulator", "after_schedule", "optimizer", "rest")}
+    compute: list[list[float]] = []
+    for plan, m, t, ar, opt in zip(plans, measured, timeline, tied, optim):
+        sim, span, call = t["simulated_from_timeline_s"], t["span_s"], t["call_s"]
+        terms["costs"].append(sim - plan.predicted_step_time)
+        terms["simulator"].append(span - sim)
+        terms["after_schedule"].append(call - span - ar)
+        terms["optimizer"].append(opt - opt_predicted)
+        terms["rest"].append(m - call - opt)
+        # both on the device: stage_times stretched by its speed, the recorded actions by their sleep
+        compute.append([(f + b) / p for f, b, p in zip(t["forward_s"], t["backward_s"], plan.stage_times)])
+    return {
+        **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in terms.items()},
+        "measured_less_predicted_ms": 1e3 * statistics.median(
+            m - (p.predicted_step_time + opt_predicted + ar) for p, m, ar in zip(plans, measured, tied)),
+        # > 1: the stage computed slower inside the pipeline than its ranks' profile before the block
+        "compute_vs_profile": [statistics.median(c[s] for c in compute) for s in range(len(compute[0]))],
+        "simulator_error_with_runtime_costs": statistics.median((t["simulated_from_timeline_s"] - t["span_s"]) / t["span_s"]
+                                                                for t in timeline),  # fmt: skip
+        "latency_ms": 1e3 * statistics.median(t["latency_s"] for t in timeline),
     }
 
 
@@ -359,16 +380,18 @@ def _met(key: str, value: float) -> bool:
 def _print(report: dict[str, Any]) -> None:
     d = report["details"]
     print(f"\n{'run':<15} {'partition':<10} {'up front: pred':>14} {'measured ms':>11} {'error':>6} "
-          f"{'paired: pred/meas':>17} {'error':>6}  {'interleaved':>11} {'compute/profile':>15} {'sim err':>7} {'after':>6}")  # fmt: skip
+          f"{'paired: pred/meas':>17} {'error':>6} {'interleaved':>11}  {'compute/profile':>15}  "
+          "measured - predicted, ms: costs simulator after optimizer rest")  # fmt: skip
     for group in ("two_stages", "two_stages_head_two_blocks", "two_speeds"):
         for name, e in d[group].items():
             p = d["paired_prediction"][name]
             g = p["diagnosis"]
             compute = " ".join(f"{r:.2f}" for r in g["compute_vs_profile"])
+            parts = " ".join(f"{g[k + '_ms']:+.1f}" for k in ("costs", "simulator", "after_schedule", "optimizer", "rest"))
             print(f"{name:<15} {str(e['partition']):<10} {1e3 * e['predicted_step_with_optimizer_s']:>14.1f} "
                   f"{1e3 * e['measured_step_s']:>11.1f} {100 * e['prediction_error']:>5.1f}% "
-                  f"{p['median_ratio']:>17.3f} {100 * p['error']:>5.1f}%  {100 * p['interleaved']['error']:>10.1f}% {compute:>15} "
-                  f"{100 * g['simulator_error_with_runtime_costs']:>6.1f}% {g['after_span_ms']:>4.1f}ms")  # fmt: skip
+                  f"{p['median_ratio']:>17.3f} {100 * p['error']:>5.1f}% {100 * p['interleaved']['error']:>10.1f}%  "
+                  f"{compute:>15}  {g['measured_less_predicted_ms']:+.1f} = {parts}")  # fmt: skip
     shares = [v for per in d["foreign_cpu_share"].values() for v in per]
     print(f"\nCPU used by other processes while timing: median {100 * statistics.median(shares):.0f}%, "
           f"max {100 * max(shares):.0f}% of the machine" + ("  <- timings disturbed" if max(shares) > 0.1 else ""))

@@ -2,9 +2,9 @@
 
 Every repetition first profiles the whole models in both ranks at once (the paired profile, see
 ``balance_profile``), then times a block of ``steps`` steps of every partition, in alternating
-order. Per block it also records the machine's CPU use (other processes disturb the timings) and
-the optimizer step's share; after the timed repetitions, three recorded steps per partition
-separate compute, communication and the simulator's model (:func:`_timeline`).
+order. Per block it also records the machine's CPU use (other processes disturb the timings), the
+optimizer step's share, and the block's last step action by action, which separates compute,
+communication and the simulator's model (:func:`_timeline`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float, int]]) ->
     paired: dict[str, list[list[list[float]]]] = {str(v): [] for v in vocabs}  # rep -> layer -> [f, b]
     # the tied embedding's gradient is summed over its two ranks after the schedule's last action
     tied: dict[str, list[float]] = {str(v): [] for v in vocabs}
+    timeline: dict[str, list[dict[str, Any]]] = {name: [] for name in pipes}  # per block, its last step
     names = list(pipes)
     for rep in range(cfg["reps"]):
         dist.barrier()  # both ranks profile at once, every core busy, as when they train
@@ -64,9 +65,12 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float, int]]) ->
             dist.barrier()
             machine, cpu = _machine_cpu(), time.process_time()
             start = time.perf_counter()
-            opt = 0.0
-            for _ in range(cfg["steps"]):
+            opt = call = 0.0
+            for k in range(cfg["steps"]):
+                pipe.record = k == cfg["steps"] - 1  # the block's last step is recorded (a list append per action)
+                t = time.perf_counter()
                 losses[name].append(pipe.forward_backward(x, y))
+                call = time.perf_counter() - t
                 t = time.perf_counter()
                 assert pipe.optimizer is not None
                 pipe.optimizer.step()
@@ -76,11 +80,10 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float, int]]) ->
             optim_s[name].append(opt / cfg["steps"])
             end = _machine_cpu()
             usage[name].append([end[0] - machine[0], end[1] - machine[1], time.process_time() - cpu])
-    timeline = {name: [_timeline(pipe, *data[name]) for _ in range(3)] for name, pipe in pipes.items()}
-    dist.barrier()  # and one more paired profile, for the recorded steps just before it
-    after = {str(v): profile_round(cfg, whole[v], v, cfg["pair_repeats"], warmup=1) for v in vocabs}
+            pipe.record = False
+            timeline[name].append(_timeline(pipe, len(x), call))  # gathered after the clock stopped
     return {"rank": rank, "step_s": step_s, "optimizer_s": optim_s, "cpu": usage, "timeline": timeline,
-            "paired_profiles": paired, "profile_after_timeline": after, "tied_all_reduce_s": tied,
+            "paired_profiles": paired, "tied_all_reduce_s": tied,
             "first_loss": {k: v[0] for k, v in losses.items()},
             "last_loss": {k: v[-1] for k, v in losses.items()}}  # fmt: skip
 
@@ -118,29 +121,24 @@ def foreign_share(rank0: list[list[float]], rank1: list[list[float]]) -> list[fl
     return [max(0.0, (a[0] - a[2] - b[2]) / a[1]) if a[1] > 0 else math.nan for a, b in zip(rank0, rank1)]
 
 
-def _timeline(pipe: Any, x: Any, y: Any) -> dict[str, Any]:
-    """Diagnosis, after the timed steps: one recorded step's per-stage compute and the simulator's
+def _timeline(pipe: Any, batch_rows: int, call: float) -> dict[str, Any]:
+    """Diagnosis of one recorded step (a timed block's last): per-stage compute and the simulator's
     makespan from those measured costs. It separates the ways a prediction can miss: costs that
     differ inside the running pipeline from the profile (compute, message latency), a simulator
     that mis-models the runtime (overheads between actions), and the work after the schedule's
-    last action (the tied gradient's all-reduce, the loss shared between ranks: ``after_span_s``)."""
+    last action (the tied gradient's all-reduce, the loss shared between ranks: ``call_s`` less
+    ``span_s``)."""
     from layerwise.runtime.measure import costs_from_events
     from layerwise.schedule.simulate import simulate
 
-    pipe.record = True
-    start = time.perf_counter()
-    pipe.forward_backward(x, y)
-    call = time.perf_counter() - start
     events = pipe.timeline()
-    pipe.record = False
-    schedule = pipe.schedule_for(len(x))
+    schedule = pipe.schedule_for(batch_rows)
     costs = costs_from_events(events, schedule)
-    span = max(e.end for e in events) - min(e.start for e in events)
     return {
         "forward_s": list(costs.forward),
         "backward_s": [i + w for i, w in zip(costs.input_grad, costs.weight_grad)],
         "latency_s": costs.latency,
-        "span_s": span,
-        "call_s": call,  # this rank's forward_backward call, the span and what follows it
+        "span_s": max(e.end for e in events) - min(e.start for e in events),
+        "call_s": call,  # this rank's forward_backward call: the span and what follows it
         "simulated_from_timeline_s": float(simulate(schedule, costs).makespan),
     }
