@@ -88,3 +88,38 @@ def test_stage_optimizer_picks_each_stages_range() -> None:
     ranges = {f"{a},{b}": 10 * a + b for a in range(4) for b in range(a + 1, 5)}
     assert B.stage_optimizer(ranges, [1, 3]) == [1, 14]
     assert B.stage_optimizer(ranges, [2, 1, 1]) == [2, 23, 34]
+
+
+def _balance() -> ModuleType:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))  # balance.py imports its helper modules by name
+    try:
+        spec = importlib.util.spec_from_file_location("bench_balance", ROOT / "bench" / "balance.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+def test_the_decomposition_adds_up_to_measured_less_predicted() -> None:
+    from types import SimpleNamespace
+
+    plan = SimpleNamespace(predicted_step_time=0.300, stage_times=[0.030, 0.020])
+    # one block: the runtime's costs simulate to 0.320 s, the span was 0.330 s, the call 0.338 s
+    # (the all-reduce was timed at 0.005 s), the optimizer took 0.006 s (0.004 s predicted), and
+    # the block's step 0.350 s
+    timeline = [{"simulated_from_timeline_s": 0.320, "span_s": 0.330, "call_s": 0.338, "latency_s": 4e-4,
+                 "forward_s": [0.011, 0.008], "backward_s": [0.022, 0.014]}]  # fmt: skip
+    d = _balance()._decompose([plan], [0.350], timeline, [0.005], [0.006], 0.004)
+    assert d["costs_ms"] == pytest.approx(20.0)
+    assert d["simulator_ms"] == pytest.approx(10.0)
+    assert d["after_schedule_ms"] == pytest.approx(3.0)
+    assert d["optimizer_ms"] == pytest.approx(2.0)
+    assert d["rest_ms"] == pytest.approx(6.0)
+    parts = sum(d[k] for k in ("costs_ms", "simulator_ms", "after_schedule_ms", "optimizer_ms", "rest_ms"))
+    assert parts == pytest.approx(d["measured_less_predicted_ms"]) == pytest.approx(350.0 - 309.0)
+    assert d["compute_vs_profile"] == pytest.approx([1.1, 1.1])
+    assert d["latency_ms"] == pytest.approx(0.4)
