@@ -33,12 +33,12 @@ up-front profile alone is kept as ``prediction_error_upfront``. The whole run (p
 training) is repeated ``--runs`` times (3): the headline numbers are medians over the runs, and
 ``spread`` gives each run's value, min, max and range. Writes ``bench/results/balance.json``. For
 diagnosis it also records, per timed block, the share of the CPU that other processes used (a
-shared machine disturbs the timings), and, per partition, three recorded steps: each stage's
-compute inside the running pipeline against the profile its ranks took right after, the
-simulator's error when fed the runtime's own per-stage costs, and the time a step spends after
-its schedule's last action (the tied gradient's all-reduce, the loss).
+shared machine disturbs the timings), and each block's last step action by action, which splits
+measured - predicted into the stages' costs inside the pipeline, the simulator's model, the time
+after the schedule's last action (the tied gradient's all-reduce, the loss), the optimizer and the
+rest (``_decompose``).
 
-    python bench/balance.py            # 3 runs, about 7-8 minutes on 2 cores
+    python bench/balance.py            # 3 runs, about 7.5-9 minutes on 2 cores
     python bench/balance.py --quick    # smoke test, one run, under a minute
 """
 
