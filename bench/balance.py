@@ -25,7 +25,7 @@ every partition, in alternating order (the list, then the list reversed), after 
 steps. Each ratio is the median over repetitions of the paired ratio (the two partitions' blocks
 of one repetition ran next to each other, so a slow spell of the machine hits both).
 
-The prediction is paired the same way (``balance_profile``): before every repetition both ranks
+The prediction is paired the same way (``balance_predict``, ``balance_profile``): before every repetition both ranks
 profile the whole models at once, inside the training processes; each block is predicted from its
 own repetition's profile, stage k's layers costed by rank k's profile, and ``prediction_error`` is
 how far the median of the per-block predicted/measured ratios is from 1. The prediction from the
@@ -52,10 +52,10 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from balance_profile import keep_heap, model, paired_error, profile_alone, profiles, rank_costs, spread, stage_optimizer
+from balance_predict import paired
+from balance_profile import keep_heap, model, profile_alone, profiles, spread, stage_optimizer
 from balance_ranks import foreign_share, train
 
 # The head of a width-128 GPT costs about two blocks at a vocabulary of ~4.5k (its matrix is
@@ -234,10 +234,12 @@ def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
     quiet = {n: [t for t, f in zip(step[n], foreign[n]) if f < QUIET] for n in step}
     med = {name: statistics.median(v) for name, v in step.items()}
     nets = {cfg["uneven_vocab"]: model1, cfg["vocab"]: model2}
-    paired = {name: _paired(cfg, nets[vocab], counts, [devices[0], devices[1]] if slow != 1.0 else None,
-                            [r["paired_profiles"][str(vocab)] for r in results], step[name], optimizer[name],
-                            timeline[name], results[0]["tied_all_reduce_s"][str(vocab)], optim[name])
-              for name, counts, slow, vocab in runs}  # fmt: skip
+    paired_predictions = {
+        name: paired(cfg, nets[vocab], counts, [devices[0], devices[1]] if slow != 1.0 else None,
+                     [r["paired_profiles"][str(vocab)] for r in results], step[name], optimizer[name],
+                     timeline[name], results[0]["tied_all_reduce_s"][str(vocab)], optim[name])
+        for name, counts, slow, vocab in runs
+    }  # fmt: skip
 
     deeper: dict[str, Any] = {}
     # simulated only (never trained here): profiled in this process alone
@@ -265,8 +267,8 @@ def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
             "balanced_vs_uniform_head_two_blocks": med["uniform_head2"] / med["balanced_head2"],
         },
         # each timed block of the balanced plan against the prediction from the profile its ranks
-        # took just before it (see _paired), the median of the per-block ratios
-        "prediction_error": paired["balanced"]["error"],
+        # took just before it (see balance_predict.paired), the median of the per-block ratios
+        "prediction_error": paired_predictions["balanced"]["error"],
         # the balanced plan's simulated step plus its optimizer step (both measured up front)
         "prediction_error_upfront": abs(_predicted(plans["balanced"], optimizer["balanced"]) - med["balanced"]) / med["balanced"],
         "predicted": {  # the same ratios from the plans' simulated step times plus optimizer steps
@@ -291,7 +293,7 @@ def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
                                            for n in ("uniform_head2", "balanced_head2")},  # fmt: skip
             "two_speeds": {n: _entry(plans[n], step[n], optim[n], timeline[n], optimizer[n]) for n in ("blind", "aware")},
             "paired_ratios": pairs,
-            "paired_prediction": paired,
+            "paired_prediction": paired_predictions,
             "foreign_cpu_share": foreign,  # per timed block: CPU used by other processes / machine
             # medians over only the blocks during which other processes used < QUIET of the CPU
             "measured_step_s_quiet_blocks": {n: statistics.median(v) if v else None for n, v in quiet.items()},
@@ -303,74 +305,6 @@ def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
     }
     report["met"] = {k: _met(k, report[k]) for k in TARGETS}
     return report
-
-
-def _paired(cfg: dict[str, Any], net: Any, counts: list[int], devices: list[Any] | None,
-            per_rank: list[list[Any]], measured: list[float], stage_opt: list[float],
-            timeline: list[dict[str, Any]], tied: list[float], optim: list[float]) -> dict[str, Any]:  # fmt: skip
-    """Each timed block of one partition against the step predicted from the profile both ranks
-    took just before that repetition: stage k's layers costed by rank k's profile, simulated, plus
-    the slowest stage's optimizer step (profiled up front: 1-2% of a step) and the tied gradient's
-    all-reduce (timed in the ranks with that profile). Also the same prediction from the per-layer
-    median of all the repetitions' profiles (``interleaved``), and, per block, where measured and
-    predicted differ (:func:`_decompose`)."""
-    import layerwise.partition
-    from layerwise.partition import LayerCost
-
-    def predict(profile: Sequence[Any]) -> Any:
-        mixed = rank_costs(profile, counts)
-        costs = [LayerCost(forward_s=f, backward_s=b, param_bytes=0, grad_bytes=0, optimizer_bytes=0,
-                           activation_bytes=0) for f, b in mixed]  # fmt: skip
-        return layerwise.partition(net, 2, balance=list(counts), costs=costs, microbatches=cfg["microbatches"],
-                                   devices=devices)  # fmt: skip
-
-    plans = [predict(p) for p in zip(*per_rank)]
-    predicted = [p.predicted_step_time + max(stage_opt) + t for p, t in zip(plans, tied)]
-    median = [[[statistics.median(rep[k][j] for rep in reps) for j in range(2)] for k in range(len(reps[0]))]
-              for reps in per_rank]  # per rank, per layer, over the repetitions  # fmt: skip
-    interleaved = predict(median).predicted_step_time + max(stage_opt) + statistics.median(tied)
-    at = statistics.median(measured)
-    return {
-        "predicted_s": predicted,
-        **paired_error(predicted, measured),
-        "tied_all_reduce_ms": [1e3 * t for t in tied],
-        "interleaved": {"predicted_s": interleaved, "measured_s": at, "error": abs(interleaved - at) / at},
-        "profiles": per_rank,  # per rank, per repetition, per layer [forward_s, backward_s]
-        "diagnosis": _decompose(plans, measured, timeline, tied, optim, max(stage_opt)),
-    }
-
-
-def _decompose(plans: list[Any], measured: list[float], timeline: list[dict[str, Any]], tied: list[float],
-               optim: list[float], opt_predicted: float) -> dict[str, Any]:  # fmt: skip
-    """Where a block's measured step differs from its paired prediction, per block (its recorded
-    last step against its repetition's profile), medians over the blocks, in ms per step:
-    ``costs``: the simulated step from the runtime's own per-stage costs (compute, posting sends,
-    message latency) less the one from the profile; ``simulator``: the recorded schedule's span
-    less that simulation (waits the model leaves out); ``after_schedule``: what the call spends
-    after the span (the tied all-reduce, the loss broadcast) less the timed all-reduce;
-    ``optimizer``: measured less profiled; ``rest``: the block's step less all of the above (the
-    barrier, the step's set-up). Also each stage's compute inside the pipeline against its profile."""
-    terms: dict[str, list[float]] = {k: [] for k in ("costs", "simulator", "after_schedule", "optimizer", "rest")}
-    compute: list[list[float]] = []
-    for plan, m, t, ar, opt in zip(plans, measured, timeline, tied, optim):
-        sim, span, call = t["simulated_from_timeline_s"], t["span_s"], t["call_s"]
-        terms["costs"].append(sim - plan.predicted_step_time)
-        terms["simulator"].append(span - sim)
-        terms["after_schedule"].append(call - span - ar)
-        terms["optimizer"].append(opt - opt_predicted)
-        terms["rest"].append(m - call - opt)
-        # both on the device: stage_times stretched by its speed, the recorded actions by their sleep
-        compute.append([(f + b) / p for f, b, p in zip(t["forward_s"], t["backward_s"], plan.stage_times)])
-    return {
-        **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in terms.items()},
-        "measured_less_predicted_ms": 1e3 * statistics.median(
-            m - (p.predicted_step_time + opt_predicted + ar) for p, m, ar in zip(plans, measured, tied)),
-        # > 1: the stage computed slower inside the pipeline than its ranks' profile before the block
-        "compute_vs_profile": [statistics.median(c[s] for c in compute) for s in range(len(compute[0]))],
-        "simulator_error_with_runtime_costs": statistics.median((t["simulated_from_timeline_s"] - t["span_s"]) / t["span_s"]
-                                                                for t in timeline),  # fmt: skip
-        "latency_ms": 1e3 * statistics.median(t["latency_s"] for t in timeline),
-    }
 
 
 def _met(key: str, value: float) -> bool:

@@ -90,12 +90,12 @@ def test_stage_optimizer_picks_each_stages_range() -> None:
     assert B.stage_optimizer(ranges, [2, 1, 1]) == [2, 23, 34]
 
 
-def _balance() -> ModuleType:
+def _predict() -> ModuleType:
     import sys
 
-    sys.path.insert(0, str(ROOT / "bench"))  # balance.py imports its helper modules by name
+    sys.path.insert(0, str(ROOT / "bench"))  # balance_predict.py imports balance_profile by name
     try:
-        spec = importlib.util.spec_from_file_location("bench_balance", ROOT / "bench" / "balance.py")
+        spec = importlib.util.spec_from_file_location("balance_predict", ROOT / "bench" / "balance_predict.py")
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -113,7 +113,7 @@ def test_the_decomposition_adds_up_to_measured_less_predicted() -> None:
     # the block's step 0.350 s
     timeline = [{"simulated_from_timeline_s": 0.320, "span_s": 0.330, "call_s": 0.338, "latency_s": 4e-4,
                  "forward_s": [0.011, 0.008], "backward_s": [0.022, 0.014]}]  # fmt: skip
-    d = _balance()._decompose([plan], [0.350], timeline, [0.005], [0.006], 0.004)
+    d = _predict().decompose([plan], [0.350], timeline, [0.005], [0.006], 0.004)
     assert d["costs_ms"] == pytest.approx(20.0)
     assert d["simulator_ms"] == pytest.approx(10.0)
     assert d["after_schedule_ms"] == pytest.approx(3.0)
