@@ -130,6 +130,25 @@ def _entry(plan: Any, samples: list[float] | None = None, optimizer: list[float]
     return out
 
 
+def _rounded(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return float(f"{obj:.4g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
+def write_report(report: dict[str, Any], path: str) -> None:
+    """The summary indented for reading; each run's raw details (per-block predictions, per-rank
+    profiles) on one line, to 4 significant digits, so the file stays a few hundred KB."""
+    head = json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2)
+    runs = ",\n".join("    " + json.dumps(_rounded(r)) for r in report.get("runs", []))
+    with open(path, "w") as f:
+        f.write(head[:-2] + ',\n  "runs": [\n' + runs + "\n  ]\n}\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (numbers not meaningful)")
@@ -177,8 +196,7 @@ def main() -> int:
                         "load_average_before": load_before, "load_average_after": os.getloadavg(),
                         "wall_s": time.perf_counter() - began}  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(report, args.out)
     print(f"\nover {runs} runs (median, min-max):")
     for key in keys:
         v = spreads[key]
