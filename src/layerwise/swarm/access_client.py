@@ -27,7 +27,7 @@ class Client:
     def __init__(self, identity: Identity) -> None:
         self.id = identity
         self._sessions: dict[str, _ClientSession] = {}  # server key -> (session id, GMAC, its name, serial)
-        self._counter = itertools.count(1)  # next() is atomic: stage threads draw distinct counters without a lock
+        self._counter = itertools.count(1)  # next() is atomic under the GIL: stage threads never draw one counter twice
         self._lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self.refusals = Refusals()
