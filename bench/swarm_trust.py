@@ -1,9 +1,12 @@
 """Swarm trust on this machine: mTLS overhead, spot checks against a corrupting peer, compression.
 
-    python bench/swarm_trust.py [--quick] [--only mtls,spot,compress,compress_loss]
+    python bench/swarm_trust.py [--quick] [--only mtls,mtls_micro,spot,compress,compress_loss]
 
 Each section lives in ``bench/trust/<section>.py`` and exposes ``run(quick: bool) -> dict``:
-- ``mtls``: ``mtls_overhead`` (step time with mutual TLS over step time without);
+- ``mtls``: ``mtls_overhead`` (step time with mutual TLS over step time without), with the CPU
+  per step and the round trip of each request kind of both swarms;
+- ``mtls_micro``: one request and its reply by size over plain TCP and mutual TLS, with and
+  without the access layer: round trip and CPU (where mTLS costs time: per message or per byte);
 - ``spot``: a peer with ``--fault corrupt:0.05`` under 5% spot checks: ``detection_rate``,
   ``steps_to_ban``, ``overhead`` (extra step time, relative);
 - ``compress``: per compression mode ``bytes_ratio`` (bytes on the wire) and the step time at
@@ -26,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-SECTIONS = ("mtls", "spot", "compress", "compress_loss")
+SECTIONS = ("mtls", "mtls_micro", "spot", "compress", "compress_loss")
 
 
 def main(argv: list[str] | None = None) -> int:

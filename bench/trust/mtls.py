@@ -32,6 +32,37 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
+def _by_kind(tr: Trainer) -> dict[str, Any]:
+    """Median round trip (ms) and count per step of each request kind the stages sent (medians: the
+    warm-up's few slow ones do not move them)."""
+    kinds: dict[str, list[float]] = {}
+    for _, kind, secs in tr.request_times:
+        kinds.setdefault(kind, []).append(secs)
+    steps = max(len(tr.losses), 1)
+    return {k: {"ms": round(statistics.median(v) * 1e3, 3), "per_step": round(len(v) / steps, 1)}
+            for k, v in sorted(kinds.items())}  # fmt: skip
+
+
+def _cpu_s(peers: LocalPeers) -> float:
+    """CPU seconds (user + system, every thread) the swarm's peer processes have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for proc in peers.procs.values():
+        try:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15)
+        except (OSError, IndexError, ValueError):
+            pass  # a peer that is gone (or no /proc): its time no longer counts
+    return total
+
+
+def _links(tr: Trainer) -> dict[str, int]:
+    """Whom the trainer's session is linked to directly: a peer not among them is reached through another."""
+    info = tr.session.info
+    return {"peers": len(list(info.peers_zid())), "routers": len(list(info.routers_zid()))}
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     block, rounds = (2, 2) if quick else (10, 10)
     name = f"bench-mtls-{os.getpid()}"
@@ -47,15 +78,25 @@ def run(quick: bool = False) -> dict[str, Any]:
                 plain_peers.start(f"peer{i}")
                 tls_peers.start(f"peer{i}", ["--identity", str(ids[f"peer{i}"])])
             started = time.perf_counter()
+            swarms = {"plain": (plain, plain_peers), "mtls": (mtls, tls_peers)}
+            cpu: dict[str, dict[str, float]] = {k: {"trainer": 0.0, "peers": 0.0, "steps": 0} for k in swarms}
             for r in range(rounds):
-                for tr in (plain, mtls) if r % 2 == 0 else (mtls, plain):  # alternate who goes first too
+                for which in ("plain", "mtls") if r % 2 == 0 else ("mtls", "plain"):  # alternate who goes first too
+                    tr, peers = swarms[which]
+                    c0, p0 = time.process_time(), _cpu_s(peers)
                     tr.train(WARMUP + (r + 1) * block)
+                    if r > 0:  # round 0 holds the start (hellos, installs) and the warm-up
+                        cpu[which]["trainer"] += time.process_time() - c0
+                        cpu[which]["peers"] += _cpu_s(peers) - p0
+                        cpu[which]["steps"] += block
             seconds = time.perf_counter() - started
             plain_s = [t for step, _, t in plain.step_times if step >= WARMUP]
             mtls_s = [t for step, _, t in mtls.step_times if step >= WARMUP]
             same = plain.losses == mtls.losses
             bytes_per_step = {"plain": plain.node.bytes_sent / len(plain.losses),
                               "mtls": mtls.node.bytes_sent / len(mtls.losses)}  # fmt: skip
+            by_kind = {"plain": _by_kind(plain), "mtls": _by_kind(mtls)}
+            links = {"plain": _links(plain), "mtls": _links(mtls)}
     p, m = statistics.median(plain_s), statistics.median(mtls_s)
     return {
         "mtls_overhead": round(m / p, 4),
@@ -64,6 +105,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         "steps_each": len(plain_s), "peers": PEERS, "block": block, "rounds": rounds,
         "model": {"width": SPEC.width, "blocks": SPEC.blocks, "batch_size": SPEC.batch_size,
                   "microbatches": SPEC.microbatches, "seq": SPEC.seq},
+        "cpu_ms_per_step": {k: {"trainer": round(v["trainer"] / max(v["steps"], 1) * 1e3, 2),
+                                "peers": round(v["peers"] / max(v["steps"], 1) * 1e3, 2)} for k, v in cpu.items()},
+        "request_ms_median": by_kind, "trainer_links": links,
         "losses_equal": same, "request_bytes_per_step": bytes_per_step, "seconds": round(seconds, 1),
         "plain_step_s": [round(t, 5) for t in plain_s], "mtls_step_s": [round(t, 5) for t in mtls_s],
     }  # fmt: skip

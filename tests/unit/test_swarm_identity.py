@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,32 @@ def test_signed_hello_then_mac_policy_replay_and_tampering(pki: dict[str, Path])
     assert adm.session is not None  # type: ignore[attr-defined]
     names = {r["name"] for r in guard.refusals.list()}
     assert {"p1", "tr", "(no session)"} <= names
+
+
+def test_requests_sealed_from_many_threads_get_distinct_counters_and_all_pass(pki: dict[str, Path]) -> None:
+    """The trainer's stage threads seal at once (no lock around the counter): no counter is drawn
+    twice, so the server's replay window takes every request once."""
+    guard = Guard(Identity(pki["p1"]))
+    trainer = Client(Identity(pki["tr"]))
+    _hello(trainer, guard, "p1")
+    sess = trainer.session_for(KEY)
+    assert sess is not None
+    data = encode_message(Message("forward", step=0, stage=0, mb=0))
+    sealed: list[tuple[bytes, int]] = []
+
+    def seal_many() -> None:
+        for _ in range(500):
+            sealed.append(trainer._seal(sess, KEY, data))  # list.append is atomic
+
+    threads = [threading.Thread(target=seal_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({c for _, c in sealed}) == len(sealed) == 2000
+    sealed.sort(key=lambda x: -x[1])  # the newest first: every one is still inside the window
+    assert all(guard.admit(att, KEY, data).session is not None for att, _ in sealed)
+    assert guard.admit(sealed[0][0], KEY, data).session is None  # and none twice
 
 
 def test_hello_refuses_wrong_server_and_revoked_or_foreign_clients(pki: dict[str, Path], tmp_path: Path) -> None:

@@ -95,14 +95,22 @@ def _mac(aead: AESGCM, tag: bytes, counter: int, payload: bytes) -> bytes:
     return aead.encrypt(tag + b"\0\0\0" + _CTR.pack(counter), b"", payload)  # 16 bytes: GCM's tag alone
 
 
+_WIRE: tuple[bytes, tuple[str, ...]] | None = None  # wire.MAGIC and KINDS, fetched once (wire imports torch)
+_KIND = struct.Struct("<H")
+
+
 def _peek_kind(payload: bytes) -> str | None:
     """The message kind from the swarm wire header (see wire.py), without decoding the rest."""
-    from .wire import KINDS, MAGIC
+    global _WIRE
+    if _WIRE is None:
+        from .wire import KINDS, MAGIC
 
-    if len(payload) < 8 or payload[:4] != MAGIC:
+        _WIRE = (MAGIC, KINDS)
+    magic, kinds = _WIRE
+    if len(payload) < 8 or payload[:4] != magic:
         return None
-    code = struct.unpack_from("<H", payload, 6)[0]
-    return KINDS[code] if code < len(KINDS) else None
+    code = _KIND.unpack_from(payload, 6)[0]
+    return kinds[code] if code < len(kinds) else None
 
 
 @dataclass
@@ -182,10 +190,11 @@ class Guard:
 
     def admit_query(self, query: Any, payload: bytes) -> Admission:
         att = query.attachment
-        return self.admit(att.to_bytes() if att is not None else None, str(query.key_expr), payload)
+        return self.admit(att.to_bytes() if att is not None else None, "", payload)
 
     def admit(self, attachment: bytes | None, key_expr: str, payload: bytes) -> Admission:
-        """Check one request before its payload is decoded."""
+        """Check one request before its payload is decoded. ``key_expr`` is not needed: sessions are
+        per server, so a tag already binds the key it was sent to (kept for the callers' sake)."""
         kind = _peek_kind(payload)
         self._maybe_refresh()
         att = attachment or b""
@@ -197,9 +206,8 @@ class Guard:
             if att[:1] != b"M" or len(att) != 1 + 16 + 8 + 16:
                 raise Refused("(no session)", f"{kind or 'a request'} without the signed hello: this swarm "
                                               f"requires --identity (mutual TLS and a certificate of its CA)")  # fmt: skip
-            sid, counter, mac = att[1:17], _CTR.unpack(att[17:25])[0], att[25:]
-            with self._lock:
-                s = self.sessions.get(sid)
+            sid, counter, mac = att[1:17], _CTR.unpack_from(att, 17)[0], att[25:]
+            s = self.sessions.get(sid)  # one dict read: atomic; only changes take the lock
             if s is None:
                 raise Refused("(unknown session)", f"{kind or 'a request'} with a session that this process does not "
                                                    f"hold (revoked, or it restarted): say hello again")  # fmt: skip

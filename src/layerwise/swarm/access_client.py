@@ -7,6 +7,7 @@ session's GMAC tag and counter, every reply checked against it.
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import os
 import threading
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .access import _CTR, Refusals, _ClientSession, _derive, _kx_pub, _mac, _transcript, _verify_sig
+from .errors import PeerRefused
 from .identity import Identity, Refused, cert_name, fingerprint
 
 
@@ -25,14 +27,13 @@ class Client:
     def __init__(self, identity: Identity) -> None:
         self.id = identity
         self._sessions: dict[str, _ClientSession] = {}  # server key -> (session id, GMAC, its name, serial)
-        self._counter = 0
+        self._counter = itertools.count(1)  # next() is atomic under the GIL: stage threads never draw one counter twice
         self._lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self.refusals = Refusals()
 
     def session_for(self, key: str) -> _ClientSession | None:
-        with self._lock:
-            return self._sessions.get(key)
+        return self._sessions.get(key)  # one dict read: atomic; only changes take the lock
 
     def forget(self, key: str | None = None) -> None:
         """Drop one session (or all): the next request says hello again, with our newest CRL."""
@@ -80,8 +81,6 @@ class Client:
                 limit: int | None = None) -> Any:  # fmt: skip
         """Say hello first if needed (the server must hold a ``peer`` certificate named ``peer``, or,
         for the trainer's key, a ``trainer`` one), then send ``data`` with its MAC."""
-        from .errors import PeerRefused  # net imports us lazily; keep the cycle out of import time
-
         for attempt in (0, 1):
             if self.session_for(key) is None:
                 self._hello(node, peer, key, is_peer, timeout)
@@ -100,7 +99,6 @@ class Client:
         raise AssertionError("unreachable")
 
     def _hello(self, node: Any, peer: str, key: str, is_peer: bool, timeout: float) -> None:
-        from .errors import PeerRefused
         from .wire import Message, encode_message
 
         with self._hello_lock(key):
@@ -139,9 +137,7 @@ class Client:
             return self._locks.setdefault(key, threading.Lock())
 
     def _seal(self, sess: _ClientSession, key: str, payload: bytes) -> tuple[bytes, int]:
-        with self._lock:
-            self._counter += 1
-            counter = self._counter
+        counter = next(self._counter)
         return b"M" + sess[0] + _CTR.pack(counter) + _mac(sess[1], b"q", counter, payload), counter
 
     @staticmethod
