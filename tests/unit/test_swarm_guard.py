@@ -359,7 +359,7 @@ def test_a_new_peer_is_on_probation_until_it_passed_its_checks_and_again_after_a
 
 def test_a_replicated_stage_is_spot_checked_by_another_replica_when_it_has_no_copy() -> None:
     """Outputs of a stage with replicas and no copy are checked by another live, unbanned replica;
-    with nobody else holding the layers the check is counted as skipped, never silently passed."""
+    with nobody else holding the layers there is no checker (the trainer then checks alone)."""
     from types import SimpleNamespace
 
     from layerwise.swarm.assignment import Assignment, StageSpan
@@ -399,3 +399,56 @@ def test_fuzz_tensor_headers_decode_exactly_or_raise_a_named_error(heads: list[t
         return
     assert len(msg.tensors) == count == len(heads)
     assert sum(t.numel() * t.element_size() for t in msg.tensors) == len(payload)
+
+
+def test_a_chosen_output_with_no_other_holder_to_check_it_is_checked_by_the_trainer() -> None:
+    """No live, unbanned other holder (or a checker whose answer is unusable): the trainer recomputes
+    the output from the holder's own weights. A right one passes; a wrong one is proof (the holder's
+    weights do not give it), banned at once; a holder that will not give its weights is not believed."""
+    from types import SimpleNamespace
+
+    from layerwise.swarm.assignment import Assignment, StageSpan
+    from layerwise.swarm.spot import load_layers
+    from layerwise.swarm.trainer.trust import Trust
+
+    weights = [p.detach().clone() for m in build_layers(SPEC)[2:4] for p in m.parameters()]
+    state = [t for w in weights for t in (w, torch.zeros_like(w), torch.zeros_like(w))]
+    rows = SPEC.batch_size // SPEC.microbatches
+    x, y = torch.randn(rows, SPEC.seq, SPEC.width), torch.randint(0, 256, (rows, SPEC.seq))
+    msg = Message("forward", 0, 1, 0, 1, {"weight": 0.5}, [x, y])
+    check = Message("check", 0, 1, 0, 1, {"what": "forward", "weight": 0.5}, [x, y])
+    honest = recompute(load_layers(SPEC, 2, 2, state), is_first=False, is_last=True, what="forward",
+                       tensors=[x, y], weight=0.5)[0]  # fmt: skip
+    stages = (StageSpan(stage=0, first=0, count=2, holder="a", copy=None),
+              StageSpan(stage=1, first=2, count=2, holder="b", copy=None))  # fmt: skip
+    answers: dict[str, Any] = {"b": Message("ok", stage=1, tensors=state)}
+
+    def request(peer: str, m: Message, *a: Any, **k: Any) -> Message:
+        assert m.kind == "get_state" and peer == "b"
+        return answers[peer]
+
+    def trust_of() -> Any:
+        tr: Any = SimpleNamespace(spec=SPEC, opts=SimpleNamespace(ban_after=2, spot_check=1.0, probation_checks=90),
+                                  losses=[], assignment=Assignment(epoch=1, stages=stages), epoch=1, failures=[],
+                                  node=SimpleNamespace(request=request), recopy=lambda s: None)  # fmt: skip
+        return Trust(tr)
+
+    trust = trust_of()
+    assert trust._checker(1, "b") is None
+    trust._check_alone(1, msg, check, Message("ok", 0, 1, 0, tensors=[honest.clone()]), "b")
+    assert trust.ledger.passed["b"] == 1 and not trust.banned("b") and trust.stats["alone"] == 1
+    with pytest.raises(Rejected) as e:
+        trust._check_alone(1, msg, check, Message("ok", 0, 1, 0, tensors=[honest * 1.05]), "b")
+    assert e.value.reason == Reason.MISMATCH and e.value.sender == "b"
+    assert trust.banned("b") and trust.status()["bans"][0]["confirmed"] and trust.stats["confirmed"] == 1
+    # the checker's answer was unusable (a Rejected reply): its strike, and the trainer checks the holder
+    trust = trust_of()
+    with pytest.raises(Rejected):
+        trust._compare(1, msg, check, Message("ok", 0, 1, 0, tensors=[honest * 1.05]), "b", "a",
+                       {"error": Rejected("garbage", Reason.GARBAGE, "a")})  # fmt: skip
+    assert trust.banned("b") and trust.status()["rejected"].get("garbage") == 1
+    # weights that cannot be loaded (or none at all): the output is not used
+    trust = trust_of()
+    answers["b"] = Message("ok", stage=1, tensors=state[:3])
+    with pytest.raises(Rejected, match="could not be checked"):
+        trust._check_alone(1, msg, check, Message("ok", 0, 1, 0, tensors=[honest.clone()]), "b")

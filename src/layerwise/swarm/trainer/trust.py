@@ -111,11 +111,10 @@ class Trust:
     def request(self, s: int, msg: Message, holder: str, cache: StepCache | None) -> Message:
         """Ask ``holder`` (stage ``s``) for ``msg``; a reply that is not to be used raises Rejected(sender=holder)."""
         checker = self._checker(s, holder)
-        check = self._check_message(s, msg, holder, checker, cache)
+        check = self._check_message(s, msg, holder, cache)
         result: dict[str, Any] = {}
         worker = None
-        if check is not None:
-            assert checker is not None
+        if check is not None and checker is not None:
             copies.settle(self.tr, s)  # the copy recomputes with the last committed step's weights
             worker = threading.Thread(target=self._ask_checker, args=(checker, check, result), daemon=True)
             worker.start()
@@ -125,9 +124,10 @@ class Trust:
         finally:
             if worker is not None:
                 worker.join()
-        if check is not None:
-            assert checker is not None
+        if check is not None and checker is not None:
             self._compare(s, msg, check, reply, holder, checker, result)
+        elif check is not None:
+            self._check_alone(s, msg, check, reply, holder)
         if self.banned(holder):  # banned by another stage's thread while this request ran
             raise Rejected(f"peer {holder} was banned during {msg.describe()}", Reason.REFUSED, holder)
         return reply
@@ -197,8 +197,7 @@ class Trust:
             raise
 
     # -- spot checks ---------------------------------------------------------------------------
-    def _check_message(self, s: int, msg: Message, holder: str, copy: str | None,
-                       cache: StepCache | None) -> Message | None:  # fmt: skip
+    def _check_message(self, s: int, msg: Message, holder: str, cache: StepCache | None) -> Message | None:
         if msg.kind not in ("forward", "backward") or cache is None:
             return None
         if not self.tr.opts.compress.exact:
@@ -208,9 +207,6 @@ class Trust:
         with self._lock:
             chosen = self.on_probation(holder) or self.rng.random() < self.tr.opts.spot_check
         if not chosen:
-            return None
-        if copy is None or copy == holder or self.banned(copy):
-            self.stats["skipped"] += 1  # no other holder of these layers right now
             return None
         last = s == cache.stages - 1
         weight = 1.0 / cache.microbatches
@@ -234,10 +230,8 @@ class Trust:
         err = result.get("error")
         if isinstance(err, Rejected):  # the checker sent something unusable: its strike, not the holder's
             self.strike(copy, err.reason)
-            self.stats["skipped"] += 1
-            return
-        if err is not None:  # the checker is gone or busy failing: the boundary replaces a dead copy
-            self.stats["skipped"] += 1
+        if err is not None:  # (or it is gone: the boundary replaces a dead copy) the trainer checks alone
+            self._check_alone(s, msg, check, reply, holder)
             return
         self.stats["checks"] += 1
         span = self.tr.assignment.stages[s]
@@ -261,6 +255,34 @@ class Trust:
         if not holder_ok:
             raise Rejected(f"peer {holder}'s {msg.describe()} differs from its recomputation by another holder "
                            f"(beyond the fp32 tolerance {tol:.1e})", Reason.MISMATCH, holder)  # fmt: skip
+
+    def _check_alone(self, s: int, msg: Message, check: Message, reply: Message, holder: str) -> None:
+        """No other holder could recompute a chosen output (none alive and unbanned, or its answer was
+        unusable): the trainer recomputes it itself from the holder's own weights. A chosen output is
+        never used unchecked, least of all a peer's on probation. Without a second holder this catches a
+        wrong output (the holder's weights do not produce it: proof, banned at once), not made-up
+        weights; those are compared with the copy's at the next check that has one."""
+        self.stats["alone"] += 1
+        span = self.tr.assignment.stages[s]
+        try:
+            state = self.tr.node.request(holder, Message("get_state", stage=s, epoch=self.tr.epoch))
+            finite(state.tensors, f"peer {holder}'s weights of stage {s}")
+            layers = load_layers(self.tr.spec, span.first, span.count, state.tensors)
+        except (PeerLost, PeerRefused, WireError, ValueError) as e:  # its output cannot be checked: not used
+            raise Rejected(f"peer {holder}'s {msg.describe()} could not be checked: {e}", Reason.MISMATCH,
+                           holder) from None  # fmt: skip
+        last = span.first + span.count == self.tr.spec.layers
+        local = recompute(layers, is_first=span.first == 0, is_last=last, what=str(check.meta["what"]),
+                          tensors=list(check.tensors), weight=float(check.meta["weight"]))  # fmt: skip
+        self.stats["checks"] += 1
+        if _agree(reply.tensors, local, tolerance(self.tr.spec, span.count, msg.kind)):
+            self.ledger.passes(holder)
+            return
+        self.stats["mismatches"] += 1
+        self.stats["confirmed"] += 1
+        self.strike(holder, Reason.MISMATCH, confirmed=True)
+        raise Rejected(f"peer {holder}'s {msg.describe()} differs from what its own weights give (recomputed by "
+                       f"the trainer)", Reason.MISMATCH, holder)  # fmt: skip
 
     def _arbitrate(self, s: int, check: Message, holder: str, copy: str) -> tuple[list[torch.Tensor] | None, bool]:
         """The trainer recomputes the output itself, from the copy's committed weights.
