@@ -58,11 +58,15 @@ def recover_slot(tr: Trainer, s: int, dead: str, cache: StepCache | None, phase:
         failure.left_at = failure.left_at or tr.membership.left_at(dead)
         live = [p for p in dict.fromkeys(span.slots) if p != dead and _usable(tr, p)]
         copy = span.copy if span.copy and _usable(tr, span.copy) else None
-        if not live and copy is None:
+        fresh = tr.fresh_spare(span, phase) if not live and copy is None else None
+        if not live and copy is None and fresh is None:
             raise tr._lost(span)
         spares = [p.id for p in tr.peers() if p.id not in tr.assignment.peers()]
         try:
-            if spares:  # a peer with nothing to do takes the slot, from a live replica's (or the copy's) state
+            if fresh is not None:  # nobody holds its state, but before the first commit that is the seeded init
+                tr._install(fresh, span, "holder", None, tr.epoch)
+                new, step, copy_left = fresh, len(tr.losses), span.copy
+            elif spares:  # a peer with nothing to do takes the slot, from a live replica's (or the copy's) state
                 r = tr.node.request(live[0] if live else str(copy), Message("get_state", stage=s, epoch=tr.epoch))
                 tr._install(spares[0], span, "holder", None, tr.epoch, r.tensors, int(r.meta["step"]))
                 new, step, copy_left = spares[0], int(r.meta["step"]), span.copy

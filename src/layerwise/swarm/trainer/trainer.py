@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -29,9 +30,8 @@ from ..replay import StepCache
 from ..spec import SwarmSpec, build_layers, init_checksum, load_corpus, step_batch
 from ..timeline import StepTimeline
 from ..wire import Message, encode_message
-from . import admission, copies, replicas
+from . import admission, copies, replicas, report
 from .driver import run_step
-from . import report
 from .options import Failure, TrainerOptions
 from .identity import TrainerIdentity
 from .trust import Trust
@@ -270,6 +270,12 @@ class Trainer:
             f"No live peer has these weights. {self._resume_hint()}"
         )
 
+    def fresh_spare(self, span: StageSpan, phase: str) -> str | None:
+        """Before the first commit a stage's state is its seeded init, which any peer can build: a peer
+        to build it on, or None (past that, resumed, or no other peer)."""
+        spares = [p.id for p in self.peers() if p.id not in span.slots and p.id != span.copy]
+        return None if self.losses or self.opts.resume or phase == "commit" or not spares else spares[0]
+
     def _resume_hint(self) -> str:
         done = checkpoint.last_step(self.opts.checkpoint_dir)
         if done is not None:
@@ -294,13 +300,12 @@ class Trainer:
             failure.stages.append(s)
             failure.left_at = failure.left_at or self.membership.left_at(dead)
             if span.copy is None or self._lost_peer(span.copy):
-                # before the first commit a stage's state is its seeded init, which any peer can build
-                spares = [p.id for p in self.peers() if p.id not in span.slots and p.id != span.copy]
-                if self.losses or self.opts.resume or phase == "commit" or not spares:
+                spare = self.fresh_spare(span, phase)
+                if spare is None:
                     raise self._lost(span)
-                fresh = StageSpan(stage=s, first=span.first, count=span.count, holder=spares[0], copy=None)
+                fresh = StageSpan(stage=s, first=span.first, count=span.count, holder=spare, copy=None)
                 try:
-                    self._install(spares[0], fresh, "holder", None, self.epoch)
+                    self._install(spare, fresh, "holder", None, self.epoch)
                 except PeerLost as e:
                     self.note_lost(e.peer)
                     raise self._lost(span) from None
@@ -353,11 +358,8 @@ class Trainer:
         with self._lock:
             copies.settle(self, s, on_lost="note")  # the old copy's update is done before it is replaced
             span = self.assignment.stages[s]
-            load: dict[str, int] = {p.id: 0 for p in self.peers()}
-            for x in self.assignment.stages:
-                for p in (*x.slots, x.copy):
-                    if p in load:
-                        load[p] += 1
+            held = Counter(p for x in self.assignment.stages for p in (*x.slots, x.copy))
+            load = {p.id: held[p.id] for p in self.peers()}
             candidates = [(0, to)] if to else sorted((n, p) for p, n in load.items() if p not in span.slots)
             new = replace(span, copy=None)
             if candidates:
