@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from balance_profile import batch, keep_heap, model, profile_round
+from machine import machine_cpu
 
 TIMEOUT = 120.0
 
@@ -63,7 +64,7 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float, int]]) ->
         for name in names if rep % 2 == 0 else names[::-1]:  # alternate, so drift hits all alike
             pipe, (x, y) = pipes[name], data[name]
             dist.barrier()
-            machine, cpu = _machine_cpu(), time.process_time()
+            machine, cpu = machine_cpu(), time.process_time()
             start = time.perf_counter()
             opt = call = 0.0
             for k in range(cfg["steps"]):
@@ -78,7 +79,7 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float, int]]) ->
             dist.barrier()
             step_s[name].append((time.perf_counter() - start) / cfg["steps"])
             optim_s[name].append(opt / cfg["steps"])
-            end = _machine_cpu()
+            end = machine_cpu()
             usage[name].append([end[0] - machine[0], end[1] - machine[1], time.process_time() - cpu])
             pipe.record = False
             timeline[name].append(_timeline(pipe, len(x), call))  # gathered after the clock stopped
@@ -102,17 +103,6 @@ def _all_reduce_s(grad: Any) -> float:
         dist.all_reduce(grad)
         runs.append(time.perf_counter() - start)
     return statistics.median(runs[1:])
-
-
-def _machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (Linux only)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [float(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-    except (OSError, ValueError):
-        return math.nan, math.nan
-    hz = os.sysconf("SC_CLK_TCK")
-    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
 
 
 def foreign_share(rank0: list[list[float]], rank1: list[list[float]]) -> list[float]:

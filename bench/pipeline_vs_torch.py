@@ -30,6 +30,9 @@ import time
 from collections import defaultdict
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_cpu, own_cpu_s, wait_quiet  # noqa: E402
+
 SCHEDULES = ("gpipe", "1f1b", "zbv")
 CHUNKS = {"zbv": 2}  # model stages per rank
 SYSTEMS = ("layerwise", "torch")
@@ -208,47 +211,15 @@ def run_torch(cfg: dict[str, Any], schedule: str) -> dict[str, Any]:
 
 
 # -- driver --------------------------------------------------------------------------------------
-def _cpu_busy_s() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all processes, all cores)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds of this process and its reaped children (the launched ranks)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _foreign_cores(seconds: float) -> float:
-    """Cores other processes on the machine kept busy over the next ``seconds``."""
-    b0, o0, t0 = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
-    time.sleep(seconds)
-    return max(0.0, (_cpu_busy_s() - b0 - (_own_cpu_s() - o0)) / (time.perf_counter() - t0))
-
-
-def _wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
-    """Wait (at most ``max_wait`` s) until other processes use < ``threshold`` cores; return the
-    last reading. Both systems get the same gate, and every run records its own reading."""
-    deadline = time.monotonic() + max_wait
-    load = _foreign_cores(0.3)
-    while load >= threshold and time.monotonic() < deadline:
-        load = _foreign_cores(0.5)
-    return load
-
-
 def _launch_run(system: str, cfg: dict[str, Any], schedule: str) -> tuple[list[dict[str, Any]], float]:
     """One run in a fresh pair of processes; returns the ranks' results and the cores that other
     processes used meanwhile (a run with much foreign load measured the machine, not the runtime)."""
     import layerwise
 
     fn = run_layerwise if system == "layerwise" else run_torch
-    b0, o0, t0 = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
+    b0, o0, t0 = machine_cpu()[0], own_cpu_s(), time.perf_counter()
     ranks = layerwise.launch(fn, STAGES, cfg, schedule, threads=1, timeout=180.0)
-    foreign = max(0.0, (_cpu_busy_s() - b0 - (_own_cpu_s() - o0)) / (time.perf_counter() - t0))
+    foreign = max(0.0, (machine_cpu()[0] - b0 - (own_cpu_s() - o0)) / (time.perf_counter() - t0))
     return ranks, foreign
 
 
@@ -294,7 +265,7 @@ def _measure(cfg: dict[str, Any], budget: float, max_wait: float, noisy: float,
                 pair = []
                 for system in SYSTEMS:  # alternate: layerwise, torch, layerwise, torch, ...
                     spare = deadline - time.monotonic() - (left + 1) * pair_s
-                    before = _wait_quiet(min(max_wait, spare)) if max_wait > 0 and spare > 0 else None
+                    before = wait_quiet(min(max_wait, spare)) if max_wait > 0 and spare > 0 else None
                     ranks, foreign = _launch_run(system, cfg, schedule)
                     run: dict[str, Any] = {"system": system, "ranks": ranks, "foreign_cores": foreign,
                                            "foreign_cores_before": before}  # fmt: skip
