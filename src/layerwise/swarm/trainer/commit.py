@@ -144,12 +144,8 @@ def _combine(
 def relay_to_copy(tr: Trainer, s: int, step: int, lr: float, grads: list[torch.Tensor]) -> None:
     """The committed step's gradients to stage ``s``'s copy, which applies the very same update; a
     banned or lost copy is replaced by a fresh one from the holder, which has just committed."""
-    copies.settle(tr, s)  # a relay of the previous step still in flight (copies.py) goes first
-    copy = tr.assignment.stages[s].copy
+    copy = copies.current(tr, s)  # a relay of the previous step still in flight (copies.py) goes first
     if copy is None:
-        return
-    if tr.trust.banned(copy):  # its state is not kept up to date any more
-        tr.recopy(s)
         return
     try:
         t0 = time.perf_counter()

@@ -44,17 +44,24 @@ class Relay:
 def start(tr: Trainer, s: int, step: int, lr: float, grads: list[torch.Tensor]) -> None:
     """Send the committed step's gradients to stage ``s``'s copy without waiting for it to apply them."""
     with tr._lock:
-        settle(tr, s)  # the copy applies steps in order: the previous relay first
-        copy = tr.assignment.stages[s].copy
+        copy = current(tr, s)
         if copy is None:
-            return
-        if tr.trust.banned(copy):  # its state is not kept up to date any more
-            tr.recopy(s)
             return
         relay = Relay(copy, Message("backup_apply", step, s, -1, tr.epoch, {"lr": lr}, grads))
         relay.thread = threading.Thread(target=_send, args=(tr, s, relay), daemon=True, name=f"relay-stage-{s}")
         tr.relays[s] = relay
         relay.thread.start()
+
+
+def current(tr: Trainer, s: int) -> str | None:
+    """Stage ``s``'s copy, ready for the next relay (the previous one applied: a copy applies steps in
+    order), or None: no copy, or a banned one, replaced now by a fresh copy of the holder's state."""
+    settle(tr, s)
+    copy = tr.assignment.stages[s].copy
+    if copy is not None and tr.trust.banned(copy):  # its state is not kept up to date any more
+        tr.recopy(s)
+        return None
+    return copy
 
 
 def _send(tr: Trainer, s: int, relay: Relay) -> None:

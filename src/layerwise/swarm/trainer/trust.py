@@ -263,19 +263,13 @@ class Trust:
         wrong output (the holder's weights do not produce it: proof, banned at once), not made-up
         weights; those are compared with the copy's at the next check that has one."""
         self.stats["alone"] += 1
-        span = self.tr.assignment.stages[s]
         try:
-            state = self.tr.node.request(holder, Message("get_state", stage=s, epoch=self.tr.epoch))
-            finite(state.tensors, f"peer {holder}'s weights of stage {s}")
-            layers = load_layers(self.tr.spec, span.first, span.count, state.tensors)
+            local, _ = self._recompute_with(holder, s, check)
         except (PeerLost, PeerRefused, WireError, ValueError) as e:  # its output cannot be checked: not used
             raise Rejected(f"peer {holder}'s {msg.describe()} could not be checked: {e}", Reason.MISMATCH,
                            holder) from None  # fmt: skip
-        last = span.first + span.count == self.tr.spec.layers
-        local = recompute(layers, is_first=span.first == 0, is_last=last, what=str(check.meta["what"]),
-                          tensors=list(check.tensors), weight=float(check.meta["weight"]))  # fmt: skip
         self.stats["checks"] += 1
-        if _agree(reply.tensors, local, tolerance(self.tr.spec, span.count, msg.kind)):
+        if _agree(reply.tensors, local, tolerance(self.tr.spec, self.tr.assignment.stages[s].count, msg.kind)):
             self.ledger.passes(holder)
             return
         self.stats["mismatches"] += 1
@@ -290,21 +284,27 @@ class Trust:
         Returns the output and whether it is *confirmed*: the holder's weights agree with the copy's,
         so it is what both should have sent (a copy that made up its weights cannot frame a holder)."""
         self.stats["arbitrations"] += 1
-        span = self.tr.assignment.stages[s]
         try:
-            state = self.tr.node.request(copy, Message("get_state", stage=s, epoch=self.tr.epoch))
-            finite(state.tensors, f"peer {copy}'s weights of stage {s}")
-            layers = load_layers(self.tr.spec, span.first, span.count, state.tensors)
-        except (PeerLost, WireError, ValueError):
+            local, state = self._recompute_with(copy, s, check)
+        except (PeerLost, PeerRefused, WireError, ValueError):
             return None, False  # no arbiter: both sides are treated as wrong, the work is redone elsewhere
-        last = span.first + span.count == self.tr.spec.layers
-        local = recompute(layers, is_first=span.first == 0, is_last=last, what=str(check.meta["what"]),
-                          tensors=list(check.tensors), weight=float(check.meta["weight"]))  # fmt: skip
         try:
             theirs = self.tr.node.request(holder, Message("get_state", stage=s, epoch=self.tr.epoch))
         except (PeerLost, WireError):
             return local, False
-        return local, _same_weights(theirs.tensors[0::3], state.tensors[0::3])
+        return local, _same_weights(theirs.tensors[0::3], state[0::3])
+
+
+    def _recompute_with(self, peer: str, s: int, check: Message) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The checked output recomputed by the trainer from ``peer``'s weights of stage ``s``, and that state."""
+        span = self.tr.assignment.stages[s]
+        state = self.tr.node.request(peer, Message("get_state", stage=s, epoch=self.tr.epoch))
+        finite(state.tensors, f"peer {peer}'s weights of stage {s}")
+        layers = load_layers(self.tr.spec, span.first, span.count, state.tensors)
+        last = span.first + span.count == self.tr.spec.layers
+        local = recompute(layers, is_first=span.first == 0, is_last=last, what=str(check.meta["what"]),
+                          tensors=list(check.tensors), weight=float(check.meta["weight"]))  # fmt: skip
+        return local, state.tensors
 
 
 def _same_weights(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
