@@ -142,3 +142,23 @@ def test_a_peer_refuses_stale_duplicate_and_oversized_work() -> None:
     assert again.meta == {"already": True} and peer.spans[0].step == 1  # applied once
     big = _handle(_peer(1e-6), Message("install", stage=0, epoch=1, meta=meta))
     assert big.kind == "error" and "memory budget" in big.meta["error"]
+
+
+def test_swarm_train_says_a_lost_peer_and_new_spans_when_they_happen() -> None:
+    from types import SimpleNamespace
+
+    from layerwise.commands.swarm import news
+    from layerwise.swarm.assignment import Assignment, StageSpan
+    from layerwise.swarm.trainer.options import Failure
+
+    a = (StageSpan(stage=0, first=0, count=3, holder="p1", copy="p2"), StageSpan(stage=1, first=3, count=3, holder="p2", copy="p1"))
+    tr = SimpleNamespace(failures=[], assignment=Assignment(epoch=1, stages=a))
+    seen: dict = {"failures": 0, "spans": None}
+    assert news(tr, seen) == ["spans: stage 0 layers 0-2 on p1 (copy on p2), stage 1 layers 3-5 on p2 (copy on p1)"]
+    assert news(tr, seen) == []  # nothing new: nothing said
+    tr.failures.append(Failure(peer="p2", step=7, phase="backward", noticed_at=100.0, left_at=99.9,
+                               stages=[1], recovered_at=100.15))  # fmt: skip
+    tr.assignment = Assignment(epoch=1, stages=(a[0], StageSpan(stage=1, first=3, count=3, holder="p1", copy=None)))
+    assert news(tr, seen) == ["peer p2 lost at step 7 (backward); stages [1]: recovered in 0.25 s, no step lost",
+                              "spans: stage 0 layers 0-2 on p1 (copy on p2), stage 1 layers 3-5 on p1 (no copy)"]
+    assert news(tr, seen) == []

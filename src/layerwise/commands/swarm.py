@@ -215,12 +215,12 @@ def _train(args: argparse.Namespace) -> int:
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     say(f"waiting for {args.peers} peer(s) of swarm {args.swarm!r} ...")
 
+    seen: dict[str, Any] = {"failures": 0, "spans": None}
+
     def progress(tr: Any, step: int) -> None:
-        if step == 0:
-            say("spans: " + ", ".join(f"stage {s.stage} layers {s.first}-{s.first + s.count - 1} on {s.holder} "
-                                      + (f"(replicas {', '.join(s.replicas)})" if s.replicas else f"(copy on {s.copy})")
-                                      for s in tr.assignment.stages))  # fmt: skip
-        elif tr.losses:
+        for line in news(tr, seen):  # a lost peer or new spans are said when they happen, not only at the end
+            say(line)
+        if step and tr.losses:
             say(f"step {step}/{args.steps}  loss {tr.losses[-1]:.4f}  ({tr.step_times[-1][2]:.2f} s)")
 
     try:
@@ -238,6 +238,24 @@ def _train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def news(tr: Any, seen: dict[str, Any]) -> list[str]:
+    """What changed in the swarm since ``seen`` (updated): each peer lost since, and the spans when
+    they differ from the last ones said (at the start, after a recovery, a re-balance or a new copy)."""
+    lines = []
+    for f in tr.failures[seen["failures"]:]:
+        done = (f"recovered in {f.recovered_at - (f.left_at or f.noticed_at):.2f} s, no step lost" if f.recovered_at
+                else "recovering")  # fmt: skip
+        lines.append(f"peer {f.peer} lost at step {f.step} ({f.phase}); stages {f.stages or '-'}: {done}")
+    seen["failures"] = len(tr.failures)
+    spans = "spans: " + ", ".join(f"stage {s.stage} layers {s.first}-{s.first + s.count - 1} on {s.holder} "
+                                  + (f"(replicas {', '.join(s.replicas)})" if s.replicas else f"(copy on {s.copy})" if s.copy else "(no copy)")
+                                  for s in tr.assignment.stages)  # fmt: skip
+    if spans != seen["spans"]:
+        lines.append(spans)
+        seen["spans"] = spans
+    return lines
 
 
 def _failure(f: Any) -> dict[str, Any]:
