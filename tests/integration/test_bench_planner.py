@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ..bench_module import load_bench
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
@@ -27,13 +29,7 @@ def test_megatron_part(tmp_path: Path) -> None:
 
 
 def _bench(name: str = "planner") -> object:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name)
 
 
 def test_fits_recover_the_latency_and_bandwidth_they_were_made_with() -> None:

@@ -6,7 +6,6 @@ The check itself needs GPUs; ``scripts/gpu_check.sh --cpu-dry-run`` runs every p
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,16 +15,14 @@ from types import ModuleType
 import pytest
 import torch
 
+from ..bench_module import load_bench
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def _module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_check_nccl", ROOT / "bench" / "gpu_check_nccl.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("gpu_check_nccl")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the check would run")

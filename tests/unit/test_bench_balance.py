@@ -3,24 +3,15 @@ and how per-block predictions are compared with the blocks."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..bench_module import load_bench
 
 
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("balance_profile", ROOT / "bench" / "balance_profile.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-B = _bench()
+B = load_bench("balance_profile")
 
 # two ranks' whole-model profiles of 4 layers plus the loss: [forward_s, backward_s] per entry
 RANK0 = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]
@@ -91,17 +82,7 @@ def test_stage_optimizer_picks_each_stages_range() -> None:
 
 
 def _predict() -> ModuleType:
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))  # balance_predict.py imports balance_profile by name
-    try:
-        spec = importlib.util.spec_from_file_location("balance_predict", ROOT / "bench" / "balance_predict.py")
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return module
+    return load_bench("balance_predict")
 
 
 def test_the_decomposition_adds_up_to_measured_less_predicted() -> None:
