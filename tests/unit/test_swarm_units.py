@@ -162,3 +162,23 @@ def test_swarm_train_says_a_lost_peer_and_new_spans_when_they_happen() -> None:
     assert news(tr, seen) == ["peer p2 lost at step 7 (backward); stages [1]: recovered in 0.25 s, no step lost",
                               "spans: stage 0 layers 0-2 on p1 (copy on p2), stage 1 layers 3-5 on p1 (no copy)"]
     assert news(tr, seen) == []
+
+
+def test_a_failure_records_every_phase_it_interrupted() -> None:
+    from types import SimpleNamespace
+
+    from layerwise.commands.swarm import news
+    from layerwise.swarm.assignment import Assignment, StageSpan
+    from layerwise.swarm.trainer.options import Failure
+
+    # First seen as a copy (relay), then failing stage 0's backward, then stage 5's commit.
+    f = Failure(peer="p3", step=6, phase="relay", noticed_at=1.0, left_at=None)
+    f.interrupted("backward", 0)
+    f.interrupted("commit", 5)
+    f.interrupted("commit", 5)
+    assert (f.phase, f.phases, f.stages) == ("backward", ["backward", "commit"], [0, 5])
+    f.recovered_at = 1.5
+    a = (StageSpan(stage=0, first=0, count=3, holder="p1", copy=None),)
+    tr = SimpleNamespace(failures=[f], assignment=Assignment(epoch=1, stages=a))
+    assert news(tr, {"failures": 0, "spans": None})[0] == (
+        "peer p3 lost at step 6 (backward, commit); stages [0, 5]: recovered in 0.50 s, no step lost")

@@ -247,7 +247,7 @@ def news(tr: Any, seen: dict[str, Any]) -> list[str]:
     for f in tr.failures[seen["failures"]:]:
         done = (f"recovered in {f.recovered_at - (f.left_at or f.noticed_at):.2f} s, no step lost" if f.recovered_at
                 else "recovering")  # fmt: skip
-        lines.append(f"peer {f.peer} lost at step {f.step} ({f.phase}); stages {f.stages or '-'}: {done}")
+        lines.append(f"peer {f.peer} lost at step {f.step} ({', '.join(f.phases) or f.phase}); stages {f.stages or '-'}: {done}")
     seen["failures"] = len(tr.failures)
     spans = "spans: " + ", ".join(f"stage {s.stage} layers {s.first}-{s.first + s.count - 1} on {s.holder} "
                                   + (f"(replicas {', '.join(s.replicas)})" if s.replicas else f"(copy on {s.copy})" if s.copy else "(no copy)")
@@ -260,7 +260,7 @@ def news(tr: Any, seen: dict[str, Any]) -> list[str]:
 
 def _failure(f: Any) -> dict[str, Any]:
     start = f.left_at if f.left_at is not None else f.noticed_at
-    return {"peer": f.peer, "step": f.step, "phase": f.phase, "stages": f.stages,
+    return {"peer": f.peer, "step": f.step, "phase": f.phase, "phases": f.phases, "stages": f.stages,
             "recovered_s": None if f.recovered_at is None else round(f.recovered_at - start, 4)}  # fmt: skip
 
 

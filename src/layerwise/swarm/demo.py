@@ -113,7 +113,7 @@ def _summary(tr: Trainer, spec: SwarmSpec, steps: int, committed: list[int], kil
     for f in tr.failures:
         t0 = killed_at.get(f.peer)
         detected = min(x for x in (f.left_at, f.noticed_at) if x is not None)
-        failures.append({"peer": f.peer, "step": f.step, "phase": f.phase, "stages": f.stages,
+        failures.append({"peer": f.peer, "step": f.step, "phase": f.phase, "phases": f.phases, "stages": f.stages,
                          "detected_s": None if t0 is None else round(detected - t0, 4),
                          "recovered_s": None if t0 is None or f.recovered_at is None else round(f.recovered_at - t0, 4)})
     tokens = spec.batch_size * spec.seq

@@ -62,3 +62,14 @@ class Failure:
     left_at: float | None
     stages: list[int] = field(default_factory=list)
     recovered_at: float | None = None
+    phases: list[str] = field(default_factory=list)  # every phase it interrupted, first noticed first
+
+    def interrupted(self, phase: str, stage: int) -> None:
+        """The loss interrupted ``stage`` in ``phase``. A peer holding several stages is lost in each: with
+        per-stage commits, in the commit of one while an earlier one still runs its backward."""
+        if phase not in ("relay", "boundary") and phase not in self.phases:
+            self.phases.append(phase)
+        if self.phase in ("relay", "boundary"):  # first seen as a copy or between steps; it failed serving
+            self.phase = phase
+        if stage not in self.stages:
+            self.stages.append(stage)

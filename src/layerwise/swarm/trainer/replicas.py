@@ -52,9 +52,7 @@ def recover_slot(tr: Trainer, s: int, dead: str, cache: StepCache | None, phase:
         if not force and not tr._gone(dead):
             return  # a moment without a route, not a failure
         failure = tr.note_lost(dead, phase)
-        if failure.phase in ("relay", "boundary"):
-            failure.phase = phase
-        failure.stages.append(s)
+        failure.interrupted(phase, s)
         failure.left_at = failure.left_at or tr.membership.left_at(dead)
         live = [p for p in dict.fromkeys(span.slots) if p != dead and _usable(tr, p)]
         copy = span.copy if span.copy and _usable(tr, span.copy) else None

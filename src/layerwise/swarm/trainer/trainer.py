@@ -295,9 +295,7 @@ class Trainer:
             if not force and not self._gone(dead):
                 return  # a moment without a route to it, not a failure: the request is sent again
             failure = self.note_lost(dead, phase)
-            if failure.phase in ("relay", "boundary"):  # first seen as a copy; it failed serving as holder
-                failure.phase = phase
-            failure.stages.append(s)
+            failure.interrupted(phase, s)
             failure.left_at = failure.left_at or self.membership.left_at(dead)
             if span.copy is None or self._lost_peer(span.copy):
                 spare = self.fresh_spare(span, phase)
