@@ -26,8 +26,10 @@ steps. Each ratio is the median over repetitions of the paired ratio (the two pa
 of one repetition ran next to each other, so a slow spell of the machine hits both).
 
 The prediction is paired the same way (``balance_predict``, ``balance_profile``): before every repetition both ranks
-profile the whole models at once, inside the training processes; each block is predicted from its
-own repetition's profile, stage k's layers costed by rank k's profile, and ``prediction_error`` is
+profile the whole models at once, inside the training processes (the mean of the chain runs, not
+their median: a step pays its slow actions too), and time the step's three collectives outside the
+schedule; each block is predicted from its own repetition's profile, stage k's layers costed by
+rank k's profile, and ``prediction_error`` is
 how far the median of the per-block predicted/measured ratios is from 1. The prediction from the
 up-front profile alone is kept as ``prediction_error_upfront``. The whole run (profile, plans,
 training) is repeated ``--runs`` times (3): the headline numbers are medians over the runs, and
@@ -70,7 +72,9 @@ FULL = dict(vocab=4608, uneven_vocab=6912, width=128, heads=4, blocks=4, context
 QUICK = dict(vocab=4608, uneven_vocab=6912, width=128, heads=4, blocks=5, context=64, rows=4,
              microbatches=4, warmup=1, steps=2, reps=2, lr=1e-3, profile_repeats=3, profile_rounds=1,
              deep_blocks=6, pair_repeats=1)  # fmt: skip
-TARGETS = {"balanced_vs_uniform": 1.2, "aware_vs_blind": 1.25, "prediction_error": 0.15}
+# prediction_error: the bar the issue sets for bubbles (within 0.05 of the prediction); it was 0.15
+# while the prediction took medians and left out the step's collectives (a 1-13% bias, see bench/README)
+TARGETS = {"balanced_vs_uniform": 1.2, "aware_vs_blind": 1.25, "prediction_error": 0.05}
 SLOW = 0.5  # emulated speed of rank 1 in part (b)
 QUIET = 0.05  # a timed block counts as undisturbed when other processes used < 5% of the CPU
 
@@ -160,9 +164,12 @@ def main() -> int:
     parser.add_argument("--microbatches", type=int, help="override the microbatches per step")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc's adaptive thresholds alone (noisier: see balance_profile.keep_heap)")  # fmt: skip
+    parser.add_argument("--paired-statistic", choices=("mean", "median"), default="mean",
+                        help="how the paired profiles reduce their chain runs (median: as before, for comparison)")  # fmt: skip
     args = parser.parse_args()
     cfg = dict(QUICK if args.quick else FULL)
     cfg["keep_heap"] = keep_heap(not args.default_malloc)
+    cfg["paired_statistic"] = args.paired_statistic
     cfg.update({k: getattr(args, k) for k in ("vocab", "blocks", "microbatches") if getattr(args, k) is not None})
     runs = args.runs or (1 if args.quick else 3)
     began = time.perf_counter()
@@ -255,7 +262,7 @@ def _run(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
     paired_predictions = {
         name: paired(cfg, nets[vocab], counts, [devices[0], devices[1]] if slow != 1.0 else None,
                      [r["paired_profiles"][str(vocab)] for r in results], step[name], optimizer[name],
-                     timeline[name], results[0]["tied_all_reduce_s"][str(vocab)], optim[name])
+                     timeline[name], results[0]["collectives_s"][str(vocab)], optim[name])
         for name, counts, slow, vocab in runs
     }  # fmt: skip
 

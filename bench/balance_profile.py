@@ -56,14 +56,16 @@ def keep_heap(enabled: bool) -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def profile_round(cfg: dict[str, Any], net: Any, vocab: int | None, repeats: int, warmup: int) -> list[list[float]]:
+def profile_round(cfg: dict[str, Any], net: Any, vocab: int | None, repeats: int, warmup: int,
+                  statistic: str = "median") -> list[list[float]]:  # fmt: skip
     """One ``profile_with_loss`` of ``net`` on one microbatch: per layer [forward_s, backward_s],
-    the loss last (plain lists: they travel back from the ranks)."""
+    the loss last (plain lists: they travel back from the ranks). The paired prediction takes the
+    ``"mean"`` of the chain runs: a step pays every action's time, slow ones included."""
     from layerwise.models import lm_loss
     from layerwise.partition import profile_with_loss
 
     x, y = batch(cfg, cfg["rows"], vocab)  # one microbatch
-    costs = profile_with_loss(net, x, lm_loss, y, repeats=repeats, warmup=warmup)
+    costs = profile_with_loss(net, x, lm_loss, y, repeats=repeats, warmup=warmup, statistic=statistic)
     return [[c.forward_s, c.backward_s] for c in costs]
 
 

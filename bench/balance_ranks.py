@@ -52,15 +52,16 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float, int]]) ->
     optim_s: dict[str, list[float]] = {name: [] for name in pipes}
     usage: dict[str, list[list[float]]] = {name: [] for name in pipes}  # [busy, total, own] CPU s
     paired: dict[str, list[list[list[float]]]] = {str(v): [] for v in vocabs}  # rep -> layer -> [f, b]
-    # the tied embedding's gradient is summed over its two ranks after the schedule's last action
-    tied: dict[str, list[float]] = {str(v): [] for v in vocabs}
+    # a step's collectives outside the schedule: the batch size, the tied gradient, the loss
+    collectives: dict[str, list[float]] = {str(v): [] for v in vocabs}
     timeline: dict[str, list[dict[str, Any]]] = {name: [] for name in pipes}  # per block, its last step
     names = list(pipes)
     for rep in range(cfg["reps"]):
         dist.barrier()  # both ranks profile at once, every core busy, as when they train
         for v in vocabs:
-            paired[str(v)].append(profile_round(cfg, whole[v], v, cfg["pair_repeats"], warmup=1))
-            tied[str(v)].append(_all_reduce_s(torch.zeros(v, cfg["width"])))
+            paired[str(v)].append(profile_round(cfg, whole[v], v, cfg["pair_repeats"], warmup=1,
+                                                       statistic=cfg["paired_statistic"]))
+            collectives[str(v)].append(_collectives_s(torch.zeros(v, cfg["width"])))
         for name in names if rep % 2 == 0 else names[::-1]:  # alternate, so drift hits all alike
             pipe, (x, y) = pipes[name], data[name]
             dist.barrier()
@@ -84,25 +85,32 @@ def train(cfg: dict[str, Any], runs: list[tuple[str, list[int], float, int]]) ->
             pipe.record = False
             timeline[name].append(_timeline(pipe, len(x), call))  # gathered after the clock stopped
     return {"rank": rank, "step_s": step_s, "optimizer_s": optim_s, "cpu": usage, "timeline": timeline,
-            "paired_profiles": paired, "tied_all_reduce_s": tied,
+            "paired_profiles": paired, "collectives_s": collectives,
             "first_loss": {k: v[0] for k, v in losses.items()},
             "last_loss": {k: v[-1] for k, v in losses.items()}}  # fmt: skip
 
 
-def _all_reduce_s(grad: Any) -> float:
-    """Seconds of one all-reduce of a tensor the size of the tied gradient (median of three), as
-    the Pipeline sums it between the embedding's and the head's ranks after every step."""
+def _collectives_s(grad: Any) -> float:
+    """Seconds of the three collectives a Pipeline step runs outside its schedule (mean of three):
+    the batch size broadcast from the first rank, the all-reduce of the tied gradient (a tensor of
+    its size) between the embedding's and the head's ranks, and the loss broadcast from the last.
+    The Pipeline posts the last rank's side of the loss broadcast without waiting (it completes at
+    the next step's start); here both sides wait, so this may count a little high."""
     import statistics
 
+    import torch
     import torch.distributed as dist
 
     runs = []
     for _ in range(4):
+        n, loss = torch.ones(1, dtype=torch.int64), torch.ones(1, dtype=torch.float64)
         dist.barrier()
         start = time.perf_counter()
+        dist.broadcast(n, 0)
         dist.all_reduce(grad)
+        dist.broadcast(loss, dist.get_world_size() - 1)
         runs.append(time.perf_counter() - start)
-    return statistics.median(runs[1:])
+    return statistics.fmean(runs[1:])
 
 
 def foreign_share(rank0: list[list[float]], rank1: list[list[float]]) -> list[float]:

@@ -104,3 +104,27 @@ def test_the_decomposition_adds_up_to_measured_less_predicted() -> None:
     assert parts == pytest.approx(d["measured_less_predicted_ms"]) == pytest.approx(350.0 - 309.0)
     assert d["compute_vs_profile"] == pytest.approx([1.1, 1.1])
     assert d["latency_ms"] == pytest.approx(0.4)
+
+
+def _step(samples0: list[list[list[float]]], samples1: list[list[list[float]]], span: float) -> list[dict]:
+    events = [[0, 0, "F", 0, 0.0, 0.1], [1, 1, "B", 7, 0.2, span]]  # only the span is read from them
+    return [{"samples": samples0, "events": events}, {"samples": samples1, "events": []}]
+
+
+def test_skew_predictions_agree_when_every_run_took_the_same_time() -> None:
+    S = load_bench("balance_skew")
+    run = [[0.01, 0.02], [0.03, 0.06], [0.005, 0.005]]  # [embedding, head] + the loss, [f, b] each
+    got = S.predictions([1, 1], _step([run] * 4, [run] * 4, span=1.0), seed=0)
+    # 1F1B, 2 stages, 8 microbatches with constant costs: the three predictions are one simulation
+    assert got["median"] == pytest.approx(got["mean"]) == pytest.approx(got["monte_carlo"])
+    # stage 0 = the embedding (F 0.01, B 0.02), stage 1 = head and loss (F 0.035, B 0.065) is the
+    # bottleneck: its 8 x 0.1 s, after stage 0's first forward, before stage 0's last backward
+    assert got["span_s"] == 1.0 and got["median"] == pytest.approx(0.01 + 8 * 0.1 + 0.02)
+
+
+def test_skew_mean_counts_a_slow_run_that_the_median_drops() -> None:
+    S = load_bench("balance_skew")
+    fast, slow = [[0.01, 0.02], [0.03, 0.06], [0.0, 0.0]], [[0.05, 0.10], [0.03, 0.06], [0.0, 0.0]]
+    got = S.predictions([1, 1], _step([fast, fast, fast, slow], [fast] * 4, span=1.0), seed=1)
+    assert got["mean"] > got["median"]  # stage 0's slow run is in its mean only
+    assert got["monte_carlo"] > got["median"]  # drawn a quarter of the time

@@ -1,6 +1,8 @@
-"""Profiling and estimating layer costs on small CPU models (no timing values asserted)."""
+"""Profiling and estimating layer costs on small CPU models (no speed asserted: only sleeps' lower bounds)."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -183,3 +185,27 @@ def test_failing_backward_is_named() -> None:
     model = [nn.Linear(4, 4), _BadBackward(), nn.Linear(4, 2)]
     with pytest.raises(ProfileError, match=r"backward of layer 1 \(_BadBackward\).*no gradient here"):
         profile_layers(model, torch.randn(3, 4), repeats=1, warmup=0)
+
+
+class _Uneven(nn.Module):
+    """Sleeps 1, 1, 200 ms in the forwards of three runs in turn (after the trace's and the warm-up's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep({3: 0.001, 4: 0.001, 5: 0.200}.get(self.calls, 0.0))
+        return x * 2.0
+
+
+def test_the_mean_statistic_counts_the_slow_run_the_median_drops() -> None:
+    # Call 1 is the memory trace, call 2 the warm-up; the timed runs sleep 1, 1 and 200 ms.
+    median = profile_layers([_Uneven(), _Sum()], torch.randn(2, 4), repeats=3, warmup=1)
+    mean = profile_layers([_Uneven(), _Sum()], torch.randn(2, 4), repeats=3, warmup=1, statistic="mean")
+    assert mean[0].forward_s >= (0.001 + 0.001 + 0.200) / 3  # a sleep is never shorter than asked
+    # The median is one of the 1 ms runs: below the mean unless a 1 ms sleep overslept by ~100 ms.
+    assert median[0].forward_s < mean[0].forward_s
+    with pytest.raises(ValueError, match="statistic"):
+        profile_layers([_Uneven()], torch.randn(2, 4), statistic="max")  # type: ignore[arg-type]

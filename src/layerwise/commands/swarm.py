@@ -321,7 +321,7 @@ def format_status(got: dict[str, Any]) -> str:
         more = f", replicas {', '.join(s['replicas'])}" if s.get("replicas") else ""
         lines.append(f"  stage {s['stage']} layers {s['layers'][0]}-{s['layers'][1]}: {s['holder']} (copy {s['copy']}{more})")
     for f in tr["failures"]:
-        lines.append(f"  failure: {f['peer']} at step {f['step']} ({f['phase']}), stages {f['stages']}")
+        lines.append(f"  failure: {f['peer']} at step {f['step']} ({', '.join(f.get('phases') or [f['phase']])}), stages {f['stages']}")
     for r in tr.get("refused", [])[-10:]:  # --identity: who was refused, by name (swarm/access.py)
         lines.append(f"  refused {r['name']} (by {r.get('by', '?')}): {r['why']}")
     if tr.get("rejected"):

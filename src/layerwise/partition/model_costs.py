@@ -23,19 +23,22 @@ def profile_with_loss(
     transformer block, so leaving it out under-predicts the last stage. Pass the result as
     ``costs=`` to :func:`partition`.
     """
-    from torch import nn
-
     from ..runtime.split import as_layers
     from .profile import profile_layers
 
-    class _LossLayer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
+    return profile_layers([*as_layers(model), _loss_layer(loss_fn, targets)], sample, **profile_kwargs)
 
+
+def _loss_layer(loss_fn: Any, targets: Any) -> Any:
+    """``loss_fn(out, targets)`` as a layer, so the loss is profiled in the chain like the others
+    (a function: this module imports torch only when called)."""
+    from torch import nn
+
+    class _LossLayer(nn.Module):
         def forward(self, out: Any) -> torch.Tensor:
             return loss_fn(out, targets)  # type: ignore[no-any-return]
 
-    return profile_layers([*as_layers(model), _LossLayer()], sample, **profile_kwargs)
+    return _LossLayer()
 
 
 def merge(a: LayerCost, b: LayerCost) -> LayerCost:

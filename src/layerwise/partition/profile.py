@@ -25,7 +25,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -47,6 +47,7 @@ def profile_layers(
     repeats: int = 5,
     warmup: int = 2,
     optimizer_state_factor: float = 2.0,
+    statistic: Literal["median", "mean"] = "median",
 ) -> list[LayerCost]:
     """Time each layer's forward and backward on its real input; measure its memory.
 
@@ -56,16 +57,26 @@ def profile_layers(
     time is the median over ``repeats`` runs after ``warmup`` untimed ones (``time.perf_counter``,
     synchronising CUDA at each boundary). Timing a layer alone in a tight loop on the same input
     flattered it (hot caches): stages then ran 1.2-1.3x their profile.
+
+    ``statistic="mean"`` gives the mean of the runs instead. The median is robust, which is what
+    choosing a split needs (relative costs); but a pipeline pays every run's time, slow ones
+    included, so a step time predicted from medians is short by the skew of the run times: on a
+    shared 2-vCPU machine a stage's mean run was 0.8-1.6% above its layers' medians summed in the
+    median step, up to 8% in single steps (``bench/balance_skew.py``).
     Gradients already in ``.grad`` and buffers (e.g. BatchNorm running statistics) are restored
     afterwards. Memory is counted as in the module docstring.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if statistic not in _STATISTICS:
+        raise ValueError(f"statistic must be one of {sorted(_STATISTICS)}, got {statistic!r}")
     mods = list(layers)
     trace = _trace(mods, sample, count_flops=False)
     statics = _static_bytes(mods, optimizer_state_factor)
     with _restored(mods), torch.enable_grad():
-        times = _time_chain(mods, sample, repeats, warmup)
+        runs = _chain_times(mods, sample, repeats, warmup)
+    reduce = _STATISTICS[statistic]
+    times = [(reduce([f for f, _ in ts]), reduce([b for _, b in ts])) for ts in runs]
     return [_cost(f, b, statics[k], trace.activations[k]) for k, (f, b) in enumerate(times)]
 
 
@@ -243,8 +254,12 @@ def _call(k: int, layer: torch.nn.Module, x: Any, what: str = "forward") -> Any:
         ) from exc
 
 
-def _time_chain(layers: list[torch.nn.Module], sample: Any, repeats: int, warmup: int) -> list[tuple[float, float]]:
-    """Per layer ``(forward_s, backward_s)``, medians over ``repeats`` runs of the whole chain.
+_STATISTICS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "mean": statistics.fmean}
+
+
+def _chain_times(layers: list[torch.nn.Module], sample: Any, repeats: int, warmup: int) -> list[list[tuple[float, float]]]:
+    """Per layer, per timed run ``(forward_s, backward_s)``: ``repeats`` runs of the whole chain
+    after ``warmup`` untimed ones (:func:`profile_layers` reduces them to one number per layer).
 
     Each run is what a pipeline stage does with one microbatch: the forward of every layer back
     to back, the clock read between layers, then one ``torch.autograd.backward`` through the
@@ -284,7 +299,7 @@ def _time_chain(layers: list[torch.nn.Module], sample: Any, repeats: int, warmup
             done[k] = done[k] or done[0]
         for k in range(n if run >= warmup else 0):
             times[k].append((forward[k], max(0.0, done[k] - done[k + 1])))
-    return [(statistics.median(f for f, _ in ts), statistics.median(b for _, b in ts)) for ts in times]
+    return times
 
 
 def _stamp(done: list[float], k: int) -> Callable[[torch.Tensor], None]:

@@ -134,7 +134,7 @@ def _print(s: dict[str, Any]) -> None:
     print(f"steps {s['steps']}, lost steps {s['lost_steps']}, final loss {s['final_loss']:.4f} "
           f"(one process: {s['reference_loss']:.4f})")  # fmt: skip
     for f in s["failures"]:
-        print(f"  {f['peer']} lost at step {f['step']} ({f['phase']}): detected in {f['detected_s']} s, "
+        print(f"  {f['peer']} lost at step {f['step']} ({', '.join(f['phases'] or [f['phase']])}): detected in {f['detected_s']} s, "
               f"recovered in {f['recovered_s']} s")  # fmt: skip
     tb, ta = s["tokens_per_s_before"], s["tokens_per_s_after"]
     if tb:

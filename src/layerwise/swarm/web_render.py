@@ -198,7 +198,7 @@ def _failures(failures: Any) -> str:
         rec = f.get("recovered_at")
         took = rec - start if isinstance(rec, (int, float)) and isinstance(start, (int, float)) else None
         stages = f.get("stages")
-        rows.append([f'<span class="peer">{_e(f.get("peer"))}</span>', _e(f.get("step")), _e(f.get("phase")),
+        rows.append([f'<span class="peer">{_e(f.get("peer"))}</span>', _e(f.get("step")), _e(", ".join(f.get("phases") or [str(f.get("phase"))])),
                      _e(", ".join(map(str, stages)) if isinstance(stages, list) else stages), _clock(start),
                      _num(took, ".2f", unit=" s") if rec is not None else "not yet"])  # fmt: skip
     return _table("recent failures", rows, ["peer", "step", "phase", "stages", "at", "recovered in"], "failures")
