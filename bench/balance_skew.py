@@ -85,7 +85,9 @@ def chain_runs(cfg: dict[str, Any], net: Any, runs: int) -> list[list[list[float
     return [[[per_layer[k][r][0], per_layer[k][r][1]] for k in range(len(layers))] for r in range(runs)]
 
 
-def predictions(counts: list[int], step: list[dict[str, Any]], seed: int, microbatches: int = CFG["microbatches"]) -> dict[str, float]:
+def predictions(
+    counts: list[int], step: list[dict[str, Any]], seed: int, microbatches: int = CFG["microbatches"]
+) -> dict[str, float]:
     """One recorded step: its span and the three predictions (see the module docstring)."""
     from layerwise.schedule.actions import Kind
     from layerwise.schedule.generators import one_f_one_b
@@ -134,13 +136,15 @@ def main() -> None:
     cfg = dict(CFG, blocks=2, vocab=512) if args.quick else CFG
     plans = [[3, 1], [2, 2]] if args.quick else [[5, 1], [3, 3]]
     started, report = time.time(), {"benchmark": "balance_skew", "config": {**cfg, "steps": steps, "runs": runs}}
-    print(f"{'partition':<10} {'median/measured':>15} {'mean/measured':>13} {'monte carlo':>11} {'mean/median per step: min, median, max':>40}")
+    print(f"{'partition':<10} {'median/measured':>15} {'mean/measured':>13} {'monte carlo':>11} "
+          f"{'mean/median per step: min, median, max':>40}")
     for counts in plans:
         res = launch(ranks, 2, cfg, counts, steps, runs, threads=1, timeout=600)
         rows = [predictions(counts, [res[0][k], res[1][k]], seed=k, microbatches=cfg["microbatches"]) for k in range(steps)]
         skew = [r["mean"] / r["median"] for r in rows]
         med = {k: statistics.median(r[k] for r in rows) for k in ("median", "mean", "monte_carlo")}
-        report[str(counts)] = {"steps": rows, "medians": med, "mean_over_median": {"min": min(skew), "median": statistics.median(skew), "max": max(skew)}}
+        spread = {"min": min(skew), "median": statistics.median(skew), "max": max(skew)}
+        report[str(counts)] = {"steps": rows, "medians": med, "mean_over_median": spread}
         print(f"{str(counts):<10} {med['median']:>15.3f} {med['mean']:>13.3f} {med['monte_carlo']:>11.3f} "
               f"{min(skew):>7.3f} {statistics.median(skew):.3f} {max(skew):.3f}")  # fmt: skip
     report["wall_s"] = round(time.time() - started, 1)
