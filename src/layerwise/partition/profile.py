@@ -257,7 +257,9 @@ def _call(k: int, layer: torch.nn.Module, x: Any, what: str = "forward") -> Any:
 _STATISTICS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "mean": statistics.fmean}
 
 
-def _chain_times(layers: list[torch.nn.Module], sample: Any, repeats: int, warmup: int) -> list[list[tuple[float, float]]]:
+def _chain_times(
+    layers: list[torch.nn.Module], sample: Any, repeats: int, warmup: int
+) -> list[list[tuple[float, float]]]:
     """Per layer, per timed run ``(forward_s, backward_s)``: ``repeats`` runs of the whole chain
     after ``warmup`` untimed ones (:func:`profile_layers` reduces them to one number per layer).
 
