@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from balance_profile import batch, keep_heap, model  # noqa: E402
+from balance_profile import batch, keep_heap, model, rank_costs  # noqa: E402
 
 CFG = dict(vocab=6912, width=128, heads=4, blocks=4, context=64, rows=8, microbatches=8, lr=1e-3, keep_heap=True)
 DRAWS = 200
@@ -94,13 +94,7 @@ def predictions(
     from layerwise.schedule.simulate import Costs, simulate
 
     sched = one_f_one_b(2, microbatches)
-    bounds = [0, counts[0], sum(counts)]
-
-    def stage(run: list[list[float]], r: int) -> tuple[float, float]:  # the loss (last entry) on the last stage
-        layers = run[bounds[r]:bounds[r + 1]] + (run[bounds[2]:] if r == 1 else [])
-        return sum(f for f, _ in layers), sum(b for _, b in layers)
-
-    runs = [[stage(run, r) for run in step[r]["samples"]] for r in range(2)]
+    runs = [[_stage_sums([run, run], counts)[r] for run in step[r]["samples"]] for r in range(2)]  # rank r's runs
 
     def sim(f: tuple[float, ...], b: tuple[float, ...], per_action: dict[Any, float] | None = None) -> float:
         costs = Costs(forward=f, input_grad=b, weight_grad=(0.0, 0.0), per_action=per_action or {})
@@ -110,7 +104,7 @@ def predictions(
         """Each layer's runs reduced by ``fn``, then summed per stage, as a profile reports them."""
         layers = [[[fn([run[k][j] for run in step[r]["samples"]]) for j in (0, 1)] for k in range(len(step[r]["samples"][0]))]
                   for r in range(2)]  # fmt: skip
-        f, b = zip(*(stage(layers[r], r) for r in range(2)))
+        f, b = zip(*_stage_sums(layers, counts))
         return sim(tuple(f), tuple(b))
 
     rng = random.Random(seed)
@@ -123,6 +117,14 @@ def predictions(
     span = max(e[5] for e in events) - min(e[4] for e in events)
     return {"span_s": span, "median": by(statistics.median) / span, "mean": by(statistics.fmean) / span,
             "monte_carlo": statistics.fmean(draws) / span}  # fmt: skip
+
+
+def _stage_sums(per_rank: list[list[list[float]]], counts: list[int]) -> list[tuple[float, float]]:
+    """Per stage (forward_s, backward_s): stage k's layers from rank k's profile, the loss entry on the
+    last stage, as the paired prediction costs them (``balance_profile.rank_costs``)."""
+    mixed = rank_costs(per_rank, counts)
+    ends = [sum(counts[: k + 1]) for k in range(len(counts) - 1)] + [len(mixed)]
+    return [(sum(f for f, _ in mixed[a:e]), sum(b for _, b in mixed[a:e])) for a, e in zip([0, *ends[:-1]], ends)]
 
 
 def main() -> None:

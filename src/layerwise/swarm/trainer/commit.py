@@ -22,12 +22,10 @@ gradients, so a replica replaced during the commit replays nothing.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import PeerLost
 from ..replay import StepCache
 from ..spec import SwarmSpec
 from ..ties import Name, canonical, cross_ties, span_names
@@ -81,12 +79,13 @@ def commit_step(tr: Trainer, cache: StepCache, in_threads: Any, call_stage: Any)
         applied = [r for (t, _), r in sorted(replies.items()) if t == s and not r.meta.get("already")]
         if copy is None or not applied:
             return  # no copy, or the state came from a peer that had already applied this step
-        relay_to_copy(tr, s, cache.step, spec.lr_at(cache.step), applied[0].tensors)
+        copies.start(tr, s, cache.step, spec.lr_at(cache.step), applied[0].tensors)
 
     cache.committing = True
     pairs = [(s, slot) for s in range(len(spans)) for slot in range(cache.slots[s])]
     in_threads(cache, [lambda s=s, slot=slot: commit(s, slot) for s, slot in pairs])
     in_threads(cache, [lambda s=s: relay(s) for s in range(len(spans))])
+    copies.settle_all(tr)  # unlike a plain commit, a two-phase one waits for its copies (copies.py)
 
 
 def _combine(
@@ -139,18 +138,3 @@ def _combine(
     total_norm = torch.linalg.vector_norm(torch.stack([norms[n] for n in order]), 2.0)
     coef = torch.clamp(spec.max_grad_norm / (total_norm + 1e-6), max=1.0)  # clip_grad_norm_'s formula
     return replace, float(coef)
-
-
-def relay_to_copy(tr: Trainer, s: int, step: int, lr: float, grads: list[torch.Tensor]) -> None:
-    """The committed step's gradients to stage ``s``'s copy, which applies the very same update; a
-    banned or lost copy is replaced by a fresh one from the holder, which has just committed."""
-    copy = copies.current(tr, s)  # a relay of the previous step still in flight (copies.py) goes first
-    if copy is None:
-        return
-    try:
-        t0 = time.perf_counter()
-        tr.node.request(copy, Message("backup_apply", step, s, -1, tr.epoch, {"lr": lr}, grads), tr.opts.request_timeout)
-        tr.timeline.record(s, "backup_apply", -1, copy, t0, time.perf_counter())
-    except PeerLost as e:
-        tr.note_lost(e.peer)
-        tr.recopy(s)

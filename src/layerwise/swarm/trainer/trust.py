@@ -68,7 +68,7 @@ class Trust:
         # which outputs are checked must be unpredictable to the peers (a seeded choice could be dodged);
         # it does not change the result, which is the same with or without checks
         self.rng = random.SystemRandom()
-        self.stats: Counter[str] = Counter()  # checks, mismatches, arbitrations, skipped checks
+        self.stats: Counter[str] = Counter()  # checks, mismatches, arbitrations, checks the trainer made alone
         self._shapes = [[tuple(p.shape) for p in m.parameters()] for m in build_layers(tr.spec)]
         self._lock = threading.Lock()
 
@@ -293,7 +293,6 @@ class Trust:
         except (PeerLost, WireError):
             return local, False
         return local, _same_weights(theirs.tensors[0::3], state[0::3])
-
 
     def _recompute_with(self, peer: str, s: int, check: Message) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The checked output recomputed by the trainer from ``peer``'s weights of stage ``s``, and that state."""
